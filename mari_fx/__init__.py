@@ -1,0 +1,21 @@
+"""mari_fx: lossless MaRI (matrix re-parameterized inference) for ranking models on torch.fx.
+
+    T = mari_fx.transform(model, user_inputs=["user_dense", "x[user_id]", "X[:, 0:3]"],
+                          example_inputs=pair_batch)
+    T(**mari_fx.pairs_to_request(T, *pair_batch, user_index=idx)) == model(*pair_batch)
+"""
+from .api import is_tagged, trace, transform
+from .errors import DeclarationError, MariError, RequestError, TraceError, VerificationError
+from .flops import count_flops
+from .inputs import Arg, Columns, Key, pairs_to_request, request_to_pairs
+from .modules import SplitLinear
+from .record import Record
+from .tags import Side
+from .verify import random_request, verify
+
+__all__ = [
+    "Arg", "Columns", "DeclarationError", "Key", "MariError", "Record", "RequestError", "Side",
+    "SplitLinear", "TraceError", "VerificationError", "count_flops", "is_tagged", "pairs_to_request",
+    "random_request", "request_to_pairs", "trace", "transform", "verify",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,138 @@
+"""The public pipeline: ``trace`` (capture, declare, run example, tag) and
+``transform`` (trace, then lower, then optionally verify)."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional, Sequence, Type, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .capture import capture
+from .errors import DeclarationError
+from .example_prop import ExampleProp
+from .inputs import REQUEST_KEY, Selector, bind_example, flatten_inputs
+from .lower import LowerOptions, lower
+from .propagate import propagate_tags
+from .tags import TAG_KEY
+
+EXAMPLE_KEY = "mari_fx.example"  # GraphModule.meta: the flat, pair-shaped example inputs
+
+
+def trace(
+    model: nn.Module,
+    user_inputs: Sequence[Union[str, Selector]],
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: Optional[Mapping[str, Any]] = None,
+    *,
+    leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
+) -> fx.GraphModule:
+    """Capture ``model`` and tag every node USER / ITEM / MIXED / CONST, without rewriting.
+
+    Args:
+        model: the pair-shaped model (one row per (user, candidate) pair); not mutated.
+        user_inputs: selectors of the user-side inputs (see :mod:`mari_fx.inputs`).
+        example_inputs / example_kwargs: one pair-shaped batch (>= 2 rows) to read shapes from.
+        leaf_modules: extra module classes to keep as calls instead of tracing through.
+
+    Returns:
+        A GraphModule whose placeholders are the flat inputs, with ``node.meta["mari_fx.tag"]``
+        on every node; ``mari_fx.transform`` accepts it as it is.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> gm = mari_fx.trace(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> str(gm.get_submodule("fusion.0").__class__.__name__), str(next(
+        ...     n for n in gm.graph.nodes if n.target == "fusion.0").args[0].meta["mari_fx.tag"])
+        ('Linear', '[user:32, item:8]')
+    """
+    gm = capture(model, leaf_modules)
+    example = bind_example(gm, example_inputs, example_kwargs or {})
+    spec, flat = flatten_inputs(gm, user_inputs, example)
+    _check_pair_rows(flat)
+    ExampleProp(gm).run(*[flat[n.target] for n in gm.graph.nodes if n.op == "placeholder"])
+    propagate_tags(gm, spec)
+    gm.meta[EXAMPLE_KEY] = flat
+    return gm
+
+
+def _check_pair_rows(flat: Mapping[str, torch.Tensor]) -> None:
+    rows = {name: (t.shape[0] if t.dim() else None) for name, t in flat.items()}
+    n = next(iter(rows.values()), None)
+    for name, r in rows.items():
+        if r != n:
+            raise DeclarationError(
+                f"example input {name!r} has {r} rows but {next(iter(rows))!r} has {n}: pair-shaped "
+                "examples have one row per (user, candidate) pair in every input"
+            )
+    if n is not None and n < 2:
+        raise DeclarationError(
+            f"the example batch has {n} row(s); give >= 2 pairs so the batch dimension can be told apart "
+            "from feature dimensions of size 1"
+        )
+
+
+def is_tagged(gm: Any) -> bool:
+    """True for a GraphModule produced by :func:`trace`."""
+    return isinstance(gm, fx.GraphModule) and REQUEST_KEY in getattr(gm, "meta", {}) and all(
+        TAG_KEY in n.meta for n in gm.graph.nodes if n.op != "output")
+
+
+def transform(
+    model: nn.Module,
+    user_inputs: Optional[Sequence[Union[str, Selector]]] = None,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: Optional[Mapping[str, Any]] = None,
+    *,
+    split_matmuls: bool = True,
+    check_requests: bool = True,
+    verify: bool = False,
+    leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
+) -> fx.GraphModule:
+    """Rewrite a pair-shaped model into a request-shaped one with the same outputs.
+
+    Stages: capture -> declare inputs -> run example -> tag -> lower [-> verify].
+
+    Args:
+        model: an ``nn.Module``, a plain ``GraphModule`` (both need ``user_inputs`` and an
+            example) or a GraphModule from :func:`trace` (taken as it is).
+        user_inputs: selectors of the user-side inputs.
+        example_inputs / example_kwargs: one pair-shaped batch (>= 2 rows).
+        split_matmuls: False keeps only the hoisting of user-only subgraphs (the
+            paper's "user-side one-shot" baseline).
+        check_requests: validate ``user_index`` and row counts on every call.
+        verify: run :func:`mari_fx.verify` on a random ragged request before returning.
+
+    Returns:
+        ``T``, a GraphModule called as ``T(**request)``: user-side inputs at U rows,
+        item-side inputs at N rows, and ``user_index`` ([N] int64).
+        ``T.meta["mari_fx.record"]`` records what was split, hoisted and refused.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> model = CoarseRanker().eval()
+        >>> u, i, idx = torch.randn(2, 16), torch.randn(5, 8), torch.tensor([0, 0, 0, 1, 1])
+        >>> T = mari_fx.transform(model, user_inputs=["user"], example_inputs=(u[idx], i))
+        >>> torch.allclose(T(user=u, item=i, user_index=idx), model(u[idx], i), atol=1e-5)
+        True
+        >>> T.meta["mari_fx.record"].split_layers
+        ('fusion.0',)
+    """
+    if is_tagged(model):
+        if user_inputs is not None:
+            raise DeclarationError("this GraphModule is already tagged by mari_fx.trace: call transform(gm) "
+                                   "without user_inputs (declarations were fixed when it was traced)")
+        tagged = model
+    else:
+        if user_inputs is None:
+            raise DeclarationError("user_inputs is required unless model comes from mari_fx.trace")
+        tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules)
+    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests))
+    T.meta[EXAMPLE_KEY] = tagged.meta.get(EXAMPLE_KEY)
+    if verify:
+        from .verify import verify as _verify
+
+        _verify(tagged if is_tagged(model) else model, T)
+    return T

@@ -1,0 +1,73 @@
+"""Analysis pass: run the pair-shaped graph once on an example and record a summary
+of every node's value in ``node.meta["mari_fx.value"]`` (shapes, not data).
+
+The tag rules need shapes (to normalise ``dim=-1``, to know column widths and to
+check that a reshape keeps the batch dimension); they never need tensor data.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+import torch
+import torch.fx as fx
+
+from .errors import TraceError
+
+VALUE_KEY = "mari_fx.value"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A value of a type the rules do not look into (e.g. a KeyedTensor)."""
+
+    type_name: str
+
+
+def summarize(value: Any) -> Any:
+    """Immutable, data-free summary of an example value."""
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, torch.Size):
+        return value
+    if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(summarize(v) for v in value)
+    if isinstance(value, dict):
+        return types.MappingProxyType({k: summarize(v) for k, v in value.items()})
+    return Opaque(type(value).__name__)
+
+
+class ExampleProp(fx.Interpreter):
+    """Runs ``gm`` on example inputs, writing :data:`VALUE_KEY` on every node.
+
+    Example:
+        >>> import torch, torch.fx as fx
+        >>> gm = fx.symbolic_trace(torch.nn.Linear(3, 2))
+        >>> _ = ExampleProp(gm).run(torch.ones(4, 3))
+        >>> [n.meta[VALUE_KEY].shape for n in gm.graph.nodes if n.op != "output"]
+        [(4, 3), (4, 2)]
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise TraceError(
+                f"running the model on the example inputs failed at node {n.format_node()}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        n.meta[VALUE_KEY] = summarize(result)
+        return result

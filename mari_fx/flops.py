@@ -1,0 +1,19 @@
+"""FLOP counting with ``torch.utils.flop_counter`` (matmuls, convolutions, attention)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(module: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of one call ``module(*args, **kwargs)`` (no grad).
+
+    Example:
+        >>> count_flops(torch.nn.Linear(4, 3), torch.ones(10, 4))
+        240
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
+    return counter.get_total_flops()

@@ -1,0 +1,594 @@
+"""Transform pass: rewrite a tagged pair-shaped graph into a request-shaped one.
+
+Every original node is re-emitted into a new graph at the *level* its tag allows:
+
+* ``U`` -- USER-tagged values run at one row per user;
+* ``C`` -- CONST values run once, as before;
+* ``N`` -- everything else runs at N rows, exactly as in the pair-shaped model,
+  on inputs *materialised* to N rows.
+
+A column-segmented value is kept as :class:`Pieces` (its column blocks, user
+blocks at U rows) until a consumer needs it whole; a Linear / matmul against a
+parameter consumes pieces directly and is split (:class:`~mari_fx.modules.SplitLinear`).
+User values are gathered to N rows (``index_select`` by ``user_index``) lazily,
+once each, where they first meet item data.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rules
+from .errors import MariError
+from .example_prop import VALUE_KEY, TensorInfo
+from .inputs import USER_INDEX, RequestSpec
+from .modules import SplitLinear
+from .record import BroadcastRecord, LayerRecord, Record, RefusalRecord
+from .runtime import check_request
+from .tags import NOTE_KEY, ROWS_KEY, TAG_KEY, SeqTag, Side, TensorTag
+
+U, N, C = "U", "N", "C"
+# VALUE_KEY is ported for its feature dims; its dim 0 is the pair example's row count.
+_META_TO_PORT = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", TAG_KEY, NOTE_KEY, VALUE_KEY)
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """One lowered value: ``node`` in the new graph, at ``level`` U, N or C."""
+
+    node: Any
+    level: str
+    orig: Optional[fx.Node] = None  # set where the value may need re-emitting at N
+
+
+@dataclass(frozen=True, eq=False)
+class Pieces:
+    """A tensor kept as column blocks along its last dim: ``(level, width, Rows)`` each."""
+
+    parts: Tuple[Tuple[str, int, Rows], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Seq:
+    items: Tuple[Any, ...]
+
+
+Value = Union[Rows, Pieces, Seq]
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    split_matmuls: bool = True
+    check_requests: bool = True
+
+
+class Lowerer:
+    """Builds the request-shaped graph; see the module docstring."""
+
+    def __init__(self, gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions):
+        self.gm, self.spec, self.options = gm, spec, options
+        self.graph = fx.Graph()
+        self.modules = dict(gm.named_modules())
+        self.env: Dict[fx.Node, Value] = {}
+        self.materialized: Dict[int, Any] = {}
+        self.reemitted: Dict[fx.Node, Any] = {}
+        self.layers: List[LayerRecord] = []
+        self.broadcasts: List[BroadcastRecord] = []
+        self.call_counts: Dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self.call_counts[n.target] = self.call_counts.get(n.target, 0) + 1
+        self._consumer: Optional[fx.Node] = None
+
+    # ----------------------------------------------------------------- driver
+    def run(self) -> Tuple[fx.Graph, Record]:
+        sides = {s.name: s.side for s in self.spec.inputs}
+        nodes = list(self.gm.graph.nodes)
+        for node in nodes:
+            if node.op == "placeholder":
+                new = self.graph.placeholder(node.target)
+                self._port_meta(node, new)
+                level = U if sides.get(node.target) == Side.USER else N
+                new.meta[ROWS_KEY] = level
+                self.env[node] = Rows(new, level, node)
+        self.user_index = self.graph.placeholder(USER_INDEX)
+        self.user_index.meta[ROWS_KEY] = N
+        if self.options.check_requests:
+            self._emit_check()
+        self.n_rows = None
+        for node in nodes:
+            if node.op == "placeholder":
+                continue
+            self._consumer = node
+            if node.op == "output":
+                out = fx.node.map_aggregate(node.args[0], lambda a: self._materialize(self._value(a)))
+                self.graph.output(out)
+                continue
+            value = self._lower(node)
+            self._check_level(node, value)
+            self.env[node] = value
+        self.graph.lint()
+        return self.graph, self._record(nodes)
+
+    def _emit_check(self) -> None:
+        users = [self.env[p] for p in self.env if self.env[p].level == U]
+        items = [self.env[p] for p in self.env if self.env[p].level == N]
+        self.graph.call_function(check_request, (
+            self.user_index, [v.node for v in users], [v.node for v in items],
+            [v.node.target for v in users], [v.node.target for v in items]))
+
+    # ----------------------------------------------------------------- lowering
+    def _lower(self, node: fx.Node) -> Value:
+        tag = node.meta[TAG_KEY]
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        special = _LOWERINGS.get(type(module) if module is not None else node.target) if node.op != "get_attr" else None
+        if special is not None:
+            value = special(self, node, module)
+            if value is not None:
+                return value
+        level = _level_of(tag)
+        if level in (U, C):
+            return self._emit(node, level, self._as_is)
+        return self._emit(node, N, self._materialize)
+
+    def _emit(self, node: fx.Node, level: str, convert) -> Rows:
+        new = self.graph.node_copy(node, lambda a: convert(self._value(a)))
+        self._port_meta(node, new)
+        new.meta[ROWS_KEY] = level
+        return Rows(new, level, node)
+
+    def _value(self, a: fx.Node) -> Value:
+        return self.env[a]
+
+    def _as_is(self, v: Value) -> Any:
+        if isinstance(v, Seq):
+            return tuple(self._as_is(i) for i in v.items)
+        if isinstance(v, Pieces):
+            raise MariError(f"internal: column pieces reached a {self._consumer.format_node()} at U rows")
+        return v.node
+
+    def _materialize(self, v: Value) -> Any:
+        """The value at N rows (as in the pair-shaped model); cached per value."""
+        if isinstance(v, Seq):
+            return tuple(self._materialize(i) for i in v.items)
+        key = id(v)
+        if key in self.materialized:
+            return self.materialized[key][1]
+        if isinstance(v, Pieces):
+            out = self._cat([self._materialize(r) for _, _, r in v.parts], N)
+        elif v.level != U:
+            return v.node
+        elif v.orig is not None and rules.is_batch_size_node(v.orig):
+            out = self._num_candidates()
+        elif _is_batched_tensor(v):
+            out = self.graph.call_function(torch.index_select, (v.node, 0, self.user_index))
+            out.meta[ROWS_KEY] = N
+            self.broadcasts.append(BroadcastRecord(
+                source=v.orig.name if v.orig is not None else v.node.name,
+                at=self._consumer.name if self._consumer is not None else "output"))
+        else:  # sizes and other non-tensors derived from user values: recompute at N
+            out = self._reemit(v.orig)
+        self.materialized[key] = (v, out)  # keep v alive so its id stays unique
+        return out
+
+    def _reemit(self, orig: fx.Node) -> Any:
+        if orig not in self.reemitted:
+            self.reemitted[orig] = self._emit(orig, N, self._materialize).node
+        return self.reemitted[orig]
+
+    def _num_candidates(self) -> fx.Node:
+        if self.n_rows is None:
+            self.n_rows = self.graph.call_method("size", (self.user_index, 0))
+        return self.n_rows
+
+    def _cat(self, nodes: Sequence[Any], level: str) -> Any:
+        nodes = _unslice(list(nodes))
+        if len(nodes) == 1:
+            return nodes[0]
+        out = self.graph.call_function(torch.cat, (list(nodes), -1))
+        out.meta[ROWS_KEY] = level
+        return out
+
+    def _port_meta(self, src: fx.Node, dst: fx.Node) -> None:
+        dst.meta = {k: src.meta[k] for k in _META_TO_PORT if k in src.meta}
+
+    def _check_level(self, node: fx.Node, value: Value) -> None:
+        tag = node.meta[TAG_KEY]
+        if isinstance(tag, SeqTag) or isinstance(value, Seq):
+            return
+        want = "pieces" if tag.has_user_columns else _level_of(tag)
+        got = "pieces" if isinstance(value, Pieces) else value.level
+        if want != got and not (want == N and got == C):
+            raise MariError(f"internal: {node.format_node()} tagged {tag} was lowered to {got}, not {want}")
+
+    # ----------------------------------------------------------------- pieces
+    def _parts_of(self, a: Any) -> List[Tuple[str, int, Rows]]:
+        v = self._value(a)
+        if isinstance(v, Pieces):
+            return list(v.parts)
+        return [(v.level, a.meta[VALUE_KEY].shape[-1], v)]
+
+    def _from_parts(self, parts: List[Tuple[str, int, Rows]]) -> Value:
+        levels = {lvl for lvl, _, _ in parts}
+        if len(levels) == 1:
+            (level,) = levels
+            node = self._cat([r.node for _, _, r in parts], level)
+            if isinstance(node, fx.Node):
+                node.meta.setdefault(ROWS_KEY, level)
+            return parts[0][2] if len(parts) == 1 else Rows(node, level)
+        return Pieces(tuple(parts))
+
+    def _select_columns(self, a: fx.Node, lo: int, hi: int, index_prefix: Tuple[Any, ...]) -> Value:
+        """Columns [lo, hi) of a pieces value, each part sliced with ``index_prefix`` first."""
+        out, pos = [], 0
+        for level, width, rows in self._parts_of(a):
+            s, e = max(lo, pos), min(hi, pos + width)
+            if s < e:
+                if s == pos and e == pos + width and all(i == slice(None) for i in index_prefix):
+                    out.append((level, width, rows))
+                else:
+                    idx = index_prefix + (slice(s - pos, e - pos),)
+                    node = self.graph.call_function(operator.getitem, (rows.node, idx))
+                    node.meta[ROWS_KEY] = level
+                    out.append((level, e - s, Rows(node, level)))
+            pos += width
+        return self._from_parts(out)
+
+    def _select_column(self, a: fx.Node, col: int, index_prefix: Tuple[Any, ...]) -> Value:
+        pos = 0
+        for level, width, rows in self._parts_of(a):
+            if pos <= col < pos + width:
+                node = self.graph.call_function(operator.getitem, (rows.node, index_prefix + (col - pos,)))
+                node.meta[ROWS_KEY] = level
+                return Rows(node, level)
+            pos += width
+        raise MariError(f"internal: column {col} out of range at {a.format_node()}")
+
+    # ----------------------------------------------------------------- records
+    def _record(self, nodes: List[fx.Node]) -> Record:
+        refusals, hoisted = [], []
+        for n in nodes:
+            if n.op in ("placeholder", "output", "get_attr"):
+                continue
+            note = n.meta.get(NOTE_KEY)
+            if note:
+                refusals.append(RefusalRecord(node=n.name, op=_describe(n, self.modules), reason=note,
+                                              location=_location(n)))
+            v = self.env.get(n)
+            if isinstance(v, Rows) and v.level == U and _is_compute(n):
+                hoisted.append(_qualname(n))
+        return Record(
+            inputs=self.spec.inputs,
+            layers=tuple(self.layers),
+            hoisted=tuple(hoisted),
+            broadcasts=tuple(self.broadcasts),
+            refused=tuple(refusals),
+            split_matmuls=self.options.split_matmuls,
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+def _level_of(tag) -> str:
+    side = tag.side
+    return U if side == Side.USER else C if side == Side.CONST else N
+
+
+def _is_batched_tensor(v: Rows) -> bool:
+    info = v.orig.meta.get(VALUE_KEY) if v.orig is not None else None
+    if v.orig is None:
+        return True
+    return isinstance(info, TensorInfo) and info.ndim >= 1
+
+
+def _unslice(nodes: List[Any]) -> List[Any]:
+    """``[x[..., 0:2], x[..., 2:5]]`` covering all of ``x`` in order -> ``[x]`` (no copy)."""
+    if len(nodes) < 2 or not all(_col_slice(n) for n in nodes):
+        return nodes
+    srcs = {_col_slice(n)[0] for n in nodes}
+    if len(srcs) != 1:
+        return nodes
+    (src,) = srcs
+    pos = 0
+    for n in nodes:
+        _, s, e = _col_slice(n)
+        if s != pos:
+            return nodes
+        pos = e
+    info = src.meta.get(VALUE_KEY)
+    placeholder_width = info.shape[-1] if isinstance(info, TensorInfo) else None
+    return [src] if placeholder_width == pos else nodes
+
+
+def _col_slice(n: Any):
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem):
+        return None
+    idx = n.args[1]
+    if (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice)
+            and idx[1].step is None and isinstance(n.args[0], fx.Node)):
+        return n.args[0], idx[1].start or 0, idx[1].stop
+    return None
+
+
+def _describe(n: fx.Node, modules) -> str:
+    return rules.describe_target(n, modules.get(n.target) if n.op == "call_module" else None)
+
+
+def _qualname(n: fx.Node) -> str:
+    return n.target if n.op == "call_module" else n.name
+
+
+def _location(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else str(list(stack)[-1])
+    return n.target if n.op == "call_module" else n.name
+
+
+def _is_compute(n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return True
+    return n.op in ("call_function", "call_method") and n.target not in (
+        operator.getitem, getattr, "size", "dim", "view", "reshape", "contiguous", "float", "to")
+
+
+# --------------------------------------------------------------------------- op lowerings
+_LOWERINGS: Dict[Any, Any] = {}
+
+
+def _lowering(*targets):
+    def deco(fn):
+        for t in targets:
+            _LOWERINGS[t] = fn
+        return fn
+
+    return deco
+
+
+@_lowering(torch.cat, torch.concat, torch.concatenate)
+def _lower_cat(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    if not node.meta[TAG_KEY].has_user_columns:
+        return None
+    parts: List = []
+    for t in node.args[0] if node.args else node.kwargs["tensors"]:
+        parts += lw._parts_of(t)
+    return Pieces(tuple(parts))
+
+
+@_lowering(operator.getitem)
+def _lower_getitem(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    base, index = node.args
+    v = lw._value(base)
+    if isinstance(v, Seq):
+        return v.items[index] if isinstance(index, int) else Seq(tuple(v.items[index]))
+    if not isinstance(v, Pieces):
+        return None
+    plan = rules.normalize_index(index, base.meta[VALUE_KEY].ndim)
+    if plan is None or plan[1] or plan[0][0] != slice(None):
+        return None
+    per_dim = plan[0]
+    if isinstance(index, tuple) and any(i is None for i in index):
+        return None
+    prefix = tuple(per_dim[:-1])
+    last = per_dim[-1]
+    width = base.meta[VALUE_KEY].shape[-1]
+    if isinstance(last, slice) and last.step in (None, 1):
+        lo, hi, _ = last.indices(width)
+        return lw._select_columns(base, lo, max(lo, hi), prefix)
+    if isinstance(last, int):
+        return lw._select_column(base, last % width, prefix)
+    return None
+
+
+def _split_bounds(node: fx.Node) -> List[Tuple[int, int]]:
+    bounds, pos = [], 0
+    for part in node.meta[VALUE_KEY]:
+        w = part.shape[-1]
+        bounds.append((pos, pos + w))
+        pos += w
+    return bounds
+
+
+@_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")
+def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x = node.args[0]
+    if not isinstance(lw._value(x), Pieces):
+        return None
+    ndim = x.meta[VALUE_KEY].ndim
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim % ndim != ndim - 1:
+        return None
+    prefix = (slice(None),) * (ndim - 1)
+    return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in _split_bounds(node)))
+
+
+@_lowering(torch.narrow, "narrow")
+def _lower_narrow(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x = node.args[0]
+    if not isinstance(lw._value(x), Pieces):
+        return None
+    ndim = x.meta[VALUE_KEY].ndim
+    dim, start, length = (list(node.args[1:]) + [node.kwargs.get(k) for k in ("dim", "start", "length")])[:3]
+    if not (isinstance(start, int) and isinstance(length, int)) or dim % ndim != ndim - 1:
+        return None
+    return lw._select_columns(x, start, start + length, (slice(None),) * (ndim - 1))
+
+
+def _lower_elementwise(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    if not node.meta[TAG_KEY].has_user_columns:
+        return None
+    (src,) = [a for a in node.all_input_nodes if isinstance(lw._value(a), Pieces)]
+    parts = []
+    for level, width, rows in lw._parts_of(src):
+        new = lw.graph.node_copy(node, lambda a: rows.node if a is src else lw._as_is(lw._value(a)))
+        lw._port_meta(node, new)
+        new.meta[ROWS_KEY] = level
+        parts.append((level, width, Rows(new, level)))
+    return Pieces(tuple(parts))
+
+
+for _t in (rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._UNARY_MODULES + rules._BINARY_FUNCS
+           + rules._BINARY_METHODS + [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout,
+                                      torch.dropout, "dropout"]):
+    _LOWERINGS[_t] = _lower_elementwise
+
+
+# ----------------------------------------------------------------- the matmul split
+@dataclass(frozen=True)
+class _LinearView:
+    """A Linear-like call seen as ``x @ weight.T + bias`` with ``weight`` [out, in]."""
+
+    x: fx.Node
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    name: str
+    why_not: str = ""
+
+
+def _param(lw: Lowerer, a: Any) -> Optional[torch.Tensor]:
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        return lw.gm.get_parameter(a.target) if _is_param(lw.gm, a.target) else _get_attr(lw.gm, a.target)
+    return None
+
+
+def _is_param(gm, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _linear_view(lw: Lowerer, node: fx.Node, module) -> Optional[_LinearView]:
+    if isinstance(module, nn.Linear):
+        return _LinearView(node.args[0], module.weight, module.bias, node.target)
+    t, args = node.target, node.args
+    if t is F.linear:
+        w, b = _param(lw, args[1] if len(args) > 1 else node.kwargs.get("weight")), None
+        b_arg = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        b = _param(lw, b_arg) if b_arg is not None else None
+        bad = w is None or (b_arg is not None and b is None)
+        return _LinearView(args[0], w, b, node.name, "weight or bias is not a parameter" if bad else "")
+    if t in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__"):
+        w = _param(lw, args[1])
+        ok = w is not None and w.dim() == 2
+        return _LinearView(args[0], w.t() if ok else None, None, node.name, "" if ok else "right operand is not a 2-d parameter")
+    if t is torch.addmm:
+        b, w = _param(lw, args[0]), _param(lw, args[2])
+        ok = w is not None and b is not None and not node.kwargs
+        return _LinearView(args[1], w.t() if ok else None, b, node.name,
+                           "" if ok else "addmm operands are not parameters (or beta/alpha given)")
+    return None
+
+
+def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
+    view = _linear_view(lw, node, module)
+    if view is None:
+        return None
+    x_tag, x_val = view.x.meta[TAG_KEY], lw._value(view.x)
+    info = view.x.meta.get(VALUE_KEY)
+    rows_per_sample = 1
+    if isinstance(info, TensorInfo):
+        for d in info.shape[1:-1]:
+            rows_per_sample *= d
+    out_info = node.meta.get(VALUE_KEY)
+    in_features = info.shape[-1] if isinstance(info, TensorInfo) and info.ndim else 0
+    out_features = out_info.shape[-1] if isinstance(out_info, TensorInfo) and out_info.ndim else 0
+    cols = {s: x_tag.columns(s) if isinstance(x_tag, TensorTag) and x_tag.width else 0 for s in Side}
+    if isinstance(x_tag, TensorTag) and not x_tag.is_segmented and x_tag.width:
+        cols = {s: (x_tag.width if s == x_tag.side else 0) for s in Side}
+    split = isinstance(x_val, Pieces)
+    reason = ""
+    if split and not lw.options.split_matmuls:
+        split, reason = False, "split_matmuls=False"
+    elif split and view.why_not:
+        split, reason = False, view.why_not
+    side = node.meta[TAG_KEY].side
+    action = "split" if split else "hoisted" if side == Side.USER else "const" if side == Side.CONST else "kept"
+    if not split and not reason and action == "kept" and cols[Side.USER] == 0 and x_tag.side == Side.MIXED:
+        reason = "input has no user-only columns"
+    lw.layers.append(LayerRecord(
+        name=view.name, op=rules.describe_target(node, module), in_features=in_features,
+        out_features=out_features, user_columns=cols[Side.USER], item_columns=cols[Side.ITEM],
+        mixed_columns=cols[Side.MIXED], rows_per_sample=rows_per_sample, action=action, reason=reason))
+    if not split:
+        return None
+    return lw._split_linear(node, view, x_val)
+
+
+def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, x: Pieces) -> Rows:
+    user_cols, item_cols, user_nodes, item_nodes, pos = [], [], [], [], 0
+    for level, width, rows in x.parts:
+        (user_cols if level == U else item_cols).extend(range(pos, pos + width))
+        (user_nodes if level == U else item_nodes).append(rows.node)
+        pos += width
+    mod = SplitLinear.from_weight(view.weight, view.bias, user_cols, item_cols)
+    name = self._module_name(view.name, node)
+    self.gm.add_submodule(name, mod)
+    self.modules[name] = mod
+    u_in, i_in = self._cat(user_nodes, U), self._cat(item_nodes, N)
+    out = self.graph.call_module(name, (u_in, i_in, self.user_index))
+    self._port_meta(node, out)
+    out.meta[ROWS_KEY] = N
+    return Rows(out, N, node)
+
+
+def _module_name(self: Lowerer, base: str, node: fx.Node) -> str:
+    """Reuse the Linear's own path when it is called once; else a fresh sibling name."""
+    if node.op == "call_module" and self.call_counts.get(base) == 1:
+        return base
+    name, k = f"{base}_split".replace(".", "_") if node.op != "call_module" else f"{base}_split", 0
+    while _has_attr_path(self.gm, name):
+        k += 1
+        name = f"{base}_split{k}"
+    return name
+
+
+def _has_attr_path(gm, path: str) -> bool:
+    obj = gm
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+Lowerer._split_linear = _split_linear
+Lowerer._module_name = _module_name
+
+for _t in (nn.Linear, F.linear, torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.addmm):
+    _LOWERINGS[_t] = _lower_linear
+
+
+def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOptions()) -> fx.GraphModule:
+    """Rewrite a tagged pair-shaped graph (from :func:`mari_fx.trace`) into the
+    request-shaped module; ``gm`` is left as it was, except for the split modules it gains.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> u, i, idx = torch.randn(2, 16), torch.randn(3, 8), torch.tensor([0, 1, 1])
+        >>> tagged = mari_fx.trace(CoarseRanker().eval(), user_inputs=["user"], example_inputs=(u[idx], i))
+        >>> T = lower(tagged, tagged.meta["mari_fx.request"])
+        >>> [l.name for l in T.meta["mari_fx.record"].layers if l.action == "split"]
+        ['fusion.0']
+    """
+    root = copy.deepcopy(gm)  # split modules replace Linears in the copy only
+    graph, record = Lowerer(root, spec, options).run()
+    out = fx.GraphModule(root, graph, class_name="MariModule")
+    out.meta["mari_fx.request"] = spec
+    out.meta["mari_fx.record"] = record
+    return out

@@ -1,0 +1,87 @@
+"""The machine-readable record a transformed module carries: what was split,
+hoisted to the user batch, broadcast, and refused (with the reason).
+
+``T.meta["mari_fx.record"]`` holds a :class:`Record`; ``record.to_dict()`` is
+JSON-ready with stable keys (see docs/report.md).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Tuple
+
+from .inputs import InputSpec
+
+RECORD_KEY = "mari_fx.record"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One Linear / matmul against a parameter.
+
+    ``action``: ``split`` (user columns at U rows, item columns at N rows),
+    ``hoisted`` (user-only input: whole layer at U rows), ``kept`` (N rows, as
+    before) or ``const``.  ``reason`` says why a layer with user columns was kept.
+    ``rows_per_sample`` counts the rows each sample feeds the matmul (sequence
+    length for 3-d inputs).
+    """
+
+    name: str
+    op: str
+    in_features: int
+    out_features: int
+    user_columns: int
+    item_columns: int
+    mixed_columns: int
+    rows_per_sample: int
+    action: str
+    reason: str = ""
+
+    def flops(self, users: int, candidates: int, transformed: bool) -> int:
+        """Multiply-add FLOPs (2 per MAC) of this layer for one request."""
+        per_row = 2 * self.out_features * self.rows_per_sample
+        if not transformed or self.action == "kept":
+            return per_row * candidates * self.in_features
+        if self.action == "hoisted":
+            return per_row * users * self.in_features
+        if self.action == "split":
+            return per_row * (users * self.user_columns + candidates * (self.in_features - self.user_columns))
+        return per_row * self.in_features  # const: once per request
+
+
+@dataclass(frozen=True)
+class BroadcastRecord:
+    """A user value gathered to N rows (``source``) where node ``at`` needed it."""
+
+    source: str
+    at: str
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    """A node kept at N rows although only user data reached it, and why."""
+
+    node: str
+    op: str
+    reason: str
+    location: str
+
+
+@dataclass(frozen=True)
+class Record:
+    inputs: Tuple[InputSpec, ...]
+    layers: Tuple[LayerRecord, ...]
+    hoisted: Tuple[str, ...]
+    broadcasts: Tuple[BroadcastRecord, ...]
+    refused: Tuple[RefusalRecord, ...]
+    split_matmuls: bool
+
+    @property
+    def split_layers(self) -> Tuple[str, ...]:
+        return tuple(l.name for l in self.layers if l.action == "split")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["inputs"] = [
+            {"name": s.name, "source": s.source, "side": str(s.side), "kind": s.kind} for s in self.inputs
+        ]
+        return d

@@ -1,0 +1,740 @@
+"""Tag rules: what side an op's output is on, given its inputs' tags.
+
+One small rule per op, registered by target: a function (``torch.relu``), a method
+name (``"view"``) or a module class (``nn.Linear``, looked up along the MRO).  A
+target with no rule is *unknown*: its output is MIXED and the report says so.
+
+The soundness argument every rule must keep: an output may be tagged USER only
+if the op is *row-wise* -- ``f(x[idx]) == f(x)[idx]`` for every row index
+``idx`` -- because USER values are computed at U rows and gathered to N rows
+later.  Ops that couple rows across the batch (reductions or softmax over dim 0,
+batch statistics, reshapes that merge the batch dimension) refuse: their output
+is MIXED, i.e. computed exactly as in the pair-shaped model.
+
+Segmented (column-exact) tags survive only the ops whose lowering in
+:mod:`mari_fx.lower` handles pieces: ``cat`` / slicing / ``split`` on the last
+dimension, and elementwise ops with one column-structured operand.
+
+To add a rule::
+
+    from mari_fx.rules import register, rowwise
+    register(my_lib.fused_gelu)(rowwise)   # or a function (ctx) -> Tag
+
+See docs/rules.md.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .example_prop import VALUE_KEY, TensorInfo
+from .tags import CONST, MIXED, NOTE_KEY, TAG_KEY, Segment, SeqTag, Side, Tag, TensorTag, join_all
+
+Target = Union[Callable, str, type]
+Rule = Callable[["RuleContext"], Tag]
+_MISSING = object()
+
+RULES: Dict[Target, Rule] = {}
+
+
+def register(*targets: Target) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for each target; a target registered twice is an error.
+
+    Example:
+        >>> import torch
+        >>> from mari_fx.rules import register, rowwise, RULES
+        >>> def my_op(x): return x * 2
+        >>> _ = register(my_op)(rowwise)
+        >>> RULES[my_op] is rowwise
+        True
+        >>> del RULES[my_op]
+    """
+
+    def deco(rule: Rule) -> Rule:
+        for t in targets:
+            if t in RULES:
+                raise ValueError(f"a mari_fx rule for {target_name(t)} is already registered")
+            RULES[t] = rule
+        return rule
+
+    return deco
+
+
+def target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return f"Tensor.{target}"
+    if isinstance(target, type):
+        return f"{target.__module__}.{target.__qualname__}"
+    mod = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    if mod in ("_operator", "operator"):
+        mod = "operator"
+    elif mod.startswith("torch._C") or mod == "":
+        mod = "torch"
+    return f"{mod}.{name}"
+
+
+def lookup(node: fx.Node, module: Optional[nn.Module] = None) -> Optional[Rule]:
+    """The rule for ``node``'s target (module classes are matched along the MRO)."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    return RULES.get(node.target)
+
+
+def describe_target(node: fx.Node, module: Optional[nn.Module] = None) -> str:
+    if node.op == "call_module":
+        return target_name(type(module))
+    return target_name(node.target)
+
+
+# --------------------------------------------------------------------------- context
+class RuleContext:
+    """What a rule sees: the node, its module (for call_module), tags and example shapes."""
+
+    def __init__(self, node: fx.Node, module: Optional[nn.Module] = None):
+        self.node = node
+        self.module = module
+        # call_module nodes have no ``self`` argument; call_method nodes have it first.
+        self.args = node.args
+        self.kwargs = node.kwargs
+
+    # -- inputs
+    def arg(self, i: int, name: Optional[str] = None, default: Any = _MISSING) -> Any:
+        if i < len(self.args):
+            return self.args[i]
+        if name is not None and name in self.kwargs:
+            return self.kwargs[name]
+        if default is _MISSING:
+            raise IndexError(f"{self.node.format_node()} has no argument {name or i}")
+        return default
+
+    def inputs(self) -> List[fx.Node]:
+        found: List[fx.Node] = []
+        fx.node.map_arg((self.args, self.kwargs), lambda n: found.append(n))
+        return found
+
+    def tag(self, a: Any) -> Tag:
+        return a.meta[TAG_KEY] if isinstance(a, fx.Node) else CONST
+
+    def side(self, a: Any) -> Side:
+        return self.tag(a).side
+
+    def value(self, a: Any) -> Any:
+        return a.meta.get(VALUE_KEY) if isinstance(a, fx.Node) else a
+
+    def ndim(self, a: Any) -> Optional[int]:
+        v = self.value(a)
+        return v.ndim if isinstance(v, TensorInfo) else None
+
+    @property
+    def out(self) -> Any:
+        return self.node.meta.get(VALUE_KEY)
+
+    def input_side(self) -> Side:
+        return join_all(self.side(n) for n in self.inputs())
+
+    # -- outputs
+    def result(self, side: Side) -> Tag:
+        """A uniform tag of ``side`` shaped like the node's output (SeqTag for tuples)."""
+        return _uniform_like(self.out, side)
+
+    def rowwise(self) -> Tag:
+        return self.result(self.input_side())
+
+    def refuse(self, reason: str) -> Tag:
+        """MIXED output; the reason is kept for the report when user data was involved."""
+        if self.input_side() == Side.CONST:
+            return self.result(Side.CONST)
+        if any(self.side(n) == Side.USER for n in self.inputs()):
+            self.node.meta[NOTE_KEY] = reason
+        return self.result(Side.MIXED)
+
+    def norm_dim(self, dim: Any, ndim: Optional[int]) -> Optional[int]:
+        if not isinstance(dim, int) or ndim is None:
+            return None
+        return dim + ndim if dim < 0 else dim
+
+
+def _uniform_like(value: Any, side: Side) -> Tag:
+    if isinstance(value, TensorInfo):
+        return TensorTag.uniform(side, value.shape[-1] if value.ndim >= 2 else None)
+    if isinstance(value, tuple) and not isinstance(value, torch.Size):
+        return SeqTag(tuple(_uniform_like(v, side) for v in value))
+    return TensorTag.uniform(side)
+
+
+# --------------------------------------------------------------------------- generic rules
+def _batched(ctx: RuleContext) -> List[fx.Node]:
+    return [n for n in ctx.inputs() if ctx.side(n) != Side.CONST]
+
+
+def rowwise(ctx: RuleContext) -> Tag:
+    """Rule for ops where each output row depends only on the same input row.
+
+    Batched operands must share a rank and constants may not add leading
+    dimensions, so that broadcasting never lines the batch up with another axis.
+    """
+    batched = [n for n in _batched(ctx) if ctx.ndim(n) is not None]
+    ranks = {ctx.ndim(n) for n in batched}
+    if len(ranks) > 1:
+        return ctx.refuse("batched operands of different rank: broadcasting could move the batch dimension")
+    if ranks:
+        (rank,) = ranks
+        if any((ctx.ndim(n) or 0) > rank for n in ctx.inputs() if ctx.side(n) == Side.CONST):
+            return ctx.refuse("a constant operand adds leading dimensions in front of the batch")
+    return ctx.rowwise()
+
+
+def unknown(ctx: RuleContext) -> Tag:
+    """The rule of every op without one: MIXED, reported."""
+    ctx.node.meta[NOTE_KEY] = f"no mari_fx rule for {describe_target(ctx.node, ctx.module)}: treated as mixed"
+    return ctx.result(Side.MIXED)
+
+
+def elementwise(ctx: RuleContext) -> Tag:
+    """Row-wise, and column-exact when one operand carries column segments and every
+    other operand is a scalar (so it applies to every column alike)."""
+    tag = rowwise(ctx)
+    if tag.side == Side.MIXED and ctx.node.meta.get(NOTE_KEY):
+        return tag
+    seg = [n for n in ctx.inputs() if ctx.tag(n).is_segmented]
+    if len(seg) == 1 and _is_scalar_others(ctx, seg[0]):
+        src = ctx.tag(seg[0])
+        if isinstance(ctx.out, TensorInfo) and ctx.out.shape[-1] == src.width and ctx.out.ndim == ctx.ndim(seg[0]):
+            return src
+    return tag
+
+
+def _is_scalar_others(ctx: RuleContext, keep: fx.Node) -> bool:
+    def scalar(a: Any) -> bool:
+        if isinstance(a, fx.Node):
+            v = ctx.value(a)
+            return ctx.side(a) == Side.CONST and isinstance(v, TensorInfo) and all(d == 1 for d in v.shape)
+        return isinstance(a, (int, float, bool, str, torch.dtype, type(None)))
+
+    others = [a for a in list(ctx.args) + list(ctx.kwargs.values()) if a is not keep]
+    return all(scalar(a) for a in others)
+
+
+def _dims(arg: Any) -> Optional[List[Any]]:
+    if arg is None:
+        return None
+    return list(arg) if isinstance(arg, (list, tuple)) else [arg]
+
+
+def reduction(dim_pos: int = 1, dim_name: str = "dim") -> Rule:
+    """Rule for reductions / normalisations over ``dim``: row-wise unless ``dim`` is the batch."""
+
+    def rule(ctx: RuleContext) -> Tag:
+        ndim = ctx.ndim(ctx.arg(0))
+        dims = _dims(ctx.arg(dim_pos, dim_name, None))
+        if dims and not all(isinstance(d, int) for d in dims):
+            return ctx.refuse("reduction dims are not constants")
+        if ndim is not None and ndim <= 1 or not dims:
+            return ctx.refuse("reduces over the batch dimension (no dim given, or a 1-d input)")
+        if 0 in [ctx.norm_dim(d, ndim) for d in dims]:
+            return ctx.refuse("reduces over the batch dimension (dim 0)")
+        return rowwise(ctx)
+
+    return rule
+
+
+def refuse_with(reason: str) -> Rule:
+    def rule(ctx: RuleContext) -> Tag:
+        return ctx.refuse(reason)
+
+    return rule
+
+
+def constant_if_constant(rule: Rule) -> Rule:
+    def wrapped(ctx: RuleContext) -> Tag:
+        return ctx.result(Side.CONST) if ctx.input_side() == Side.CONST else rule(ctx)
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------- elementwise
+_UNARY_FUNCS = [
+    torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.mish,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid,
+    F.logsigmoid, torch.exp, torch.log, torch.log1p, torch.expm1, torch.abs, torch.neg, operator.neg,
+    operator.pos, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.sign, torch.erf,
+    torch.sin, torch.cos, torch.nan_to_num, torch.reciprocal, torch.logical_not, torch.isnan, torch.floor,
+    torch.ceil, torch.round, torch.trunc,
+]
+_UNARY_METHODS = [
+    "relu", "sigmoid", "tanh", "exp", "log", "log1p", "expm1", "abs", "neg", "sqrt", "rsqrt", "square",
+    "clamp", "clip", "sign", "erf", "sin", "cos", "reciprocal", "nan_to_num", "floor", "ceil", "round",
+    "float", "double", "half", "bfloat16", "long", "int", "bool", "type", "type_as", "to", "contiguous",
+    "clone", "detach", "logical_not", "isnan",
+]
+_UNARY_MODULES = [
+    nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Identity,
+]
+_BINARY_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.mod, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    operator.and_, operator.or_, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply,
+    torch.div, torch.divide, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or,
+    torch.masked_fill, torch.lerp, torch.addcmul, torch.addcdiv, torch.rsub,
+]
+_BINARY_METHODS = [
+    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "masked_fill", "eq", "ne", "lt", "le", "gt",
+    "ge", "lerp", "addcmul", "where", "logical_and", "logical_or",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+]
+
+register(*_UNARY_FUNCS, *_UNARY_METHODS, *_UNARY_MODULES)(constant_if_constant(elementwise))
+register(*_BINARY_FUNCS, *_BINARY_METHODS)(constant_if_constant(elementwise))
+
+
+@register(nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d)
+def _dropout_module(ctx: RuleContext) -> Tag:
+    if ctx.module.training and ctx.module.p > 0:
+        return ctx.refuse("Dropout in training mode is random per row: call model.eval() first")
+    return elementwise(ctx)
+
+
+@register(F.dropout, torch.dropout, "dropout")
+def _dropout_fn(ctx: RuleContext) -> Tag:
+    training = ctx.arg(2, "training", True) if ctx.node.target is F.dropout else ctx.arg(2, "train", True)
+    if training and ctx.arg(1, "p", 0.5) > 0:
+        return ctx.refuse("dropout with training=True is random per row")
+    return elementwise(ctx)
+
+
+# --------------------------------------------------------------------------- reductions, softmax
+register(
+    torch.sum, torch.mean, torch.prod, torch.amax, torch.amin, torch.logsumexp, torch.std, torch.var,
+    torch.norm, torch.all, torch.any, torch.count_nonzero, torch.argmax, torch.argmin, torch.cumsum,
+    torch.cumprod, torch.softmax, torch.log_softmax, F.softmax, F.log_softmax,
+    "sum", "mean", "prod", "amax", "amin", "logsumexp", "std", "var", "norm", "all", "any",
+    "argmax", "argmin", "cumsum", "cumprod", "softmax", "log_softmax", "count_nonzero",
+)(constant_if_constant(reduction()))
+register(torch.max, torch.min, "max", "min")(constant_if_constant(
+    lambda ctx: elementwise(ctx) if isinstance(ctx.arg(1, "other", None), fx.Node) else reduction()(ctx)))
+register(torch.topk, "topk")(constant_if_constant(reduction(2, "dim")))
+register(torch.sort, "sort", torch.argsort, "argsort")(constant_if_constant(reduction(1, "dim")))
+register(F.normalize)(constant_if_constant(
+    lambda ctx: reduction(2, "dim")(ctx) if "dim" in ctx.kwargs or len(ctx.args) > 2
+    else _with_default_dim(ctx, 1)))
+
+
+def _with_default_dim(ctx: RuleContext, dim: int) -> Tag:
+    if ctx.norm_dim(dim, ctx.ndim(ctx.arg(0))) == 0:
+        return ctx.refuse("normalises over the batch dimension")
+    return rowwise(ctx)
+
+
+@register(nn.Softmax, nn.LogSoftmax, nn.Softmin)
+def _softmax_module(ctx: RuleContext) -> Tag:
+    dim, ndim = ctx.module.dim, ctx.ndim(ctx.arg(0))
+    if dim is None or ctx.norm_dim(dim, ndim) == 0:
+        return ctx.refuse(f"{type(ctx.module).__name__}(dim={dim}) runs over the batch dimension")
+    return rowwise(ctx)
+
+
+# --------------------------------------------------------------------------- normalisation
+@register(nn.LayerNorm, nn.RMSNorm, F.layer_norm, F.rms_norm)
+def _layer_norm(ctx: RuleContext) -> Tag:
+    shape = ctx.module.normalized_shape if ctx.module is not None else ctx.arg(1, "normalized_shape")
+    n_norm = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+    ndim = ctx.ndim(ctx.arg(0))
+    if ndim is None or n_norm >= ndim:
+        return ctx.refuse("normalises over the batch dimension")
+    return rowwise(ctx)
+
+
+@register(nn.modules.batchnorm._BatchNorm)
+def _batch_norm(ctx: RuleContext) -> Tag:
+    m = ctx.module
+    if m.training or not m.track_running_stats or m.running_mean is None:
+        return ctx.refuse(f"{type(m).__name__} in training mode normalises with batch statistics: call model.eval()")
+    return rowwise(ctx)
+
+
+@register(F.batch_norm)
+def _batch_norm_fn(ctx: RuleContext) -> Tag:
+    if ctx.arg(5, "training", False) or ctx.arg(1, "running_mean", None) is None:
+        return ctx.refuse("batch_norm with training=True normalises with batch statistics")
+    return rowwise(ctx)
+
+
+@register(nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, F.group_norm)
+def _per_sample_norm(ctx: RuleContext) -> Tag:
+    return rowwise(ctx)
+
+
+# --------------------------------------------------------------------------- linear algebra
+@register(nn.Linear, F.linear, torch.addmm, nn.Bilinear)
+def _linear(ctx: RuleContext) -> Tag:
+    """Row-wise over the input; a column-segmented input is split in the lowering."""
+    return rowwise(ctx)
+
+
+@register(torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__")
+def _matmul(ctx: RuleContext) -> Tag:
+    a, b = ctx.arg(0), ctx.arg(1)
+    if ctx.side(b) != Side.CONST and (ctx.ndim(b) or 0) < 3:
+        return ctx.refuse("matmul whose right operand is batched and <3-d contracts over the batch dimension")
+    if ctx.side(a) != Side.CONST and (ctx.ndim(a) or 0) < 2:
+        return ctx.refuse("matmul of a 1-d batched vector contracts over the batch dimension")
+    return rowwise(ctx)
+
+
+register(torch.bmm, torch.baddbmm, "bmm", "baddbmm")(rowwise)
+
+
+# --------------------------------------------------------------------------- embeddings
+@register(nn.Embedding, F.embedding)
+def _embedding(ctx: RuleContext) -> Tag:
+    return ctx.result(ctx.side(ctx.arg(0)))
+
+
+@register(nn.EmbeddingBag, F.embedding_bag)
+def _embedding_bag(ctx: RuleContext) -> Tag:
+    if ctx.ndim(ctx.arg(0)) != 2 or ctx.arg(1, "offsets", None) is not None:
+        return ctx.refuse("EmbeddingBag with a 1-d input and offsets: bags are not rows")
+    weights = ctx.arg(2, "per_sample_weights", None)
+    return ctx.result(ctx.side(ctx.arg(0)).join(ctx.side(weights)))
+
+
+# --------------------------------------------------------------------------- shapes and sizes
+def is_batch_size_node(a: Any) -> bool:
+    """``a`` is ``t.size(0)`` / ``t.shape[0]`` of a batched tensor ``t``."""
+    if not isinstance(a, fx.Node) or TAG_KEY not in a.meta or a.meta[TAG_KEY].side == Side.CONST:
+        return False
+    if a.op == "call_method" and a.target == "size" and len(a.args) > 1:
+        info = a.args[0].meta.get(VALUE_KEY) if isinstance(a.args[0], fx.Node) else None
+        ndim = info.ndim if isinstance(info, TensorInfo) else None
+        d = a.args[1]
+        return isinstance(d, int) and ndim is not None and d % ndim == 0
+    if a.op == "call_function" and a.target is operator.getitem and a.args[1] == 0:
+        src = a.args[0]
+        return isinstance(src, fx.Node) and (
+            (src.op == "call_function" and src.target is builtins.getattr and src.args[1] == "shape")
+            or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
+        )
+    return False
+
+
+def is_batch_size(ctx: RuleContext, a: Any) -> bool:
+    return is_batch_size_node(a)
+
+
+def _shape_args(ctx: RuleContext, start: int, name: str) -> List[Any]:
+    rest = list(ctx.args[start:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple, torch.Size)):
+        return list(rest[0])
+    if not rest and name in ctx.kwargs:
+        return list(ctx.kwargs[name])
+    return rest
+
+
+def _keeps_batch(ctx: RuleContext, first: Any) -> bool:
+    src, out = ctx.value(ctx.arg(0)), ctx.out
+    if not (isinstance(src, TensorInfo) and isinstance(out, TensorInfo) and src.ndim >= 1 and out.ndim >= 1):
+        return False
+    return (first == -1 or is_batch_size(ctx, first)) and out.shape[0] == src.shape[0]
+
+
+@register("view", "reshape", torch.reshape)
+def _reshape(ctx: RuleContext) -> Tag:
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    shape = _shape_args(ctx, 1, "shape")
+    if ctx.node.target == "view" and shape and isinstance(shape[0], torch.dtype):
+        return elementwise(ctx)
+    if not shape or not _keeps_batch(ctx, shape[0]):
+        return ctx.refuse("reshape does not keep dim 0 as the batch (first size must be -1 or x.size(0))")
+    return ctx.rowwise()
+
+
+@register("expand")
+def _expand(ctx: RuleContext) -> Tag:
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    sizes = _shape_args(ctx, 1, "size")
+    if len(sizes) != ctx.ndim(ctx.arg(0)) or not _keeps_batch(ctx, sizes[0]):
+        return ctx.refuse("expand changes the batch dimension")
+    return ctx.rowwise()
+
+
+@register("repeat")
+def _repeat(ctx: RuleContext) -> Tag:
+    sizes = _shape_args(ctx, 1, "repeats")
+    if ctx.input_side() != Side.CONST and (len(sizes) != ctx.ndim(ctx.arg(0)) or sizes[0] != 1):
+        return ctx.refuse("repeat along the batch dimension")
+    return ctx.rowwise()
+
+
+@register(torch.flatten, "flatten", nn.Flatten)
+def _flatten(ctx: RuleContext) -> Tag:
+    if ctx.module is not None:
+        start = ctx.module.start_dim
+    else:
+        start = ctx.arg(1, "start_dim", 0)
+    if ctx.input_side() != Side.CONST and ctx.norm_dim(start, ctx.ndim(ctx.arg(0))) in (0, None):
+        return ctx.refuse("flatten merges the batch dimension (use start_dim=1)")
+    return ctx.rowwise()
+
+
+@register(nn.Unflatten, torch.unflatten, "unflatten")
+def _unflatten(ctx: RuleContext) -> Tag:
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
+    if ctx.input_side() != Side.CONST and ctx.norm_dim(dim, ctx.ndim(ctx.arg(0))) in (0, None):
+        return ctx.refuse("unflatten splits the batch dimension")
+    return ctx.rowwise()
+
+
+@register(torch.unsqueeze, "unsqueeze")
+def _unsqueeze(ctx: RuleContext) -> Tag:
+    ndim = ctx.ndim(ctx.arg(0))
+    d = ctx.norm_dim(ctx.arg(1, "dim"), None if ndim is None else ndim + 1)
+    if ctx.input_side() != Side.CONST and d in (0, None):
+        return ctx.refuse("unsqueeze(0) puts a new dimension in front of the batch")
+    return ctx.rowwise()
+
+
+@register(torch.squeeze, "squeeze")
+def _squeeze(ctx: RuleContext) -> Tag:
+    dims = _dims(ctx.arg(1, "dim", None))
+    ndim = ctx.ndim(ctx.arg(0))
+    if ctx.input_side() != Side.CONST and (not dims or 0 in [ctx.norm_dim(d, ndim) for d in dims]):
+        return ctx.refuse("squeeze without a dim (or of dim 0) drops the batch dimension of a 1-row batch")
+    return ctx.rowwise()
+
+
+@register(torch.permute, "permute")
+def _permute(ctx: RuleContext) -> Tag:
+    dims = _shape_args(ctx, 1, "dims")
+    if ctx.input_side() != Side.CONST and (not dims or ctx.norm_dim(dims[0], ctx.ndim(ctx.arg(0))) != 0):
+        return ctx.refuse("permute moves the batch dimension")
+    return ctx.rowwise()
+
+
+@register(torch.transpose, "transpose", torch.swapaxes, "swapaxes")
+def _transpose(ctx: RuleContext) -> Tag:
+    ndim = ctx.ndim(ctx.arg(0))
+    dims = [ctx.norm_dim(ctx.arg(1, "dim0"), ndim), ctx.norm_dim(ctx.arg(2, "dim1"), ndim)]
+    if ctx.input_side() != Side.CONST and (0 in dims or None in dims):
+        return ctx.refuse("transpose moves the batch dimension")
+    return ctx.rowwise()
+
+
+register("t", torch.t)(constant_if_constant(refuse_with("t() swaps the batch dimension")))
+
+
+@register("size")
+def _size(ctx: RuleContext) -> Tag:
+    dim = ctx.arg(1, "dim", None)
+    if dim is not None and ctx.norm_dim(dim, ctx.ndim(ctx.arg(0))) != 0:
+        return CONST
+    return TensorTag.uniform(ctx.side(ctx.arg(0)))
+
+
+register("dim", "ndimension", "is_contiguous", "element_size")(lambda ctx: CONST)
+register("numel", torch.numel)(lambda ctx: TensorTag.uniform(ctx.input_side()))
+
+
+@register(builtins.getattr)
+def _getattr(ctx: RuleContext) -> Tag:
+    name = ctx.arg(1)
+    if name in ("dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"):
+        return CONST
+    if name == "shape":
+        return TensorTag.uniform(ctx.side(ctx.arg(0)))
+    if name == "mT" and (ctx.ndim(ctx.arg(0)) or 0) >= 3:
+        return ctx.rowwise()
+    return unknown(ctx)
+
+
+@register(operator.getitem)
+def _getitem(ctx: RuleContext) -> Tag:
+    base, index = ctx.arg(0), ctx.arg(1)
+    tag, value = ctx.tag(base), ctx.value(base)
+    if isinstance(tag, SeqTag):
+        if isinstance(index, int):
+            return tag.items[index]
+        if isinstance(index, slice):
+            return SeqTag(tag.items[index])
+        return unknown(ctx)
+    if isinstance(value, (torch.Size, tuple)):  # indexing a shape
+        if isinstance(index, int) and index % max(len(value), 1) != 0:
+            return CONST
+        if isinstance(index, slice) and (index.start or 0) >= 1:
+            return CONST
+        return TensorTag.uniform(tag.side)
+    if not isinstance(value, TensorInfo):
+        return unknown(ctx)
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    plan = normalize_index(index, value.ndim)
+    if plan is None:
+        return ctx.refuse("indexing with tensors or lists, or with a new axis in front of the batch")
+    per_dim, trailing_new_axis = plan
+    if per_dim[0] != slice(None):
+        return ctx.refuse("indexing selects rows of the batch dimension")
+    if isinstance(tag, TensorTag) and tag.is_segmented and not trailing_new_axis:
+        last = per_dim[-1]
+        if isinstance(last, slice) and last.step in (None, 1):
+            return tag.slice(*last.indices(value.shape[-1])[:2])
+        if isinstance(last, int):
+            col = last % value.shape[-1]
+            return ctx.result(tag.slice(col, col + 1).side)
+    return ctx.rowwise()
+
+
+def static_int(a: Any) -> Any:
+    """A batch-free int node (e.g. ``x.shape[1] // 2``) as its value; other values as they are."""
+    if isinstance(a, fx.Node) and a.meta.get(TAG_KEY) == CONST and isinstance(a.meta.get(VALUE_KEY), int):
+        return a.meta[VALUE_KEY]
+    return a
+
+
+def normalize_index(index: Any, ndim: int) -> Optional[Tuple[List[Any], bool]]:
+    """One entry per input dim of a basic (int/slice/None/...) index, and whether a
+    new axis lands after the last dim.  None for indices the rules do not analyse
+    (tensors, lists, batch-dependent bounds, or a new axis in front of the batch).
+    Batch-free int nodes in the index are replaced by their (static) values."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    items = [slice(static_int(i.start), static_int(i.stop), static_int(i.step)) if isinstance(i, slice)
+             else static_int(i) for i in items]
+    if any(isinstance(b, fx.Node) for i in items if isinstance(i, slice) for b in (i.start, i.stop, i.step)):
+        return None
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
+        return None
+    n_ellipsis = sum(i is Ellipsis for i in items)
+    consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if n_ellipsis > 1 or consuming > ndim:
+        return None
+    expanded: List[Any] = []
+    for i in items:
+        expanded += [slice(None)] * (ndim - consuming) if i is Ellipsis else [i]
+    if not n_ellipsis:
+        expanded += [slice(None)] * (ndim - consuming)
+    if not expanded or expanded[0] is None:
+        return None
+    return [i for i in expanded if i is not None], expanded[-1] is None
+
+
+# --------------------------------------------------------------------------- cat / stack / split
+@register(torch.cat, torch.concat, torch.concatenate)
+def _cat(ctx: RuleContext) -> Tag:
+    tensors = list(ctx.arg(0, "tensors"))
+    ndim = ctx.ndim(tensors[0]) if tensors else None
+    dim = ctx.norm_dim(ctx.arg(1, "dim", 0), ndim)
+    sides = [ctx.side(t) for t in tensors]
+    if all(s == Side.CONST for s in sides):
+        return ctx.result(Side.CONST)
+    if dim in (0, None):
+        return ctx.refuse("cat along the batch dimension")
+    if Side.CONST in sides:
+        return ctx.refuse("cat of batched tensors with a batch-free constant")
+    if dim == ndim - 1:
+        segments: List[Segment] = []
+        for t in tensors:
+            tag = ctx.tag(t)
+            if tag.width is None:
+                segments.append(Segment(tag.side, ctx.value(t).shape[-1]))
+            else:
+                segments += list(tag.segments)
+        return TensorTag.of_segments(segments)
+    return ctx.rowwise()
+
+
+@register(torch.stack)
+def _stack(ctx: RuleContext) -> Tag:
+    tensors = list(ctx.arg(0, "tensors"))
+    ndim = ctx.ndim(tensors[0]) if tensors else None
+    dim = ctx.norm_dim(ctx.arg(1, "dim", 0), None if ndim is None else ndim + 1)
+    if all(ctx.side(t) == Side.CONST for t in tensors):
+        return ctx.result(Side.CONST)
+    if dim in (0, None) or any(ctx.side(t) == Side.CONST for t in tensors):
+        return ctx.refuse("stack along the batch dimension, or with a batch-free constant")
+    return ctx.rowwise()
+
+
+def _split_rule(dim_pos: int) -> Rule:
+    def rule(ctx: RuleContext) -> Tag:
+        x = ctx.arg(0)
+        if ctx.input_side() == Side.CONST:
+            return ctx.result(Side.CONST)
+        ndim = ctx.ndim(x)
+        dim = ctx.norm_dim(ctx.arg(dim_pos, "dim", 0), ndim)
+        if dim in (0, None):
+            return ctx.refuse("split along the batch dimension")
+        tag = ctx.tag(x)
+        if dim == ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and isinstance(ctx.out, tuple):
+            pos, items = 0, []
+            for part in ctx.out:
+                w = part.shape[-1]
+                items.append(tag.slice(pos, pos + w))
+                pos += w
+            return SeqTag(tuple(items))
+        return ctx.rowwise()
+
+    return rule
+
+
+register(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")(_split_rule(2))
+register(torch.unbind, "unbind")(
+    lambda ctx: ctx.refuse("unbind along the batch dimension")
+    if ctx.norm_dim(ctx.arg(1, "dim", 0), ctx.ndim(ctx.arg(0))) in (0, None) and ctx.input_side() != Side.CONST
+    else ctx.rowwise())
+
+
+@register(torch.narrow, "narrow")
+def _narrow(ctx: RuleContext) -> Tag:
+    x = ctx.arg(0)
+    ndim = ctx.ndim(x)
+    dim = ctx.norm_dim(ctx.arg(1, "dim"), ndim)
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    if dim in (0, None):
+        return ctx.refuse("narrow along the batch dimension")
+    tag, start, length = ctx.tag(x), ctx.arg(2, "start"), ctx.arg(3, "length")
+    if dim == ndim - 1 and tag.is_segmented and isinstance(start, int) and isinstance(length, int):
+        return tag.slice(start, start + length)
+    return ctx.rowwise()
+
+
+# --------------------------------------------------------------------------- factories
+@register(torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn, torch.arange)
+def _factory(ctx: RuleContext) -> Tag:
+    sizes = _shape_args(ctx, 0, "size")
+    batched = [a for a in ctx.inputs() if ctx.side(a) != Side.CONST]
+    if not batched:
+        return ctx.result(Side.CONST)
+    if sizes and is_batch_size(ctx, sizes[0]) and len(batched) == 1:
+        return ctx.rowwise()
+    return ctx.refuse("a factory sized by something other than x.size(0)")
+
+
+register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, "new_zeros", "new_ones")(
+    lambda ctx: ctx.result(ctx.side(ctx.arg(0))) if ctx.node.target not in ("new_zeros", "new_ones")
+    else _factory_method(ctx))
+
+
+def _factory_method(ctx: RuleContext) -> Tag:
+    sizes = _shape_args(ctx, 1, "size")
+    if not any(isinstance(a, fx.Node) for a in sizes):
+        return ctx.result(Side.CONST)
+    if sizes and is_batch_size(ctx, sizes[0]):
+        return ctx.result(join_all(ctx.side(a) for a in sizes))
+    return ctx.refuse("a factory sized by something other than x.size(0)")
+
+
+# int arithmetic on sizes, python builtins
+register(builtins.int, builtins.float, builtins.len)(lambda ctx: TensorTag.uniform(ctx.input_side()))
