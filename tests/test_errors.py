@@ -1,0 +1,114 @@
+"""Bad input gets a clear error naming what is at fault; never a silently wrong result."""
+import pytest
+import torch
+import torch.nn as nn
+
+import mari_fx
+from mari_fx.examples import CoarseRanker, DictRanker, PackedRanker
+
+EX = (torch.randn(4, 16), torch.randn(4, 8))
+
+
+@pytest.fixture
+def T():
+    return mari_fx.transform(CoarseRanker().eval(), ["user"], EX)
+
+
+def test_untraceable_model_says_why():
+    class DataDependent(nn.Module):
+        def forward(self, user, item):
+            if user.sum() > 0:
+                return user
+            return item
+
+    with pytest.raises(mari_fx.TraceError, match=r"cannot trace DataDependent.*\n.*cause: data-dependent"):
+        mari_fx.transform(DataDependent(), ["user"], EX)
+
+
+def test_declared_input_that_does_not_exist():
+    with pytest.raises(mari_fx.DeclarationError, match=r"'usr'.*arguments are \['user', 'item'\]"):
+        mari_fx.transform(CoarseRanker(), ["usr"], EX)
+
+
+def test_declared_dict_key_that_does_not_exist():
+    with pytest.raises(mari_fx.DeclarationError, match=r"'x\[user_name\]' is not a key"):
+        mari_fx.transform(DictRanker(), ["x[user_name]"], (DictRanker.example_batch(4),))
+
+
+def test_overlapping_user_columns():
+    with pytest.raises(mari_fx.DeclarationError, match=r"'X\[:, 0:3\]' and 'X\[:, 2:5\]' overlap"):
+        mari_fx.transform(PackedRanker(), ["X[:, 0:3]", "X[:, 2:5]"], (torch.randn(4, 12),))
+
+
+def test_columns_out_of_range():
+    with pytest.raises(mari_fx.DeclarationError, match=r"out of range: 'X' has 12 columns"):
+        mari_fx.transform(PackedRanker(), ["X[:, 10:14]"], (torch.randn(4, 12),))
+
+
+def test_unparseable_selector():
+    with pytest.raises(mari_fx.DeclarationError, match="cannot parse input selector 'user]x\\['"):
+        mari_fx.transform(CoarseRanker(), ["user]x["], EX)
+    with pytest.raises(mari_fx.DeclarationError, match="give an explicit end column"):
+        mari_fx.transform(CoarseRanker(), ["user[:, 2:]"], EX)
+
+
+def test_example_with_one_row_is_refused():
+    with pytest.raises(mari_fx.DeclarationError, match=">= 2 pairs"):
+        mari_fx.transform(CoarseRanker(), ["user"], (torch.randn(1, 16), torch.randn(1, 8)))
+
+
+def test_example_rows_disagree():
+    with pytest.raises(mari_fx.DeclarationError, match="'item' has 5 rows"):
+        mari_fx.transform(CoarseRanker(), ["user"], (torch.randn(4, 16), torch.randn(5, 8)))
+
+
+def test_user_index_wrong_dtype(T):
+    with pytest.raises(mari_fx.RequestError, match="torch.int64"):
+        T(user=torch.randn(2, 16), item=torch.randn(3, 8), user_index=torch.tensor([0, 1, 1], dtype=torch.int32))
+
+
+def test_user_index_wrong_length(T):
+    with pytest.raises(mari_fx.RequestError, match="item input 'item' has 3 rows but user_index has 4"):
+        T(user=torch.randn(2, 16), item=torch.randn(3, 8), user_index=torch.tensor([0, 1, 1, 0]))
+
+
+def test_user_index_out_of_range(T):
+    with pytest.raises(mari_fx.RequestError, match="'user' has 2 rows but user_index refers to 4 users"):
+        T(user=torch.randn(2, 16), item=torch.randn(3, 8), user_index=torch.tensor([0, 3, 1]))
+
+
+def test_user_index_negative(T):
+    with pytest.raises(mari_fx.RequestError, match="negative"):
+        T(user=torch.randn(2, 16), item=torch.randn(3, 8), user_index=torch.tensor([0, -1, 1]))
+
+
+def test_user_inputs_passed_pair_shaped(T):
+    # N rows of user features instead of U: would silently gather the wrong rows without the check
+    with pytest.raises(mari_fx.RequestError, match="'user' has 3 rows but user_index refers to 2 users"):
+        T(user=torch.randn(3, 16), item=torch.randn(3, 8), user_index=torch.tensor([0, 1, 1]))
+
+
+def test_pairs_to_request_rejects_inconsistent_user_rows(T):
+    user = torch.randn(3, 16)  # rows 1 and 2 should be identical (same user) but are not
+    with pytest.raises(mari_fx.RequestError, match=r"user input 'user' differs between pairs of user 1 \(pair row 2\)"):
+        mari_fx.pairs_to_request(T, user, torch.randn(3, 8), user_index=torch.tensor([0, 1, 1]))
+
+
+def test_pairs_to_request_rejects_user_without_candidates(T):
+    with pytest.raises(mari_fx.RequestError, match="user 1 has no candidate"):
+        mari_fx.pairs_to_request(T, torch.randn(3, 16), torch.randn(3, 8), user_index=torch.tensor([0, 2, 2]))
+
+
+def test_tagged_graph_with_new_declarations_is_refused():
+    tagged = mari_fx.trace(CoarseRanker(), ["user"], EX)
+    with pytest.raises(mari_fx.DeclarationError, match="already tagged"):
+        mari_fx.transform(tagged, ["user"])
+
+
+def test_dict_used_other_than_by_constant_key():
+    class M(nn.Module):
+        def forward(self, x):
+            return x.get("a")
+
+    with pytest.raises(mari_fx.DeclarationError, match="dict input 'x' is used by"):
+        mari_fx.transform(M(), ["x[a]"], ({"a": torch.ones(2, 2)},))
