@@ -134,8 +134,10 @@ class Lowerer:
             if value is not None:
                 return value
         level = _level_of(tag)
-        if level in (U, C):
-            return self._emit(node, level, self._as_is)
+        if level == U:
+            return self._emit(node, U, self._as_is)
+        if level == C:  # batch-free (e.g. a feature size): read it off whatever level its input has
+            return self._emit(node, C, lambda v: v.node if isinstance(v, Rows) else self._materialize(v))
         return self._emit(node, N, self._materialize)
 
     def _emit(self, node: fx.Node, level: str, convert) -> Rows:
@@ -150,8 +152,8 @@ class Lowerer:
     def _as_is(self, v: Value) -> Any:
         if isinstance(v, Seq):
             return tuple(self._as_is(i) for i in v.items)
-        if isinstance(v, Pieces):
-            raise MariError(f"internal: column pieces reached a {self._consumer.format_node()} at U rows")
+        if isinstance(v, Pieces) or v.level == N:
+            raise MariError(f"internal: an N-row value reached {self._consumer.format_node()}, run at U rows")
         return v.node
 
     def _materialize(self, v: Value) -> Any:
@@ -276,7 +278,13 @@ class Lowerer:
 
 # --------------------------------------------------------------------------- helpers
 def _level_of(tag) -> str:
-    side = tag.side
+    if isinstance(tag, SeqTag):
+        # A tuple with some USER items is computed at U rows; its non-USER items (e.g. an RNN's
+        # final state, batch in dim 1) are recomputed at N rows by whoever reads them.
+        sides = {t.side for t in tag.items}
+        side = Side.USER if Side.USER in sides else tag.side
+    else:
+        side = tag.side
     return U if side == Side.USER else C if side == Side.CONST else N
 
 

@@ -731,10 +731,46 @@ def _factory_method(ctx: RuleContext) -> Tag:
     sizes = _shape_args(ctx, 1, "size")
     if not any(isinstance(a, fx.Node) for a in sizes):
         return ctx.result(Side.CONST)
-    if sizes and is_batch_size(ctx, sizes[0]):
-        return ctx.result(join_all(ctx.side(a) for a in sizes))
+    if sizes and is_batch_size(ctx, sizes[0]):  # self matters too: it runs at its own rows
+        return ctx.result(join_all(ctx.side(a) for a in [ctx.arg(0), *sizes]))
     return ctx.refuse("a factory sized by something other than x.size(0)")
 
 
 # int arithmetic on sizes, python builtins
 register(builtins.int, builtins.float, builtins.len)(lambda ctx: TensorTag.uniform(ctx.input_side()))
+
+
+# --------------------------------------------------------------------------- sequence models
+@register(nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+          nn.TransformerDecoder, nn.Transformer)
+def _attention_module(ctx: RuleContext) -> Tag:
+    """Attention within each sample's own sequence is row-wise when the batch comes first."""
+    m = ctx.module
+    # Transformer layers keep the flag on their attention submodules.
+    batch_first = all(a.batch_first for a in m.modules() if isinstance(a, nn.MultiheadAttention))
+    if not batch_first:
+        return ctx.refuse(f"{type(m).__name__}(batch_first=False) keeps the batch in dim 1")
+    if m.training and any(getattr(d, "p", 0) > 0 for d in m.modules() if isinstance(d, nn.Dropout)):
+        return ctx.refuse(f"{type(m).__name__} in training mode applies dropout: call model.eval()")
+    return rowwise(ctx)
+
+
+@register(nn.RNN, nn.GRU, nn.LSTM)
+def _rnn(ctx: RuleContext) -> Tag:
+    """Row-wise output sequence; the final hidden state has the batch in dim 1 (MIXED, recomputed)."""
+    m = ctx.module
+    if not m.batch_first:
+        return ctx.refuse(f"{type(m).__name__}(batch_first=False) keeps the batch in dim 1")
+    if len(ctx.inputs()) > 1:
+        return ctx.refuse(f"{type(m).__name__} with an initial state (batch in dim 1)")
+    tag = rowwise(ctx)
+    if isinstance(tag, SeqTag) and tag.side != Side.MIXED:
+        return SeqTag((tag.items[0], _uniform_like(ctx.out[1], Side.MIXED)))
+    return tag
+
+
+@register(F.scaled_dot_product_attention)
+def _sdpa(ctx: RuleContext) -> Tag:
+    if ctx.arg(4, "dropout_p", 0.0):
+        return ctx.refuse("scaled_dot_product_attention with dropout")
+    return rowwise(ctx)
