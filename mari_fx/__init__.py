@@ -12,10 +12,11 @@ from .modules import SplitLinear
 from .record import Record
 from .tags import Side
 from .verify import random_request, verify
+from . import export  # a callable module: mari_fx.export(T, request) -> torch.export.ExportedProgram
 
 __all__ = [
     "Arg", "Columns", "DeclarationError", "Key", "MariError", "Record", "RequestError", "Side",
-    "SplitLinear", "TraceError", "VerificationError", "count_flops", "is_tagged", "pairs_to_request",
+    "SplitLinear", "TraceError", "VerificationError", "count_flops", "export", "is_tagged", "pairs_to_request",
     "random_request", "request_to_pairs", "trace", "transform", "verify",
 ]
 __version__ = "0.1.0"

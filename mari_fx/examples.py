@@ -114,3 +114,89 @@ class PackedRanker(nn.Module):
 
     def user_selectors(self):
         return [f"X[:, {a}:{b}]" for k, (a, b) in self.columns.items() if k.startswith("user")]
+
+
+class DINRanker(nn.Module):
+    """A fine ranker with DIN-style target attention of the candidate over the user's behaviour
+    sequence, optionally encoded first by a (user-only) transformer layer, BST-style.
+
+    Inputs: ``hist`` [B, S] item ids the user interacted with, ``user_id`` [B], ``item_id`` [B].
+
+    Example:
+        >>> DINRanker()(torch.randint(50, (3, 10)), torch.randint(20, (3,)), torch.randint(50, (3,))).shape
+        torch.Size([3, 1])
+    """
+
+    def __init__(self, num_items: int = 50, num_users: int = 20, dim: int = 8, att_hidden: int = 16,
+                 encoder: bool = True):
+        super().__init__()
+        self.item_emb = nn.Embedding(num_items, dim)
+        self.user_emb = nn.Embedding(num_users, dim)
+        self.encoder = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True) if encoder else None
+        self.att = mlp([4 * dim, att_hidden, 1], last_act=False)
+        self.top = mlp([3 * dim, 32, 1], last_act=False)
+
+    def forward(self, hist: torch.Tensor, user_id: torch.Tensor, item_id: torch.Tensor) -> torch.Tensor:
+        k = self.item_emb(hist)                                     # [B, S, D]   user-only
+        if self.encoder is not None:
+            k = self.encoder(k)                                     # user-only sequence encoder
+        q = self.item_emb(item_id)                                  # [B, D]      the candidate
+        qe = q.unsqueeze(1).expand(-1, k.size(1), -1)               # [B, S, D]
+        scores = self.att(torch.cat([qe, k, qe - k, qe * k], dim=-1)).squeeze(-1)
+        weights = torch.softmax(scores, dim=1)                      # over the sequence, per row
+        interest = (weights.unsqueeze(-1) * k).sum(dim=1)           # [B, D]
+        return self.top(torch.cat([self.user_emb(user_id), interest, q], dim=-1))
+
+
+class DCNRanker(nn.Module):
+    """DCN-v2 (``low_rank=None``) or DCN-Mix-style low-rank cross network over ``x0 = cat([user, item])``,
+    next to a deep tower: ``x_{l+1} = x0 * W_l(x_l) + x_l``.
+
+    Example:
+        >>> DCNRanker()(torch.randn(3, 12), torch.randn(3, 6)).shape
+        torch.Size([3, 1])
+    """
+
+    def __init__(self, user_dim: int = 12, item_dim: int = 6, layers: int = 2, low_rank: int = None,
+                 deep: Sequence[int] = (32,)):
+        super().__init__()
+        d = user_dim + item_dim
+        if low_rank:
+            self.cross = nn.ModuleList(nn.Sequential(nn.Linear(d, low_rank, bias=False), nn.Linear(low_rank, d))
+                                       for _ in range(layers))
+        else:
+            self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.deep = mlp([d, *deep])
+        self.head = nn.Linear(d + deep[-1], 1)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        x0 = torch.cat([user, item], dim=-1)
+        x = x0
+        for layer in self.cross:
+            x = x0 * layer(x) + x
+        return self.head(torch.cat([x, self.deep(x0)], dim=-1))
+
+
+class MMoERanker(nn.Module):
+    """Multi-task MMoE: experts and per-task gates over the shared fused input ``cat([user, item])``.
+
+    Example:
+        >>> [t.shape for t in MMoERanker()(torch.randn(3, 10), torch.randn(3, 6))]
+        [torch.Size([3, 1]), torch.Size([3, 1])]
+    """
+
+    def __init__(self, user_dim: int = 10, item_dim: int = 6, experts: int = 3, tasks: int = 2, hidden: int = 16):
+        super().__init__()
+        d = user_dim + item_dim
+        self.experts = nn.ModuleList(mlp([d, hidden, hidden]) for _ in range(experts))
+        self.gates = nn.ModuleList(nn.Linear(d, experts) for _ in range(tasks))
+        self.towers = nn.ModuleList(mlp([hidden, hidden, 1], last_act=False) for _ in range(tasks))
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor):
+        x = torch.cat([user, item], dim=-1)
+        experts = torch.stack([e(x) for e in self.experts], dim=1)          # [B, E, H]
+        outs = []
+        for gate, tower in zip(self.gates, self.towers):
+            w = torch.softmax(gate(x), dim=-1).unsqueeze(-1)               # [B, E, 1]
+            outs.append(tower((w * experts).sum(dim=1)))
+        return tuple(outs)

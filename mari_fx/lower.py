@@ -56,11 +56,21 @@ class Pieces:
 
 
 @dataclass(frozen=True, eq=False)
+class Combo:
+    """A MIXED tensor kept as ``sum(c * term)`` of U- and N-row tensors of its own shape
+    (``q - k``, ``a + 2 * b``), so a Linear over it can fold the coefficients into its
+    weight blocks: the user terms' share then runs at U rows (linearity through add/sub)."""
+
+    orig: fx.Node
+    terms: Tuple[Tuple[float, Rows], ...]
+
+
+@dataclass(frozen=True, eq=False)
 class Seq:
     items: Tuple[Any, ...]
 
 
-Value = Union[Rows, Pieces, Seq]
+Value = Union[Rows, Pieces, Combo, Seq]
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,9 @@ class Lowerer:
             return self._emit(node, U, self._as_is)
         if level == C:  # batch-free (e.g. a feature size): read it off whatever level its input has
             return self._emit(node, C, lambda v: v.node if isinstance(v, Rows) else self._materialize(v))
+        combo = _as_combo(self, node)
+        if combo is not None:
+            return combo
         return self._emit(node, N, self._materialize)
 
     def _emit(self, node: fx.Node, level: str, convert) -> Rows:
@@ -165,6 +178,8 @@ class Lowerer:
             return self.materialized[key][1]
         if isinstance(v, Pieces):
             out = self._cat([self._materialize(r) for _, _, r in v.parts], N)
+        elif isinstance(v, Combo):  # compute it as the pair model does
+            out = self._emit(v.orig, N, self._materialize).node
         elif v.level != U:
             return v.node
         elif v.orig is not None and rules.is_batch_size_node(v.orig):
@@ -179,6 +194,9 @@ class Lowerer:
             out = self._reemit(v.orig)
         self.materialized[key] = (v, out)  # keep v alive so its id stays unique
         return out
+
+    def _node_of(self, v: Union[Rows, Combo]) -> Any:
+        return v.node if isinstance(v, Rows) else self._materialize(v)
 
     def _reemit(self, orig: fx.Node) -> Any:
         if orig not in self.reemitted:
@@ -206,7 +224,7 @@ class Lowerer:
         if isinstance(tag, SeqTag) or isinstance(value, Seq):
             return
         want = "pieces" if tag.has_user_columns else _level_of(tag)
-        got = "pieces" if isinstance(value, Pieces) else value.level
+        got = "pieces" if isinstance(value, Pieces) else N if isinstance(value, Combo) else value.level
         if want != got and not (want == N and got == C):
             raise MariError(f"internal: {node.format_node()} tagged {tag} was lowered to {got}, not {want}")
 
@@ -215,13 +233,13 @@ class Lowerer:
         v = self._value(a)
         if isinstance(v, Pieces):
             return list(v.parts)
-        return [(v.level, a.meta[VALUE_KEY].shape[-1], v)]
+        return [(N if isinstance(v, Combo) else v.level, a.meta[VALUE_KEY].shape[-1], v)]
 
     def _from_parts(self, parts: List[Tuple[str, int, Rows]]) -> Value:
         levels = {lvl for lvl, _, _ in parts}
         if len(levels) == 1:
             (level,) = levels
-            node = self._cat([r.node for _, _, r in parts], level)
+            node = self._cat([self._node_of(r) for _, _, r in parts], level)
             if isinstance(node, fx.Node):
                 node.meta.setdefault(ROWS_KEY, level)
             return parts[0][2] if len(parts) == 1 else Rows(node, level)
@@ -237,7 +255,7 @@ class Lowerer:
                     out.append((level, width, rows))
                 else:
                     idx = index_prefix + (slice(s - pos, e - pos),)
-                    node = self.graph.call_function(operator.getitem, (rows.node, idx))
+                    node = self.graph.call_function(operator.getitem, (self._node_of(rows), idx))
                     node.meta[ROWS_KEY] = level
                     out.append((level, e - s, Rows(node, level)))
             pos += width
@@ -247,7 +265,7 @@ class Lowerer:
         pos = 0
         for level, width, rows in self._parts_of(a):
             if pos <= col < pos + width:
-                node = self.graph.call_function(operator.getitem, (rows.node, index_prefix + (col - pos,)))
+                node = self.graph.call_function(operator.getitem, (self._node_of(rows), index_prefix + (col - pos,)))
                 node.meta[ROWS_KEY] = level
                 return Rows(node, level)
             pos += width
@@ -434,7 +452,8 @@ def _lower_elementwise(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     (src,) = [a for a in node.all_input_nodes if isinstance(lw._value(a), Pieces)]
     parts = []
     for level, width, rows in lw._parts_of(src):
-        new = lw.graph.node_copy(node, lambda a: rows.node if a is src else lw._as_is(lw._value(a)))
+        part = lw._node_of(rows)
+        new = lw.graph.node_copy(node, lambda a: part if a is src else lw._as_is(lw._value(a)))
         lw._port_meta(node, new)
         new.meta[ROWS_KEY] = level
         parts.append((level, width, Rows(new, level)))
@@ -538,20 +557,72 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
 
 
 def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, x: Pieces) -> Rows:
-    user_cols, item_cols, user_nodes, item_nodes, pos = [], [], [], [], 0
-    for level, width, rows in x.parts:
-        (user_cols if level == U else item_cols).extend(range(pos, pos + width))
-        (user_nodes if level == U else item_nodes).append(rows.node)
+    """One weight block per distinct source tensor: a source used by several column blocks
+    (``k`` in ``cat([q, k, q - k])``) gets the coefficient-weighted sum of their weights."""
+    blocks: Dict[int, List] = {}  # id(source node) -> [Rows, weight block]
+    pos = 0
+    for _, width, part in x.parts:
+        w = view.weight.detach()[:, pos:pos + width]
+        for coeff, src in (part.terms if isinstance(part, Combo) else ((1.0, part),)):
+            entry = blocks.setdefault(id(src.node), [src, torch.zeros_like(w)])
+            entry[1] = entry[1] + coeff * w
         pos += width
-    mod = SplitLinear.from_weight(view.weight, view.bias, user_cols, item_cols)
+    user = [(r.node, w) for r, w in blocks.values() if r.level == U]
+    item = [(r.node, w) for r, w in blocks.values() if r.level != U]
+    mod = SplitLinear(torch.cat([w for _, w in user], 1).contiguous(), torch.cat([w for _, w in item], 1).contiguous(),
+                      None if view.bias is None else view.bias.detach().clone())
     name = self._module_name(view.name, node)
     self.gm.add_submodule(name, mod)
     self.modules[name] = mod
-    u_in, i_in = self._cat(user_nodes, U), self._cat(item_nodes, N)
+    u_in, i_in = self._cat([n for n, _ in user], U), self._cat([n for n, _ in item], N)
     out = self.graph.call_module(name, (u_in, i_in, self.user_index))
     self._port_meta(node, out)
     out.meta[ROWS_KEY] = N
     return Rows(out, N, node)
+
+
+_LINEAR_OPS = {
+    operator.add: (1.0, 1.0), torch.add: (1.0, 1.0), "add": (1.0, 1.0), "__add__": (1.0, 1.0),
+    operator.sub: (1.0, -1.0), torch.sub: (1.0, -1.0), "sub": (1.0, -1.0), "__sub__": (1.0, -1.0),
+}
+
+
+def _as_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+    """``a + b``, ``a - b``, ``-a``, ``a * 2``, ``a / 2`` of same-shaped U/N-row tensors, as a Combo."""
+    if node.op not in ("call_function", "call_method") or node.kwargs:
+        return None
+    t, args = node.target, node.args
+    if t in _LINEAR_OPS and len(args) == 2:
+        ca, cb = _LINEAR_OPS[t]
+        operands = [(ca, args[0]), (cb, args[1])]
+    elif t in (operator.neg, torch.neg, "neg", "__neg__") and len(args) == 1:
+        operands = [(-1.0, args[0])]
+    elif t in (operator.mul, torch.mul, "mul", "__mul__", "__rmul__") and len(args) == 2:
+        scalar = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        tensors = [a for a in args if isinstance(a, fx.Node)]
+        if len(scalar) != 1 or len(tensors) != 1:
+            return None
+        operands = [(float(scalar[0]), tensors[0])]
+    elif t in (operator.truediv, torch.div, "div", "__truediv__") and len(args) == 2:
+        if not (isinstance(args[1], (int, float)) and not isinstance(args[1], bool) and args[1] != 0):
+            return None
+        operands = [(1.0 / args[1], args[0])]
+    else:
+        return None
+    out_info = node.meta.get(VALUE_KEY)
+    terms: List[Tuple[float, Rows]] = []
+    for coeff, a in operands:
+        if not isinstance(a, fx.Node) or a.meta.get(VALUE_KEY) != out_info:
+            return None  # broadcasting or a scalar term: not a plain linear combination
+        v = lw._value(a)
+        if isinstance(v, Combo):
+            terms += [(coeff * c, r) for c, r in v.terms]
+        elif isinstance(v, Rows) and v.level in (U, N):
+            terms.append((coeff, v))
+        else:
+            return None
+    levels = {r.level for _, r in terms}
+    return Combo(node, tuple(terms)) if U in levels else None
 
 
 def _module_name(self: Lowerer, base: str, node: fx.Node) -> str:

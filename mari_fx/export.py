@@ -1,0 +1,270 @@
+"""Deploying a transformed module: ``torch.export``, TorchScript and ``torch.compile``.
+
+``mari_fx.export(T, example_request)`` returns a ``torch.export.ExportedProgram``
+whose user-side inputs have a dynamic row count U and whose item-side inputs and
+``user_index`` share a dynamic row count N (both ``>= 1``).  See docs/deploy.md.
+
+Why :func:`traceable` exists: a transformed module ``T`` starts with
+:func:`mari_fx.runtime.check_request`, which reads ``int(user_index.max())``.
+That is a data-dependent Python integer: ``torch.export`` turns it into an
+unbacked symbol whose relation to U (``u0 + 1 == U`` with ``U >= 2`` assumed
+while tracing) becomes a runtime assertion that rejects U = 1; ``torch.compile``
+breaks the graph there.  :func:`traceable` swaps that call for
+:func:`assert_request`, which checks the same facts with tensor ops
+(``torch._assert_async``) that trace into the program without specialising
+any size -- or drops the check (``check_requests=False``).
+
+This module is also callable: ``mari_fx.export(T, request)`` is
+``mari_fx.export.export(T, request)`` (the submodule and the function share a
+name, so the module forwards calls instead of being shadowed by the function).
+"""
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.fx as fx
+
+from .errors import DeclarationError, MariError, RequestError
+from .inputs import USER_INDEX, _request_spec
+from .runtime import check_request
+from .tags import Side
+
+__all__ = ["ExportError", "assert_request", "dynamic_shapes", "export", "script", "traceable", "widen_request"]
+
+# Row-carrying input kinds whose dim 0 is U (user side) or N (item side).  Other
+# kinds (e.g. jagged values whose length is a sum of lengths) get Dim.AUTO.
+_ROW_KINDS = ("tensor", "dict", "packed")
+
+
+def assert_request(user_index: torch.Tensor, user_inputs: List[torch.Tensor], item_inputs: List[torch.Tensor]) -> None:
+    """The checks of :func:`mari_fx.runtime.check_request` as traceable tensor ops.
+
+    ``user_index`` values must be >= 0 and ``max + 1`` must equal the row count of
+    every user input; every item input has ``len(user_index)`` rows.  A failed
+    check raises ``RuntimeError`` (``torch._assert_async``; on CUDA it is a
+    device-side assert, reported asynchronously).  No Python int is read from a
+    tensor, so export and compile keep U and N dynamic down to 1.
+
+    Example:
+        >>> import torch
+        >>> assert_request(torch.tensor([0, 1, 1]), [torch.ones(2, 4)], [torch.ones(3, 5)])
+        >>> assert_request(torch.tensor([0, 1, 1]), [torch.ones(3, 4)], [torch.ones(3, 5)])
+        Traceback (most recent call last):
+        ...
+        RuntimeError: mari_fx request check: every user input needs user_index.max() + 1 rows (one per user)
+    """
+    n = user_index.size(0)
+    for x in item_inputs:
+        torch._check(x.size(0) == n, lambda: "mari_fx request check: every item input needs len(user_index) rows")
+    if n == 0:  # min/max of an empty tensor raise; an empty request has nothing to check
+        return
+    torch._assert_async(user_index.min() >= 0, "mari_fx request check: user_index has a negative value")
+    users = user_index.max() + 1
+    for x in user_inputs:
+        torch._assert_async(users == x.size(0),
+                            "mari_fx request check: every user input needs user_index.max() + 1 rows (one per user)")
+
+
+def _check_is_transformed(T: Any) -> None:
+    if not (isinstance(T, fx.GraphModule) and "mari_fx.request" in getattr(T, "meta", {})):
+        raise DeclarationError(
+            f"expected a module made by mari_fx.transform, got {type(T).__name__}: transform the model first")
+
+
+def traceable(T: fx.GraphModule, check_requests: bool = True) -> fx.GraphModule:
+    """``T`` with its request check made traceable (or removed); weights are shared, not copied.
+
+    Use it for ``torch.export`` (:func:`export` calls it) and for
+    ``torch.compile(..., fullgraph=True)``.  ``T`` itself is left as it is.
+
+    Args:
+        T: a module from :func:`mari_fx.transform`.
+        check_requests: True replaces ``check_request`` by :func:`assert_request`;
+            False drops it (a module transformed with ``check_requests=False`` has none).
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> G = traceable(T)
+        >>> "assert_request" in G.code and "check_request(" not in G.code
+        True
+        >>> req = mari_fx.random_request(T, 2, 5)
+        >>> torch.equal(G(**req), T(**req))
+        True
+    """
+    _check_is_transformed(T)
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in T.graph.nodes:
+        if node.op == "call_function" and node.target is check_request:
+            if check_requests:
+                user_index, users, items = (fx.node.map_arg(a, env.__getitem__) for a in node.args[:3])
+                env[node] = graph.call_function(assert_request, (user_index, users, items))
+            continue
+        env[node] = graph.node_copy(node, env.__getitem__)
+    # GraphModule(root, graph) references T's submodules and parameters (no copy).
+    out = fx.GraphModule(T, graph, class_name="MariModule")
+    out.meta.update(T.meta)
+    return out
+
+
+def dynamic_shapes(T: fx.GraphModule, users: Any = None, candidates: Any = None) -> Dict[str, Dict[int, Any]]:
+    """The ``dynamic_shapes`` argument for ``torch.export`` of a request-shaped module.
+
+    Dim 0 of every user-side input is ``users`` (default ``Dim("U", min=1)``), dim 0
+    of every item-side input and of ``user_index`` is ``candidates`` (default
+    ``Dim("N", min=1)``); every other dim is static.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> {k: {d: dim.__name__ for d, dim in v.items()} for k, v in dynamic_shapes(T).items()}
+        {'user': {0: 'U'}, 'item': {0: 'N'}, 'user_index': {0: 'N'}}
+    """
+    from torch.export import Dim
+
+    users = Dim("U", min=1) if users is None else users
+    candidates = Dim("N", min=1) if candidates is None else candidates
+    spec = _request_spec(T)
+    shapes: Dict[str, Dict[int, Any]] = {}
+    for s in spec.inputs:
+        if s.kind not in _ROW_KINDS:
+            shapes[s.name] = {0: Dim.AUTO}
+        else:
+            shapes[s.name] = {0: users if s.side == Side.USER else candidates}
+    shapes[USER_INDEX] = {0: candidates}
+    return shapes
+
+
+def widen_request(T: fx.GraphModule, request: Mapping[str, torch.Tensor], min_users: int = 2) -> Dict[str, torch.Tensor]:
+    """A request with >= ``min_users`` users and more candidates than users, made of ``request``'s rows.
+
+    ``torch.export`` specialises a dimension whose example size is 0 or 1, and
+    would tie U to N if their example sizes were equal, so an example request
+    for :func:`export` needs U >= 2 and N > U.  Rows are reused cyclically, so
+    ids stay in range; a request that already fits is returned as it is.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> wide = widen_request(T, mari_fx.random_request(T, 1, 1))
+        >>> wide["user"].shape[0], wide["item"].shape[0], wide["user_index"].tolist()
+        (2, 3, [0, 1, 0])
+    """
+    spec = _request_spec(T)
+    idx = request[USER_INDEX]
+    users = next((request[s.name].shape[0] for s in spec.inputs if s.side == Side.USER), None)
+    n = idx.shape[0]
+    if users is None:
+        users = int(idx.max()) + 1 if n else 0
+    if users >= min_users and n > users:
+        return dict(request)
+    if users == 0 or n == 0:
+        raise RequestError("the example request is empty: give at least one user and one candidate")
+    new_u = max(users, min_users)
+    new_n = max(n, new_u + 1)
+    out: Dict[str, torch.Tensor] = {}
+    for s in spec.inputs:
+        value = request[s.name]
+        if s.kind not in _ROW_KINDS:
+            raise RequestError(f"cannot widen input {s.name!r} of kind {s.kind!r}: give an example request "
+                               "with >= 2 users and more candidates than users")
+        rows = new_u if s.side == Side.USER else new_n
+        out[s.name] = value.index_select(0, torch.arange(rows) % value.shape[0])
+    out[USER_INDEX] = torch.arange(new_n, dtype=torch.int64) % new_u
+    return out
+
+
+def export(T: fx.GraphModule, example_request: Optional[Mapping[str, torch.Tensor]] = None, *,
+           check_requests: bool = True, dynamic: Optional[Dict[str, Dict[int, Any]]] = None,
+           strict: bool = False) -> "torch.export.ExportedProgram":
+    """``torch.export`` a transformed module with dynamic U (users) and N (candidates).
+
+    The program takes the same keyword inputs as ``T`` (``T(**request)``) and is
+    valid for every U >= 1 and N >= 1, U = 1 and N = 1 included: the example is
+    widened (:func:`widen_request`) so no dimension is specialised, and the request
+    check is the traceable :func:`assert_request` (``check_requests=False``
+    drops it).  Save and load with ``torch.export.save`` / ``torch.export.load``.
+
+    Args:
+        T: a module from :func:`mari_fx.transform`.
+        example_request: a request for ``T`` (default: ``mari_fx.random_request(T, 2, 5)``).
+        check_requests: keep the request check in the program (as ``RuntimeError`` asserts).
+        dynamic: ``dynamic_shapes`` for ``torch.export`` (default :func:`dynamic_shapes`).
+        strict: passed to ``torch.export.export``.
+
+    Example:
+        >>> import io, torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> model = CoarseRanker().eval()
+        >>> T = mari_fx.transform(model, ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> ep = mari_fx.export(T, mari_fx.random_request(T, 3, 7))
+        >>> buf = io.BytesIO(); torch.export.save(ep, buf); _ = buf.seek(0)
+        >>> loaded = torch.export.load(buf).module()
+        >>> u, i, idx = torch.randn(1, 16), torch.randn(1, 8), torch.tensor([0])
+        >>> torch.allclose(loaded(user=u, item=i, user_index=idx), model(u[idx], i), atol=1e-6)
+        True
+    """
+    from .verify import random_request
+
+    _check_is_transformed(T)
+    request = random_request(T, 2, 5) if example_request is None else widen_request(T, example_request)
+    G = traceable(T, check_requests)
+    shapes = dynamic_shapes(T) if dynamic is None else dynamic
+    try:
+        return torch.export.export(G, (), dict(request), dynamic_shapes=shapes, strict=strict)
+    except MariError:
+        raise
+    except Exception as e:  # torch.export raises many types; all mean "this graph did not export"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"torch.export failed on the transformed module: {type(e).__name__}: {first}") from e
+
+
+class ExportError(MariError):
+    """``torch.export`` could not export a transformed module."""
+
+
+def script(T: fx.GraphModule) -> torch.jit.ScriptModule:
+    """``torch.jit.script(T)``, without the noise torch emits while scripting any GraphModule.
+
+    The request check scripts as it is: a bad request raises ``torch.jit.Error``
+    whose message is the :class:`~mari_fx.errors.RequestError` message.  TorchScript
+    is deprecated upstream (torch >= 2.11), so the DeprecationWarning is kept.
+
+    Example:
+        >>> import io, torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     s = script(T)
+        >>> buf = io.BytesIO(); torch.jit.save(s, buf); _ = buf.seek(0)
+        >>> req = mari_fx.random_request(T, 3, 7)
+        >>> torch.equal(torch.jit.load(buf)(**req), T(**req))
+        True
+    """
+    _check_is_transformed(T)
+    with warnings.catch_warnings():
+        # torch's own GraphModule.__init__ annotates ``self.meta``; the scripting
+        # checker warns about it for every GraphModule.  Not actionable by users.
+        warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level")
+        return torch.jit.script(T)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``mari_fx.export(T, request)`` call :func:`export` while ``mari_fx.export``
+    stays this module (so ``import mari_fx.export as e`` and ``mari_fx.export.traceable`` work)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "torch.export.ExportedProgram":
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

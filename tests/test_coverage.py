@@ -1,0 +1,108 @@
+"""Model families beyond MLPs: target attention, cross networks, multi-task heads, sequence encoders."""
+import pytest
+import torch
+import torch.nn as nn
+
+import mari_fx
+from mari_fx.examples import DCNRanker, DINRanker, MMoERanker
+from mari_fx.modules import SplitLinear
+
+from conftest import ragged_index
+
+SHAPES = [(1, 1), (1, 9), (3, 9)]
+
+
+def run_request(T, model, user, item, U, N, idx):
+    """Build pair inputs from per-user and per-candidate rows and compare T with the model."""
+    pairs = [u[idx] for u in user] + list(item)
+    request = mari_fx.pairs_to_request(T, *pairs, user_index=idx)
+    got, want = T(**request), model(*pairs)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w)
+
+
+def rows_of(T, name, request):
+    seen = {}
+    h = T.get_submodule(name).register_forward_hook(lambda m, a, o: seen.setdefault("rows", a[0].shape[0]) and None)
+    T(**request)
+    h.remove()
+    return seen["rows"]
+
+
+@pytest.mark.parametrize("encoder", [False, True])
+@pytest.mark.parametrize("U,N", SHAPES)
+def test_din_target_attention(encoder, U, N):
+    model = DINRanker(encoder=encoder).eval()
+    ex = (torch.randint(50, (4, 10)), torch.randint(20, (4,)), torch.randint(50, (4,)))
+    T = mari_fx.transform(model, ["hist", "user_id"], ex)
+    idx = ragged_index(U, N)
+    hist, uid, iid = torch.randint(50, (U, 10)), torch.randint(20, (U,)), torch.randint(50, (N,))
+    run_request(T, model, [hist, uid], [iid], U, N, idx)
+    record = T.meta["mari_fx.record"]
+    assert record.split_layers == ("att.0", "top.0")
+    # cat([q, k, q - k, q * k]): k's block and q - k's k-part are folded into one U-row block;
+    # only q and q * k remain at N rows (2 of the 4 blocks)
+    att = T.get_submodule("att.0")
+    assert isinstance(att, SplitLinear)
+    assert (att.weight_user.shape[1], att.weight_item.shape[1]) == (8, 16)
+    W = model.att[0].weight
+    torch.testing.assert_close(att.weight_user, W[:, 8:16] - W[:, 16:24])
+    torch.testing.assert_close(att.weight_item, torch.cat([W[:, 0:8] + W[:, 16:24], W[:, 24:32]], 1))
+    assert not any(n.target in ("sub", torch.sub) or getattr(n.target, "__name__", "") == "sub" for n in T.graph.nodes)
+    if encoder:  # the user-only sequence encoder runs once per user
+        request = {"hist": hist, "user_id": uid, "item_id": iid, "user_index": idx}
+        assert rows_of(T, "encoder", request) == U
+        assert "encoder" in record.hoisted
+
+
+@pytest.mark.parametrize("low_rank", [None, 4])
+@pytest.mark.parametrize("U,N", SHAPES)
+def test_cross_network_first_layer_split(low_rank, U, N):
+    model = DCNRanker(low_rank=low_rank).eval()
+    T = mari_fx.transform(model, ["user"], (torch.randn(4, 12), torch.randn(4, 6)))
+    idx = ragged_index(U, N)
+    run_request(T, model, [torch.randn(U, 12)], [torch.randn(N, 6)], U, N, idx)
+    first = "cross.0.0" if low_rank else "cross.0"
+    assert T.meta["mari_fx.record"].split_layers == (first, "deep.0")
+    later = "cross.1.0" if low_rank else "cross.1"
+    assert isinstance(T.get_submodule(later), nn.Linear)  # x_1 is mixed: untouched
+
+
+@pytest.mark.parametrize("U,N", SHAPES)
+def test_multi_task_experts_and_gates_split(U, N):
+    model = MMoERanker().eval()
+    T = mari_fx.transform(model, ["user"], (torch.randn(4, 10), torch.randn(4, 6)))
+    idx = ragged_index(U, N)
+    run_request(T, model, [torch.randn(U, 10)], [torch.randn(N, 6)], U, N, idx)
+    assert set(T.meta["mari_fx.record"].split_layers) == {
+        "experts.0.0", "experts.1.0", "experts.2.0", "gates.0", "gates.1"}
+    # the fused input is never materialised at N rows: no user gather feeds a cat
+    assert not any(n.target is torch.index_select for n in T.graph.nodes)
+
+
+class SeqEncoders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.seq_first = nn.MultiheadAttention(8, 2)  # batch_first=False: must not be hoisted
+        self.out = nn.Linear(24, 1)
+
+    def forward(self, seq, item):
+        h, _ = self.mha(seq, seq, seq)
+        o, hn = self.gru(h)
+        t = seq.transpose(0, 1)
+        s, _ = self.seq_first(t, t, t)
+        return self.out(torch.cat([o.mean(1), hn[-1] + item, s.mean(0)], -1))
+
+
+@pytest.mark.parametrize("U,N", SHAPES)
+def test_sequence_encoders(U, N):
+    model = SeqEncoders().eval()
+    T = mari_fx.transform(model, ["seq"], (torch.randn(4, 5, 8), torch.randn(4, 8)))
+    idx = ragged_index(U, N)
+    run_request(T, model, [torch.randn(U, 5, 8)], [torch.randn(N, 8)], U, N, idx)
+    record = T.meta["mari_fx.record"]
+    assert {"mha", "gru"} <= set(record.hoisted)
+    refused = {r.node: r.reason for r in record.refused}
+    assert "transpose" in refused and "seq_first" not in record.hoisted
