@@ -11,7 +11,7 @@ import torch.nn as nn
 from .capture import capture
 from .errors import DeclarationError
 from .example_prop import ExampleProp
-from .inputs import REQUEST_KEY, Selector, bind_example, flatten_inputs
+from .inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
 from .lower import LowerOptions, lower
 from .propagate import propagate_tags
 from .tags import TAG_KEY
@@ -58,7 +58,7 @@ def trace(
 
 
 def _check_pair_rows(flat: Mapping[str, torch.Tensor]) -> None:
-    rows = {name: (t.shape[0] if t.dim() else None) for name, t in flat.items()}
+    rows = {name: batch_ops(t).rows(t) for name, t in flat.items()}
     n = next(iter(rows.values()), None)
     for name, r in rows.items():
         if r != n:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional, Type
+from typing import Iterable, List, Optional, Type
 
 import torch.fx as fx
 import torch.nn as nn
@@ -21,12 +21,33 @@ _HINTS = (
 )
 
 
+LEAF_MODULES: List[Type[nn.Module]] = []  # always kept as calls (extensions add theirs)
+SHARED_MODULES: List[Type[nn.Module]] = []  # shared, not deep-copied, by copies of a model
+
+
+def register_leaf_module(*classes: Type[nn.Module], share: bool = False) -> None:
+    """Always trace instances of ``classes`` as single calls; with ``share=True`` copies
+    mari_fx makes of a model (capture, lower) share these modules instead of deep-copying
+    them (embedding tables, process groups)."""
+    LEAF_MODULES.extend(classes)
+    if share:
+        SHARED_MODULES.extend(classes)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, sharing the submodules of :data:`SHARED_MODULES` classes."""
+    shared = tuple(SHARED_MODULES)
+    memo = {id(m): m for m in model.modules() if shared and isinstance(m, shared)}
+    return copy.deepcopy(model, memo)
+
+
 class MariTracer(fx.Tracer):
-    """``torch.fx.Tracer`` whose leaves are torch.nn modules plus ``leaf_modules``."""
+    """``torch.fx.Tracer`` whose leaves are torch.nn modules plus ``leaf_modules`` and
+    the classes of :func:`register_leaf_module`."""
 
     def __init__(self, leaf_modules: Iterable[Type[nn.Module]] = ()):
         super().__init__()
-        self.extra_leaves = tuple(leaf_modules)
+        self.extra_leaves = tuple(leaf_modules) + tuple(LEAF_MODULES)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
@@ -42,7 +63,7 @@ def capture(model: nn.Module, leaf_modules: Optional[Iterable[Type[nn.Module]]] 
         ['placeholder', 'call_module', 'call_module', 'output']
     """
     if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
+        return copy_model(model)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     tracer = MariTracer(leaf_modules or ())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,15 @@ class Opaque:
     type_name: str
 
 
+_SUMMARIES: List[Tuple[Callable[[Any], bool], Callable[[Any], Any]]] = []
+
+
+def register_summary(predicate: Callable[[Any], bool], summary: Callable[[Any], Any]) -> None:
+    """Summarize values matching ``predicate`` with ``summary(value)`` (an immutable, data-free
+    object the rules can read, e.g. a KeyedTensor's keys and widths) instead of :class:`Opaque`."""
+    _SUMMARIES.insert(0, (predicate, summary))
+
+
 def summarize(value: Any) -> Any:
     """Immutable, data-free summary of an example value."""
     if isinstance(value, torch.Tensor):
@@ -47,6 +56,9 @@ def summarize(value: Any) -> Any:
         return tuple(summarize(v) for v in value)
     if isinstance(value, dict):
         return types.MappingProxyType({k: summarize(v) for k, v in value.items()})
+    for predicate, summary in _SUMMARIES:
+        if predicate(value):
+            return summary(value)
     return Opaque(type(value).__name__)
 
 

@@ -200,3 +200,43 @@ class MMoERanker(nn.Module):
             w = torch.softmax(gate(x), dim=-1).unsqueeze(-1)               # [B, E, 1]
             outs.append(tower((w * experts).sum(dim=1)))
         return tuple(outs)
+
+
+class InteractionRanker(nn.Module):
+    """Factorization-style interactions over user and item field embeddings ``e`` [B, F, K].
+
+    ``kind``: ``"fm"`` (FM second-order term ``0.5 * sum((sum e)^2 - sum e^2)``), ``"bi"``
+    (NFM bi-interaction pooling, then an MLP) or ``"dot"`` (DLRM: all pairwise inner products
+    ``e e^T`` above the diagonal, then an MLP).
+
+    Example:
+        >>> InteractionRanker("dot")(torch.randint(100, (3, 4)), torch.randint(100, (3, 2))).shape
+        torch.Size([3, 1])
+    """
+
+    def __init__(self, kind: str = "fm", user_fields: int = 4, item_fields: int = 2, vocab: int = 100, k: int = 8):
+        super().__init__()
+        self.kind = kind
+        self.user_emb = nn.Embedding(vocab, k)
+        self.item_emb = nn.Embedding(vocab, k)
+        f = user_fields + item_fields
+        self.linear = nn.Linear(f * k, 1)
+        if kind == "bi":
+            self.mlp = mlp([k, 16, 1], last_act=False)
+        elif kind == "dot":
+            li, lj = torch.triu_indices(f, f, offset=1)
+            self.register_buffer("li", li, persistent=False)
+            self.register_buffer("lj", lj, persistent=False)
+            self.mlp = mlp([f * (f - 1) // 2, 16, 1], last_act=False)
+
+    def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        e = torch.cat([self.user_emb(user_ids), self.item_emb(item_ids)], dim=1)     # [B, F, K]
+        first_order = self.linear(e.flatten(1))
+        if self.kind == "dot":
+            z = torch.bmm(e, e.transpose(1, 2))                                     # [B, F, F]
+            return first_order + self.mlp(z[:, self.li, self.lj])
+        s = e.sum(dim=1)
+        bi = 0.5 * (s * s - (e * e).sum(dim=1))                                       # [B, K]
+        if self.kind == "bi":
+            return first_order + self.mlp(bi)
+        return first_order + bi.sum(dim=-1, keepdim=True)

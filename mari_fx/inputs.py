@@ -382,6 +382,60 @@ register_input_kind(lambda v: isinstance(v, Mapping), _dict_input)
 register_input_kind(lambda v: isinstance(v, torch.Tensor), _tensor_input)
 
 
+# --------------------------------------------------------------------------- extension kinds
+@dataclass(frozen=True)
+class BatchOps:
+    """How the request helpers treat a flat input value that is not a tensor (e.g. a KJT).
+
+    ``rows(v)``: its batch size; ``take(v, index)``: rows ``index`` (int64 [M]) in that
+    order; ``first_difference(a, b)``: ``(row, what)`` of the first row where two
+    values of equal batch size differ (``what`` names the part, e.g. a key), or None.
+    """
+
+    rows: Callable[[Any], Optional[int]]
+    take: Callable[[Any, torch.Tensor], Any]
+    first_difference: Callable[[Any, Any], Optional[Tuple[int, str]]]
+
+
+def _tensor_first_difference(a: torch.Tensor, b: torch.Tensor) -> Optional[Tuple[int, str]]:
+    differs = (a != b).reshape(a.shape[0], -1).any(1)
+    return (int(differs.nonzero()[0]), "") if differs.any() else None
+
+
+_TENSOR_OPS = BatchOps(lambda t: t.shape[0] if t.dim() else None, lambda t, i: t.index_select(0, i),
+                       _tensor_first_difference)
+_BATCH_OPS: List[Tuple[Callable[[Any], bool], BatchOps]] = []
+
+
+def register_batch_type(predicate: Callable[[Any], bool], ops: BatchOps) -> None:
+    """Teach the request helpers (pairs_to_request, request_to_pairs, random_request, verify)
+    a flat input value type other than a tensor."""
+    _BATCH_OPS.insert(0, (predicate, ops))
+
+
+def batch_ops(value: Any) -> BatchOps:
+    """The :class:`BatchOps` of ``value`` (tensor ops unless an extension registered its type)."""
+    return next((ops for pred, ops in _BATCH_OPS if pred(value)), _TENSOR_OPS)
+
+
+@dataclass(frozen=True)
+class RequestKind:
+    """How the request helpers read and rebuild forward arguments of an ``InputSpec.kind``
+    an extension adds: ``extract(spec, arg_value)`` gives the flat value of ``spec``;
+    ``assemble(parts)`` rebuilds the argument from ``[(spec, flat value), ...]``."""
+
+    extract: Callable[[InputSpec, Any], Any]
+    assemble: Callable[[List[Tuple[InputSpec, Any]]], Any]
+
+
+_REQUEST_KINDS: Dict[str, RequestKind] = {}
+
+
+def register_request_kind(kind: str, request_kind: RequestKind) -> None:
+    """Register the :class:`RequestKind` of ``InputSpec.kind == kind``."""
+    _REQUEST_KINDS[kind] = request_kind
+
+
 # --------------------------------------------------------------------------- requests
 def _bind(spec: RequestSpec, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     if len(args) > len(spec.args):
@@ -396,6 +450,8 @@ def _bind(spec: RequestSpec, args: Sequence[Any], kwargs: Mapping[str, Any]) -> 
 
 def _extract(s: InputSpec, bound: Mapping[str, Any]) -> torch.Tensor:
     value = bound[s.arg]
+    if s.kind in _REQUEST_KINDS:
+        return _REQUEST_KINDS[s.kind].extract(s, value)
     if s.key is not None:
         if s.key not in value:
             raise RequestError(f"input '{s.arg}' has no key {s.key!r}")
@@ -441,7 +497,7 @@ def pairs_to_request(spec_or_module: Any, *args: Any, user_index: torch.Tensor, 
     spec = _request_spec(spec_or_module)
     bound = _bind(spec, args, kwargs)
     flat = {s.name: _extract(s, bound) for s in spec.inputs}
-    n = next((v.shape[0] for v in flat.values()), None)
+    n = next((batch_ops(v).rows(v) for v in flat.values()), None)
     check_user_index(user_index, n)
     num_users = int(user_index.max()) + 1 if user_index.numel() else 0
     first = torch.full((num_users,), user_index.numel(), dtype=torch.int64)
@@ -453,12 +509,14 @@ def pairs_to_request(spec_or_module: Any, *args: Any, user_index: torch.Tensor, 
     for s in spec.inputs:
         value = flat[s.name]
         if s.side == Side.USER:
-            dedup = value.index_select(0, first)
-            differs = (dedup.index_select(0, user_index) != value).reshape(value.shape[0], -1).any(1)
-            if differs.any():
-                row = int(differs.nonzero()[0])
+            ops = batch_ops(value)
+            dedup = ops.take(value, first)
+            diff = ops.first_difference(ops.take(dedup, user_index), value)
+            if diff is not None:
+                row, what = diff
                 raise RequestError(
-                    f"user input {s.source!r} differs between pairs of user {int(user_index[row])} (pair row {row}): "
+                    f"user input {s.source!r}{' ' + what if what else ''} differs between pairs of user "
+                    f"{int(user_index[row])} (pair row {row}): "
                     "a user-side input must be identical for all candidates of a user"
                 )
             value = dedup
@@ -482,13 +540,16 @@ def request_to_pairs(spec_or_module: Any, request: Mapping[str, torch.Tensor]) -
     spec = _request_spec(spec_or_module)
     idx = request[USER_INDEX]
     out: Dict[str, Any] = {}
+    custom: Dict[str, List[Tuple[InputSpec, Any]]] = {}
     for s in spec.inputs:
         if s.name not in request:
             raise RequestError(f"request lacks input {s.name!r} ({s.source})")
         v = request[s.name]
         if s.side == Side.USER:
-            v = v.index_select(0, idx)
-        if s.key is not None:
+            v = batch_ops(v).take(v, idx)
+        if s.kind in _REQUEST_KINDS:
+            custom.setdefault(s.arg, []).append((s, v))
+        elif s.key is not None:
             out.setdefault(s.arg, {})[s.key] = v
         elif s.columns is not None:
             out.setdefault(s.arg, []).append((s.columns, v))
@@ -502,6 +563,8 @@ def request_to_pairs(spec_or_module: Any, request: Mapping[str, torch.Tensor]) -
             for cols, v in parts:
                 full[..., list(cols)] = v
             out[arg] = full
+    for arg, parts in custom.items():
+        out[arg] = _REQUEST_KINDS[parts[0][0].kind].assemble(parts)
     return out
 
 

@@ -16,6 +16,7 @@ once each, where they first meet item data.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -26,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rules
+from .capture import copy_model
 from .errors import MariError
 from .example_prop import VALUE_KEY, TensorInfo
 from .inputs import USER_INDEX, RequestSpec
@@ -66,11 +68,29 @@ class Combo:
 
 
 @dataclass(frozen=True, eq=False)
+class Lazy:
+    """A MIXED value not emitted yet: whoever needs it gets ``orig`` computed at N rows.
+    Lets a consumer that knows better (see :mod:`mari_fx.interactions`) skip it."""
+
+    orig: fx.Node
+
+
+@dataclass(frozen=True, eq=False)
+class Blocks:
+    """A MIXED tensor kept as blocks along a non-batch, non-last dim ``dim``, e.g. the
+    field axis of ``cat([user_fields, item_fields], dim=1)``: user blocks at U rows."""
+
+    orig: fx.Node
+    dim: int
+    parts: Tuple[Tuple[str, int, Rows], ...]
+
+
+@dataclass(frozen=True, eq=False)
 class Seq:
     items: Tuple[Any, ...]
 
 
-Value = Union[Rows, Pieces, Combo, Seq]
+Value = Union[Rows, Pieces, Combo, Lazy, Blocks, Seq]
 
 
 @dataclass(frozen=True)
@@ -128,8 +148,10 @@ class Lowerer:
         return self.graph, self._record(nodes)
 
     def _emit_check(self) -> None:
-        users = [self.env[p] for p in self.env if self.env[p].level == U]
-        items = [self.env[p] for p in self.env if self.env[p].level == N]
+        # tensors only: extensions check their own input kinds (e.g. KJTs) where they lower them
+        tensors = [p for p in self.env if isinstance(p.meta.get(VALUE_KEY), TensorInfo)]
+        users = [self.env[p] for p in tensors if self.env[p].level == U]
+        items = [self.env[p] for p in tensors if self.env[p].level == N]
         self.graph.call_function(check_request, (
             self.user_index, [v.node for v in users], [v.node for v in items],
             [v.node.target for v in users], [v.node.target for v in items]))
@@ -148,9 +170,10 @@ class Lowerer:
             return self._emit(node, U, self._as_is)
         if level == C:  # batch-free (e.g. a feature size): read it off whatever level its input has
             return self._emit(node, C, lambda v: v.node if isinstance(v, Rows) else self._materialize(v))
-        combo = _as_combo(self, node)
-        if combo is not None:
-            return combo
+        for build in LAZY_BUILDERS:  # keep structure (linear combinations, field blocks) when possible
+            lazy = build(self, node)
+            if lazy is not None:
+                return lazy
         return self._emit(node, N, self._materialize)
 
     def _emit(self, node: fx.Node, level: str, convert) -> Rows:
@@ -178,14 +201,20 @@ class Lowerer:
             return self.materialized[key][1]
         if isinstance(v, Pieces):
             out = self._cat([self._materialize(r) for _, _, r in v.parts], N)
-        elif isinstance(v, Combo):  # compute it as the pair model does
+        elif isinstance(v, Blocks):
+            out = self.graph.call_function(torch.cat, ([self._materialize(r) for _, _, r in v.parts], v.dim))
+        elif isinstance(v, Combo):
+            out = self._materialize_combo(v)
+        elif isinstance(v, Lazy):  # compute it as the pair model does
             out = self._emit(v.orig, N, self._materialize).node
         elif v.level != U:
             return v.node
         elif v.orig is not None and rules.is_batch_size_node(v.orig):
             out = self._num_candidates()
-        elif _is_batched_tensor(v):
-            out = self.graph.call_function(torch.index_select, (v.node, 0, self.user_index))
+        elif _is_batched_tensor(v) or _row_gather(v) is not None:
+            gather = _row_gather(v)  # an extension's gather for a non-tensor value (e.g. a KeyedTensor)
+            out = (self.graph.call_function(torch.index_select, (v.node, 0, self.user_index)) if gather is None
+                   else self.graph.call_function(gather, (v.node, self.user_index)))
             out.meta[ROWS_KEY] = N
             self.broadcasts.append(BroadcastRecord(
                 source=v.orig.name if v.orig is not None else v.node.name,
@@ -193,6 +222,29 @@ class Lowerer:
         else:  # sizes and other non-tensors derived from user values: recompute at N
             out = self._reemit(v.orig)
         self.materialized[key] = (v, out)  # keep v alive so its id stays unique
+        return out
+
+    def _materialize_combo(self, v: Combo) -> Any:
+        if all(isinstance(self._value(a), Rows) for a in v.orig.all_input_nodes):
+            return self._emit(v.orig, N, self._materialize).node  # as the pair model computes it
+        # A combination of combinations: sum the user terms at U rows, gather once, add the rest.
+        user = self._weighted_sum([(c, t.node) for c, t in v.terms if t.level == U], U)
+        rest = [(c, self._materialize(t)) for c, t in v.terms if t.level != U]
+        if user is not None:
+            rest.insert(0, (1.0, self._materialize(Rows(user, U))))
+        return self._weighted_sum(rest, N)
+
+    def _weighted_sum(self, terms: List[Tuple[float, Any]], level: str) -> Any:
+        out = None
+        for coeff, t in terms:
+            if out is None:
+                out = t if coeff == 1.0 else self.graph.call_function(operator.mul, (t, coeff))
+            elif coeff in (1.0, -1.0):
+                out = self.graph.call_function(operator.add if coeff == 1.0 else operator.sub, (out, t))
+            else:
+                out = self.graph.call_function(operator.add, (out, self.graph.call_function(operator.mul, (t, coeff))))
+            if isinstance(out, fx.Node):
+                out.meta.setdefault(ROWS_KEY, level)
         return out
 
     def _node_of(self, v: Union[Rows, Combo]) -> Any:
@@ -224,8 +276,10 @@ class Lowerer:
         if isinstance(tag, SeqTag) or isinstance(value, Seq):
             return
         want = "pieces" if tag.has_user_columns else _level_of(tag)
-        got = "pieces" if isinstance(value, Pieces) else N if isinstance(value, Combo) else value.level
-        if want != got and not (want == N and got == C):
+        got = "pieces" if isinstance(value, Pieces) else N if isinstance(value, (Combo, Lazy, Blocks)) else value.level
+        # A value may be more precise than its tag (field blocks flattened into column pieces):
+        # N-row consumers materialise it; only a claim of U rows must be backed by U rows.
+        if want != got and want != N:
             raise MariError(f"internal: {node.format_node()} tagged {tag} was lowered to {got}, not {want}")
 
     # ----------------------------------------------------------------- pieces
@@ -233,6 +287,8 @@ class Lowerer:
         v = self._value(a)
         if isinstance(v, Pieces):
             return list(v.parts)
+        if isinstance(v, (Lazy, Blocks)):
+            v = Rows(self._materialize(v), N)
         return [(N if isinstance(v, Combo) else v.level, a.meta[VALUE_KEY].shape[-1], v)]
 
     def _from_parts(self, parts: List[Tuple[str, int, Rows]]) -> Value:
@@ -375,6 +431,40 @@ def _lowering(*targets):
         return fn
 
     return deco
+
+
+def register_lowering(*targets):
+    """Add ``fn(lowerer, node, module) -> Value or None`` as the lowering of each target (a
+    function, a method name, or a module class matched exactly), tried before the lowering
+    already registered for it; returning None defers to that one, then to the default
+    (emit the node at its tag's level)."""
+
+    def deco(fn):
+        for t in targets:
+            prev = _LOWERINGS.get(t)
+
+            def chained(lw, node, module, fn=fn, prev=prev):
+                value = fn(lw, node, module)
+                return value if value is not None or prev is None else prev(lw, node, module)
+
+            _LOWERINGS[t] = chained
+        return fn
+
+    return deco
+
+
+_ROW_GATHERS: List[Tuple[Any, Any]] = []
+
+
+def register_row_gather(predicate, gather) -> None:
+    """Materialize a USER value whose example summary (``node.meta["mari_fx.value"]``) matches
+    ``predicate`` at N rows as ``gather(value, user_index)`` (tensors use ``index_select``)."""
+    _ROW_GATHERS.insert(0, (predicate, gather))
+
+
+def _row_gather(v: Rows):
+    info = v.orig.meta.get(VALUE_KEY) if v.orig is not None else None
+    return next((g for pred, g in _ROW_GATHERS if pred(info)), None) if info is not None else None
 
 
 @_lowering(torch.cat, torch.concat, torch.concatenate)
@@ -537,6 +627,8 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
     cols = {s: x_tag.columns(s) if isinstance(x_tag, TensorTag) and x_tag.width else 0 for s in Side}
     if isinstance(x_tag, TensorTag) and not x_tag.is_segmented and x_tag.width:
         cols = {s: (x_tag.width if s == x_tag.side else 0) for s in Side}
+    if isinstance(x_val, Combo) and any(r.level == U for _, r in x_val.terms):
+        x_val = Pieces(((N, in_features, x_val),))  # W (sum c t) = sum c (W t): fold like column blocks
     split = isinstance(x_val, Pieces)
     reason = ""
     if split and not lw.options.split_matmuls:
@@ -547,13 +639,18 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
     action = "split" if split else "hoisted" if side == Side.USER else "const" if side == Side.CONST else "kept"
     if not split and not reason and action == "kept" and cols[Side.USER] == 0 and x_tag.side == Side.MIXED:
         reason = "input has no user-only columns"
-    lw.layers.append(LayerRecord(
+    record = LayerRecord(
         name=view.name, op=rules.describe_target(node, module), in_features=in_features,
         out_features=out_features, user_columns=cols[Side.USER], item_columns=cols[Side.ITEM],
-        mixed_columns=cols[Side.MIXED], rows_per_sample=rows_per_sample, action=action, reason=reason))
+        mixed_columns=cols[Side.MIXED], rows_per_sample=rows_per_sample, action=action, reason=reason)
     if not split:
+        lw.layers.append(record)
         return None
-    return lw._split_linear(node, view, x_val)
+    out = lw._split_linear(node, view, x_val)
+    mod = lw.modules[out.node.target]
+    lw.layers.append(dataclasses.replace(record, split_user_features=mod.weight_user.shape[1],
+                                         split_item_features=mod.weight_item.shape[1]))
+    return out
 
 
 def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, x: Pieces) -> Rows:
@@ -588,6 +685,64 @@ _LINEAR_OPS = {
 
 
 def _as_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+    return _linear_combo(lw, node) or _product_combo(lw, node) or _reduced_combo(lw, node)
+
+
+def _combo_terms(lw: Lowerer, a: Any) -> Optional[List[Tuple[float, Rows]]]:
+    v = lw._value(a) if isinstance(a, fx.Node) else None
+    if isinstance(v, Combo):
+        return list(v.terms)
+    if isinstance(v, Rows) and v.level in (U, N):
+        return [(1.0, v)]
+    return None
+
+
+def _product_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+    """``(su + si) * (su + si)`` expanded: user x user products at U rows, the rest at N rows."""
+    if node.target not in (operator.mul, torch.mul, "mul", "__mul__") or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not all(isinstance(x, fx.Node) and x.meta.get(VALUE_KEY) == node.meta.get(VALUE_KEY) for x in (a, b)):
+        return None
+    if not any(isinstance(lw._value(x), Combo) for x in (a, b)):
+        return None
+    ta, tb = _combo_terms(lw, a), _combo_terms(lw, b)
+    if ta is None or tb is None:
+        return None
+    products: Dict[frozenset, List] = {}
+    for ca, ra in ta:
+        for cb, rb in tb:
+            key = frozenset((id(ra.node), id(rb.node))) if ra.node is not rb.node else frozenset((id(ra.node),))
+            if key in products:
+                products[key][0] += ca * cb
+                continue
+            level = U if ra.level == U and rb.level == U else N
+            x, y = (ra.node, rb.node) if level == U else (lw._materialize(ra), lw._materialize(rb))
+            prod = lw.graph.call_function(operator.mul, (x, y))
+            prod.meta[ROWS_KEY] = level
+            products[key] = [ca * cb, Rows(prod, level)]
+    return Combo(node, tuple((c, r) for c, r in products.values() if c != 0.0))
+
+
+def _reduced_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+    """``combo.sum(dim)`` over a non-batch dim is the combination of the terms' sums."""
+    if node.target not in (torch.sum, "sum") or not node.args or not isinstance(lw._value(node.args[0]), Combo):
+        return None
+    src, info = node.args[0], node.args[0].meta.get(VALUE_KEY)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if info is None or not dims or any(not isinstance(d, int) or d % info.ndim == 0 for d in dims):
+        return None
+    terms = []
+    for coeff, term in lw._value(src).terms:
+        new = lw.graph.node_copy(node, lambda a: term.node if a is src else lw._as_is(lw._value(a)))
+        lw._port_meta(node, new)
+        new.meta[ROWS_KEY] = term.level
+        terms.append((coeff, Rows(new, term.level)))
+    return Combo(node, tuple(terms))
+
+
+def _linear_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     """``a + b``, ``a - b``, ``-a``, ``a * 2``, ``a / 2`` of same-shaped U/N-row tensors, as a Combo."""
     if node.op not in ("call_function", "call_method") or node.kwargs:
         return None
@@ -645,6 +800,8 @@ def _has_attr_path(gm, path: str) -> bool:
     return True
 
 
+LAZY_BUILDERS: List[Any] = [_as_combo]
+
 Lowerer._split_linear = _split_linear
 Lowerer._module_name = _module_name
 
@@ -665,7 +822,7 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
         >>> [l.name for l in T.meta["mari_fx.record"].layers if l.action == "split"]
         ['fusion.0']
     """
-    root = copy.deepcopy(gm)  # split modules replace Linears in the copy only
+    root = copy_model(gm)  # split modules replace Linears in the copy only
     graph, record = Lowerer(root, spec, options).run()
     out = fx.GraphModule(root, graph, class_name="MariModule")
     out.meta["mari_fx.request"] = spec

@@ -35,6 +35,8 @@ class LayerRecord:
     rows_per_sample: int
     action: str
     reason: str = ""
+    split_user_features: int = 0  # after a split: weight columns applied at U rows ...
+    split_item_features: int = 0  # ... and at N rows (fewer than the input's when q - k folds into q and k)
 
     def flops(self, users: int, candidates: int, transformed: bool) -> int:
         """Multiply-add FLOPs (2 per MAC) of this layer for one request."""
@@ -44,7 +46,7 @@ class LayerRecord:
         if self.action == "hoisted":
             return per_row * users * self.in_features
         if self.action == "split":
-            return per_row * (users * self.user_columns + candidates * (self.in_features - self.user_columns))
+            return per_row * (users * self.split_user_features + candidates * self.split_item_features)
         return per_row * self.in_features  # const: once per request
 
 

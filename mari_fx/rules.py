@@ -66,6 +66,25 @@ def register(*targets: Target) -> Callable[[Rule], Rule]:
     return deco
 
 
+def register_before(*targets: Target) -> Callable[[Callable[["RuleContext"], Optional[Tag]]], Callable]:
+    """Put ``rule`` in front of each target's current rule (or :func:`unknown`): it returns a
+    Tag, or None to defer.  For extensions that teach an op with a rule (``operator.getitem``)
+    about a new value type, e.g. indexing a KeyedTensor by key."""
+
+    def deco(rule: Callable[["RuleContext"], Optional[Tag]]) -> Callable:
+        for t in targets:
+            prev = RULES.get(t)
+
+            def chained(ctx: "RuleContext", rule=rule, prev=prev) -> Tag:
+                tag = rule(ctx)
+                return tag if tag is not None else (prev or unknown)(ctx)
+
+            RULES[t] = chained
+        return rule
+
+    return deco
+
+
 def target_name(target: Any) -> str:
     if isinstance(target, str):
         return f"Tensor.{target}"

@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, keystr, tree_flatten_with_path
 
 from .errors import VerificationError
-from .inputs import USER_INDEX, Side, _request_spec, pairs_to_request, request_to_pairs
+from .inputs import USER_INDEX, Side, _request_spec, batch_ops, pairs_to_request, request_to_pairs
 
 
 def random_request(T: fx.GraphModule, num_users: int = 3, num_candidates: int = 7, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -36,9 +36,9 @@ def random_request(T: fx.GraphModule, num_users: int = 3, num_candidates: int = 
     spec = _request_spec(T)
     request = {}
     for s in spec.inputs:
-        ex = example[s.name]
+        ex, ops = example[s.name], batch_ops(example[s.name])
         rows = num_users if s.side == Side.USER else num_candidates
-        request[s.name] = ex[torch.randint(ex.shape[0], (rows,), generator=g)]
+        request[s.name] = ops.take(ex, torch.randint(ops.rows(ex), (rows,), generator=g))
     request[USER_INDEX] = idx
     return request
 
@@ -66,8 +66,8 @@ def verify(model: Any, T: fx.GraphModule, *args: Any, user_index: Optional[torch
     elif request is None:
         request = random_request(T, num_users, num_candidates, seed)
     if isinstance(model, fx.GraphModule) and "mari_fx.request" in model.meta:
-        pairs = {s.name: (request[s.name].index_select(0, request[USER_INDEX]) if s.side == Side.USER
-                          else request[s.name]) for s in _request_spec(model).inputs}
+        pairs = {s.name: (batch_ops(request[s.name]).take(request[s.name], request[USER_INDEX])
+                          if s.side == Side.USER else request[s.name]) for s in _request_spec(model).inputs}
     else:
         pairs = request_to_pairs(T, request)
     with torch.no_grad():

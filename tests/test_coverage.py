@@ -1,4 +1,6 @@
 """Model families beyond MLPs: target attention, cross networks, multi-task heads, sequence encoders."""
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -106,3 +108,27 @@ def test_sequence_encoders(U, N):
     assert {"mha", "gru"} <= set(record.hoisted)
     refused = {r.node: r.reason for r in record.refused}
     assert "transpose" in refused and "seq_first" not in record.hoisted
+
+
+@pytest.mark.parametrize("kind", ["fm", "bi", "dot"])
+@pytest.mark.parametrize("U,N", SHAPES)
+def test_interaction_layers(kind, U, N):
+    from mari_fx.examples import InteractionRanker
+    from mari_fx.tags import ROWS_KEY
+
+    model = InteractionRanker(kind).eval()
+    T = mari_fx.transform(model, ["user_ids"], (torch.randint(100, (4, 4)), torch.randint(100, (4, 2))))
+    idx = ragged_index(U, N)
+    run_request(T, model, [torch.randint(100, (U, 4))], [torch.randint(100, (N, 2))], U, N, idx)
+    record = T.meta["mari_fx.record"]
+    # the first-order Linear over the flattened fields is split: 4 user fields x 8 at U rows
+    first = T.get_submodule("linear")
+    assert isinstance(first, SplitLinear) and first.weight_user.shape[1] == 32 and first.weight_item.shape[1] == 16
+    at_u = [n for n in T.graph.nodes if n.meta.get(ROWS_KEY) == "U"]
+    if kind == "dot":  # the user x user block of e e^T runs once per user
+        assert any(n.target is torch.bmm for n in at_u)
+        assert sum(n.target is torch.bmm for n in T.graph.nodes) == 3  # uu at U; ui and ii at N
+    else:  # (s_u + s_i)^2 expanded: s_u * s_u at U rows
+        assert any(n.target is operator.mul and n.args[0] is n.args[1] for n in at_u)
+    if kind == "bi":  # the MLP over the bi-interaction vector is split through the expansion
+        assert "mlp.0" in record.split_layers

@@ -59,6 +59,15 @@ class RandomNet(nn.Module):
                 out = torch.softmax(a, dim=step[2])
             elif op == "batchmean":  # couples rows: must never be computed per user
                 out = a - a.mean(dim=0, keepdim=True)
+            elif op == "sub":
+                out = a - pool[step[2]] * 0.5
+            elif op in ("fm", "gram"):  # field interactions over [B, 2, w]
+                e = torch.cat([a.unsqueeze(1), pool[step[2]].unsqueeze(1)], dim=1)
+                if op == "fm":
+                    s = e.sum(dim=1)
+                    out = 0.5 * (s * s - (e * e).sum(dim=1))
+                else:
+                    out = torch.bmm(e, e.transpose(1, 2)).flatten(1)
             pool.append(out)
         return pool[-1], pool[-2]
 
@@ -73,9 +82,11 @@ def programs(draw):
         same = [j for j, wj in enumerate(widths) if wj == w]
         op = draw(st.sampled_from(["relu", "tanh", "sigmoid", "double", "neg", "gelu", "add", "mul", "cat", "cat",
                                    "slice", "split", "narrow", "linear", "linear", "layernorm", "matmul",
-                                   "rowsum", "softmax", "batchmean"]))
-        if op in ("add", "mul"):
+                                   "rowsum", "softmax", "batchmean", "sub", "fm", "gram"]))
+        if op in ("add", "mul", "sub", "fm"):
             step, wout = (op, a, draw(st.sampled_from(same))), w
+        elif op == "gram":
+            step, wout = (op, a, draw(st.sampled_from(same))), 4
         elif op == "cat":
             others = draw(st.lists(st.integers(0, len(widths) - 1), min_size=1, max_size=3))
             step, wout = (op, a, others), w + sum(widths[j] for j in others)

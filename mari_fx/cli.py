@@ -1,0 +1,263 @@
+"""``mari-fx``: see whether MaRI pays off for a model, and export the rewritten model.
+
+    mari-fx report TARGET --user SELECTOR... [--candidates N] [--users U] [--json] [--all]
+    mari-fx export TARGET --user SELECTOR... --out model.pt2
+
+TARGET is a factory ``package.module:function`` (or ``file.py:function``) returning
+``(model, example_args[, example_kwargs])``; see :mod:`mari_fx.factories`.  The
+report's data comes from :mod:`mari_fx.report`; this module only formats it.
+
+Exit codes: 0 done; 2 bad arguments, or the target cannot be loaded or traced;
+3 ``torch.export`` failed or the exported program differs from the model;
+1 an unexpected error (a bug: please report it with ``--debug`` output).
+Failures print one line on stderr; ``--debug`` prints the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from .errors import MariError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_EXPORT = 0, 1, 2, 3
+
+
+class _UsageError(Exception):
+    """Bad arguments / target (exit 2)."""
+
+
+class _ExportFailed(Exception):
+    """Export or its verification failed (exit 3)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits 2 with a usage block; keep its code but make the reason one line.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mari-fx", description="Lossless MaRI rewrites of pair-shaped ranking models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("target", metavar="TARGET",
+                       help="factory 'package.module:function' (or 'file.py:function') returning "
+                            "(model, example_args[, example_kwargs])")
+        p.add_argument("--user", "-u", dest="user", action="extend", nargs="+", required=True, metavar="SELECTOR",
+                       help="user-side input(s): 'arg', 'arg[key]' or 'arg[:, a:b]' (repeatable)")
+        p.add_argument("--debug", action="store_true", help="print tracebacks instead of one-line errors")
+
+    rep = sub.add_parser("report", help="print what MaRI rewrites and the FLOPs it saves",
+                         description="Transform TARGET and print one row per Linear / matmul, then the totals.")
+    common(rep)
+    rep.add_argument("--candidates", "-n", type=int, default=1000, metavar="N",
+                     help="candidates per request (default 1000)")
+    rep.add_argument("--users", type=int, default=1, metavar="U", help="users per request (default 1)")
+    rep.add_argument("--json", action="store_true", help="print the report as JSON (keys: docs/report.md)")
+    rep.add_argument("--all", action="store_true", help="also list every node of the transformed graph")
+    rep.add_argument("--no-split", action="store_true",
+                     help="only hoist user-only subgraphs (split_matmuls=False, the paper's baseline)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the request the FLOPs are measured on")
+
+    exp = sub.add_parser("export", help="transform TARGET and save a torch.export program with dynamic U and N",
+                         description="Transform TARGET, export it with mari_fx.export and torch.export.save it.")
+    common(exp)
+    exp.add_argument("--out", "-o", required=True, metavar="PATH", help="where to save the program (.pt2)")
+    exp.add_argument("--no-checks", action="store_true", help="leave the request check out of the program")
+    exp.add_argument("--no-verify", action="store_true",
+                     help="skip comparing the saved program with the model at (U, N) = (1, 1) and (3, 7)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``mari-fx`` console script and of ``python -m mari_fx``.
+
+    Returns the exit code (see the module docstring).
+
+    Example:
+        >>> main(["report", "mari_fx.factories:coarse_ranker", "--user", "user", "--candidates", "10", "--json"])
+        ... # doctest: +ELLIPSIS
+        {
+          "schema": "mari_fx.report/1",
+        ...
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    # A console script does not put the working directory on sys.path (python -m does);
+    # factories next to the user's code should import the same way under both.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "report":
+            return _report(args)
+        return _export(args)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except _UsageError as e:
+        return _fail(EXIT_USAGE, str(e), debug)
+    except _ExportFailed as e:
+        return _fail(EXIT_EXPORT, str(e), debug)
+    except MariError as e:  # declarations, tracing, target loading: the model cannot be taken as given
+        return _fail(EXIT_USAGE, f"{type(e).__name__}: {e}", debug)
+    except Exception as e:
+        return _fail(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                     debug)
+
+
+def _fail(code: int, message: str, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print("mari-fx: error: " + " ".join(message.split()), file=sys.stderr)  # one line
+    return code
+
+
+def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True):
+    from .api import transform
+    from .factories import load
+
+    model, ex_args, ex_kwargs = load(args.target)
+    T = transform(model, args.user, ex_args, ex_kwargs, split_matmuls=split_matmuls)
+    return model, T
+
+
+# --------------------------------------------------------------------------- report
+def _report(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import build_report
+
+    if args.users < 1 or args.candidates < args.users:
+        raise _UsageError(f"need 1 <= --users <= --candidates, got --users {args.users} --candidates {args.candidates}")
+    model, T = _load_and_transform(args, split_matmuls=not args.no_split)
+    with torch.no_grad():
+        data = build_report(model, T, users=args.users, candidates=args.candidates, seed=args.seed,
+                            include_nodes=args.all, target=args.target, user_inputs=args.user)
+    print(json.dumps(data, indent=2) if args.json else format_report(data))
+    return EXIT_OK
+
+
+def _n(x: Any) -> str:
+    return "-" if x is None else f"{x:,}"
+
+
+def _short(op: str) -> str:
+    """``torch.nn.modules.linear.Linear`` -> ``Linear``; ``torch.matmul`` -> ``matmul``."""
+    return op.rsplit(".", 1)[-1]
+
+
+def format_report(data: Dict[str, Any]) -> str:
+    """The human-readable report: the layer table, then the summary.
+
+    Example:
+        >>> import torch
+        >>> from mari_fx.report import report
+        >>> from mari_fx.examples import CoarseRanker
+        >>> text = format_report(report(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8))))
+        >>> [line.split()[:2] for line in text.splitlines() if line.startswith("fusion.0")]
+        [['fusion.0', 'Linear']]
+    """
+    from tabulate import tabulate
+
+    U, N = data["users"], data["candidates"]
+    out: List[str] = []
+    title = f"mari-fx report: {data['model']}"
+    if data.get("target"):
+        title += f" ({data['target']})"
+    out.append(title)
+    out.append("user inputs: " + ", ".join(i["name"] + ("" if i["name"] == i["source"] else f" ({i['source']})")
+                                         for i in data["inputs"] if i["side"] == "user"))
+    out.append(f"FLOPs per request at U={U} user(s), N={N} candidates; columns: input features of each layer" + ("" if data["split_matmuls"] else
+                                                                        "  [--no-split: matmuls not split]"))
+    out.append("")
+    rows = [(l["name"], _short(l["op"]), f"{l['in_features']} -> {l['out_features']}", l["user_columns"],
+             l["item_columns"], l["mixed_columns"], l["action"], l["reason"], _n(l["flops_before"]),
+             _n(l["flops_after"])) for l in data["layers"]]
+    if rows:
+        out.append(tabulate(rows, headers=["layer", "op", "in -> out", "user", "item", "mixed",
+                                           "rewrite", "why not", "FLOPs before", "FLOPs after"],
+                            colalign=("left", "left", "right", "right", "right", "right", "left", "left", "right",
+                                      "right")))
+    else:
+        out.append("(no Linear / matmul layers)")
+    f = data["flops"]
+    out.append("")
+    speed = f"{f['speedup']:.2f}x" if f["speedup"] is not None else "-"
+    out.append(f"total FLOPs ({f['method']}): before {_n(f['before'])}, after {_n(f['after'])}: "
+               f"FLOPs-bound speedup {speed}")
+    lspeed = f"{f['layers_speedup']:.2f}x" if f["layers_speedup"] is not None else "-"
+    out.append(f"  sum of the layer rows: before {_n(f['layers_before'])}, after {_n(f['layers_after'])} ({lspeed})")
+    out.append("  before: the pair-shaped model on N pair rows; after: the transformed module on U users, N candidates")
+    out.append("split layers: " + (", ".join(data["split_layers"]) or "none"))
+    out.append(f"hoisted to the user batch (U rows): " + (", ".join(data["hoisted"]) or "nothing"))
+    if data["broadcasts"]:
+        out.append("user values gathered to N rows: " + ", ".join(f"{b['source']} (for {b['at']})"
+                                                                   for b in data["broadcasts"]))
+    if data["refused"]:
+        out.append("")
+        out.append("ops that blocked a rewrite (computed at N rows although only user data reached them):")
+        out.append(tabulate([(r["node"], r["op"], r["location"], r["reason"]) for r in data["refused"]],
+                            headers=["node", "op", "where", "why"]))
+    else:
+        out.append("ops that blocked a rewrite: none")
+    if "nodes" in data:
+        out.append("")
+        out.append("all nodes of the transformed graph (rows: U = once per user, N = per candidate, C = once):")
+        out.append(tabulate([(n["name"], _short(n["op"]), n["rows"] or "-", n["tag"] or "-") for n in data["nodes"]],
+                            headers=["node", "op", "rows", "tag"]))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- export
+VERIFY_SHAPES = ((1, 1), (3, 7))
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import export as mexport
+    from .inputs import request_to_pairs
+    from .verify import random_request
+
+    model, T = _load_and_transform(args)
+    try:
+        ep = mexport.export(T, check_requests=not args.no_checks)
+    except MariError as e:
+        raise _ExportFailed(str(e)) from e
+    try:
+        torch.export.save(ep, args.out)
+    except Exception as e:
+        raise _ExportFailed(f"cannot save to {args.out!r}: {type(e).__name__}: {e}") from e
+    lines = [f"wrote {args.out}: torch.export program of {type(model).__name__} with dynamic U (users) and N "
+             f"(candidates), U, N >= 1; request checks {'off' if args.no_checks else 'on'}",
+             "inputs: " + ", ".join(f"{s.name} [{'U' if str(s.side) == 'user' else 'N'}, ...]"
+                                    for s in T.meta["mari_fx.request"].inputs) + ", user_index [N] int64"]
+    if not args.no_verify:
+        loaded = torch.export.load(args.out).module()
+        worst = 0.0
+        for users, candidates in VERIFY_SHAPES:
+            request = random_request(T, users, candidates, seed=users * 1000 + candidates)
+            with torch.no_grad():
+                expected = model(**request_to_pairs(T, request))
+                got = loaded(**request)
+            exp_leaves, _ = torch.utils._pytree.tree_flatten(expected)
+            got_leaves, _ = torch.utils._pytree.tree_flatten(got)
+            try:
+                torch.testing.assert_close(got_leaves, exp_leaves)
+            except AssertionError as e:
+                raise _ExportFailed(f"the saved program differs from the model at U={users}, N={candidates}: "
+                                    + str(e).strip().splitlines()[0]) from None
+            worst = max([worst] + [float((g - e).abs().max()) for g, e in zip(got_leaves, exp_leaves)
+                                   if isinstance(e, torch.Tensor) and e.is_floating_point() and e.numel()])
+        lines.append(f"verified: the loaded program matches the original model at (U, N) in "
+                     f"{{{', '.join(map(str, VERIFY_SHAPES))}}} (max |diff| {worst:.1e})")
+    print("\n".join(lines))
+    return EXIT_OK

@@ -1,0 +1,175 @@
+"""Lowering of feature-interaction layers (FM, bi-interaction, DLRM dot interactions).
+
+Interaction layers stack user and item field embeddings along a field axis,
+``e = cat([user_fields, item_fields], dim=1)`` ([B, F, K]).  The tags call ``e``
+MIXED; the lowering keeps it as :class:`~mari_fx.lower.Blocks` so that
+
+* elementwise ops (``e * e``) run per block, user blocks at U rows;
+* ``e.sum(1)`` becomes the combination ``sum(user blocks) + sum(item blocks)``, and
+  products of such sums expand so that user x user terms run at U rows (FM);
+* ``bmm(e, e.transpose(1, 2))`` is computed block by block: the user x user block at
+  U rows, user x item and item x item blocks at N rows (DLRM).
+
+Anything else reading a block value gets it concatenated at N rows, as in the pair model.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from . import rules
+from .example_prop import VALUE_KEY, TensorInfo
+from .lower import _LOWERINGS, LAZY_BUILDERS, N, U, Blocks, Combo, Lazy, Lowerer, Pieces, Rows, Value
+from .tags import ROWS_KEY
+
+_ELEMENTWISE = set(rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._BINARY_FUNCS + rules._BINARY_METHODS)
+_TRANSPOSES = (torch.transpose, "transpose", "permute", torch.permute)
+
+
+def _ndim(a: Any) -> Optional[int]:
+    info = a.meta.get(VALUE_KEY) if isinstance(a, fx.Node) else None
+    return info.ndim if isinstance(info, TensorInfo) else None
+
+
+def _as_blocks(lw: Lowerer, node: fx.Node) -> Optional[Value]:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    t = node.target
+    if t in (torch.cat, torch.concat, torch.concatenate):
+        return _cat_blocks(lw, node)
+    if t in _ELEMENTWISE:
+        return _elementwise_blocks(lw, node)
+    if t in (torch.sum, "sum"):
+        return _sum_blocks(lw, node)
+    if t in _TRANSPOSES and node.args and isinstance(lw._value(node.args[0]), Blocks):
+        return Lazy(node)  # wait: a block product may not need it concatenated
+    if t in (torch.flatten, "flatten"):
+        return _flatten_blocks(lw, node)
+    return None
+
+
+def _flatten_blocks(lw: Lowerer, node: fx.Node) -> Optional[Pieces]:
+    """``e.flatten(1)`` of [B, F, K] field blocks is column pieces (a Linear over it splits)."""
+    src = node.args[0]
+    v = lw._value(src) if isinstance(src, fx.Node) else None
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    if not (isinstance(v, Blocks) and v.dim == 1 and _ndim(src) == 3 and start == 1 and end in (-1, 2)):
+        return None
+    k = src.meta[VALUE_KEY].shape[2]
+    parts = []
+    for level, size, rows in v.parts:
+        new = lw.graph.call_method("flatten", (rows.node, 1))
+        new.meta[ROWS_KEY] = level
+        parts.append((level, size * k, Rows(new, level)))
+    return Pieces(tuple(parts))
+
+
+def _cat_blocks(lw: Lowerer, node: fx.Node) -> Optional[Blocks]:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    ndim = _ndim(tensors[0]) if tensors else None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if ndim is None or not isinstance(dim, int) or dim % ndim in (0, ndim - 1):
+        return None
+    values = [lw._value(x) for x in tensors]
+    if not all(isinstance(v, Rows) and v.level in (U, N) for v in values):
+        return None
+    if {v.level for v in values} != {U, N}:
+        return None
+    return Blocks(node, dim % ndim, tuple((v.level, x.meta[VALUE_KEY].shape[dim], v) for v, x in zip(values, tensors)))
+
+
+def _elementwise_blocks(lw: Lowerer, node: fx.Node) -> Optional[Blocks]:
+    blocks = {id(lw._value(a)) for a in node.all_input_nodes if isinstance(lw._value(a), Blocks)}
+    if len(blocks) != 1 or node.kwargs:
+        return None
+    src = next(lw._value(a) for a in node.all_input_nodes if isinstance(lw._value(a), Blocks))
+    if any(not isinstance(a, (fx.Node, int, float)) or (isinstance(a, fx.Node) and lw._value(a) is not src)
+           for a in node.args):
+        return None  # every operand is the block value itself or a Python scalar
+    if node.meta.get(VALUE_KEY) != src.orig.meta.get(VALUE_KEY):
+        return None
+    parts = []
+    for level, size, rows in src.parts:
+        new = lw.graph.node_copy(node, lambda a: rows.node)
+        lw._port_meta(node, new)
+        new.meta[ROWS_KEY] = level
+        parts.append((level, size, Rows(new, level)))
+    return Blocks(node, src.dim, tuple(parts))
+
+
+def _sum_blocks(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+    src = node.args[0] if node.args else None
+    v = lw._value(src) if isinstance(src, fx.Node) else None
+    if not isinstance(v, Blocks):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or dim % _ndim(src) != v.dim or node.kwargs.get("keepdim") or len(node.args) > 2:
+        return None
+    terms = []
+    for level, _, rows in v.parts:
+        new = lw.graph.node_copy(node, lambda a: rows.node)
+        lw._port_meta(node, new)
+        new.meta[ROWS_KEY] = level
+        terms.append((1.0, Rows(new, level)))
+    return Combo(node, tuple(terms))
+
+
+def _is_transpose_of(b: fx.Node, a: fx.Node) -> bool:
+    if not (isinstance(b, fx.Node) and b.args and b.args[0] is a):
+        return False
+    ndim = _ndim(a)
+    if b.target in (torch.transpose, "transpose"):
+        return ndim == 3 and {d % 3 for d in b.args[1:3]} == {1, 2}
+    if b.target in ("permute", torch.permute):
+        dims = b.args[1] if len(b.args) == 2 and isinstance(b.args[1], (list, tuple)) else b.args[1:]
+        return ndim == 3 and list(dims) == [0, 2, 1]
+    return False
+
+
+def _lower_gram(lw: Lowerer, node: fx.Node, _module) -> Optional[Value]:
+    """``bmm(e, e.transpose(1, 2))`` block by block; the user x user block at U rows."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    va = lw._value(a) if isinstance(a, fx.Node) else None
+    if not (isinstance(va, Blocks) and va.dim == 1 and _ndim(a) == 3 and _is_transpose_of(b, a)):
+        return None
+    parts = va.parts
+    grid = {}
+    for i, (li, _, ri) in enumerate(parts):
+        for j, (lj, _, rj) in enumerate(parts):
+            if j < i:
+                continue
+            level = U if li == U and lj == U else N
+            x, y = (ri.node, rj.node) if level == U else (lw._materialize(ri), lw._materialize(rj))
+            block = lw.graph.call_function(torch.bmm, (x, lw.graph.call_method("transpose", (y, 1, 2))))
+            block.meta[ROWS_KEY] = level
+            grid[i, j] = lw._materialize(Rows(block, level))
+    rows = []
+    for i in range(len(parts)):
+        row = [grid[i, j] if j >= i else lw.graph.call_method("transpose", (grid[j, i], 1, 2))
+               for j in range(len(parts))]
+        rows.append(lw.graph.call_function(torch.cat, (row, 2)))
+    out = lw.graph.call_function(torch.cat, (rows, 1))
+    lw._port_meta(node, out)
+    out.meta[ROWS_KEY] = N
+    return Rows(out, N, node)
+
+
+def _gram_or(fallback):
+    def lowering(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
+        out = _lower_gram(lw, node, module)
+        return out if out is not None or fallback is None else fallback(lw, node, module)
+
+    return lowering
+
+
+LAZY_BUILDERS.append(_as_blocks)
+for _t in (torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul, "__matmul__"):
+    _LOWERINGS[_t] = _gram_or(_LOWERINGS.get(_t))

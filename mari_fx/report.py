@@ -1,0 +1,170 @@
+"""The data behind ``mari-fx report``: what MaRI rewrote in a model and what it saves.
+
+:func:`build_report` turns a transformed module's :class:`~mari_fx.record.Record`
+plus measured FLOPs into a plain, JSON-ready dict; ``mari-fx report`` prints it
+as tables (:mod:`mari_fx.cli`) or as JSON (``--json``).  The keys are stable
+(``schema`` names the version) and documented in docs/report.md.
+
+Two FLOPs figures are given, and they answer different questions:
+
+* ``flops.before`` / ``flops.after`` are *measured* with ``torch.utils.flop_counter``
+  (:func:`mari_fx.count_flops`): the pair-shaped model on N pair rows, and the
+  transformed module on a random ragged request of U users and N candidates.
+  They cover every op the counter knows (matmuls, convolutions, attention).
+* ``flops.layers_before`` / ``flops.layers_after`` add up the per-layer figures
+  (:meth:`~mari_fx.record.LayerRecord.flops`, 2 FLOPs per multiply-add) of the
+  Linear / matmul rows of the table.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import DeclarationError
+from .flops import count_flops
+from .inputs import request_to_pairs
+from .record import RECORD_KEY, Record
+from .rules import describe_target
+from .tags import ROWS_KEY, TAG_KEY
+
+SCHEMA = "mari_fx.report/1"
+
+# Layer fields copied from LayerRecord, in table order.
+LAYER_FIELDS = ("name", "op", "in_features", "out_features", "user_columns", "item_columns", "mixed_columns",
+                "rows_per_sample", "action")
+
+
+def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candidates: int = 1000, seed: int = 0,
+                 include_nodes: bool = False, target: Optional[str] = None,
+                 user_inputs: Sequence[str] = ()) -> Dict[str, Any]:
+    """The report of ``T`` (made from ``model`` by :func:`mari_fx.transform`) at U users, N candidates.
+
+    Args:
+        model: the pair-shaped model ``T`` was made from (its FLOPs are the "before").
+        T: the transformed module; its record and example inputs are read.
+        users / candidates: U and N of the request the FLOPs are given for (1 <= U <= N).
+        seed: seed of the random ragged request used to measure FLOPs.
+        include_nodes: add ``nodes``: every node of ``T`` with the rows it runs at.
+        target / user_inputs: echoed into the report (what the command line was given).
+
+    Returns:
+        A JSON-ready dict; keys documented in docs/report.md.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> model = CoarseRanker().eval()
+        >>> T = mari_fx.transform(model, ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> r = build_report(model, T, users=1, candidates=100)
+        >>> [(l["name"], l["action"]) for l in r["layers"]][:3]
+        [('user_tower.0', 'hoisted'), ('user_tower.2', 'hoisted'), ('fusion.0', 'split')]
+        >>> r["layers"][2]["flops_before"], r["layers"][2]["flops_after"]  # 2*64*(100*40) vs 2*64*(1*32 + 100*8)
+        (512000, 106496)
+        >>> r["flops"]["before"] > r["flops"]["after"]
+        True
+    """
+    record: Optional[Record] = getattr(T, "meta", {}).get(RECORD_KEY)
+    if record is None:
+        raise DeclarationError(f"{type(T).__name__} carries no mari_fx record: pass a module made by mari_fx.transform")
+    if not 1 <= users <= candidates:
+        raise DeclarationError(f"need 1 <= users <= candidates, got users={users}, candidates={candidates}")
+
+    layers: List[Dict[str, Any]] = []
+    for layer in record.layers:
+        row = {k: getattr(layer, k) for k in LAYER_FIELDS}
+        row["rewritten"] = layer.action in ("split", "hoisted")
+        row["reason"] = _why_not(layer)
+        row["flops_before"] = layer.flops(users, candidates, transformed=False)
+        row["flops_after"] = layer.flops(users, candidates, transformed=True)
+        layers.append(row)
+
+    before, after = _measure(model, T, users, candidates, seed)
+    layers_before = sum(l["flops_before"] for l in layers)
+    layers_after = sum(l["flops_after"] for l in layers)
+    report: Dict[str, Any] = {
+        "schema": SCHEMA,
+        "model": type(model).__name__,
+        "target": target,
+        "user_inputs": list(user_inputs),
+        "users": users,
+        "candidates": candidates,
+        "split_matmuls": record.split_matmuls,
+        "inputs": [{"name": s.name, "source": s.source, "side": str(s.side), "kind": s.kind} for s in record.inputs],
+        "layers": layers,
+        "split_layers": list(record.split_layers),
+        "hoisted": list(record.hoisted),
+        "broadcasts": [{"source": b.source, "at": b.at} for b in record.broadcasts],
+        "refused": [{"node": r.node, "op": r.op, "location": r.location, "reason": r.reason} for r in record.refused],
+        "flops": {
+            "method": "torch.utils.flop_counter",
+            "before": before,
+            "after": after,
+            "speedup": before / after if after else None,
+            "layers_before": layers_before,
+            "layers_after": layers_after,
+            "layers_speedup": layers_before / layers_after if layers_after else None,
+        },
+    }
+    if include_nodes:
+        report["nodes"] = _nodes(T)
+    return report
+
+
+def _why_not(layer) -> str:
+    """The record's reason, filled in for layers the record leaves blank: a reader
+    of the table should never see a kept layer without an explanation."""
+    if layer.reason:
+        return layer.reason
+    if layer.action == "kept" and layer.user_columns == 0 and layer.mixed_columns == 0:
+        return "item-only input"
+    if layer.action == "const":
+        return "constant input (runs once per request)"
+    return ""
+
+
+def _measure(model: nn.Module, T: fx.GraphModule, users: int, candidates: int, seed: int) -> tuple:
+    from .verify import random_request
+
+    request = random_request(T, users, candidates, seed)
+    pairs = request_to_pairs(T, request)
+    return count_flops(model, **pairs), count_flops(T, **request)
+
+
+def _nodes(T: fx.GraphModule) -> List[Dict[str, Any]]:
+    modules = dict(T.named_modules())
+    out = []
+    for n in T.graph.nodes:
+        if n.op in ("output", "get_attr"):
+            continue
+        tag = n.meta.get(TAG_KEY)
+        out.append({
+            "name": n.name,
+            "op": n.op if n.op == "placeholder" else describe_target(n, modules.get(n.target)),
+            "target": str(n.target) if n.op in ("placeholder", "call_module", "call_method") else None,
+            "rows": n.meta.get(ROWS_KEY),
+            "tag": str(tag) if tag is not None else None,
+        })
+    return out
+
+
+def report(model: nn.Module, user_inputs: Sequence[str], example_inputs: Sequence[Any] = (),
+           example_kwargs: Optional[Dict[str, Any]] = None, *, users: int = 1, candidates: int = 1000,
+           split_matmuls: bool = True, include_nodes: bool = False, target: Optional[str] = None) -> Dict[str, Any]:
+    """Transform ``model`` and build its report in one call (what ``mari-fx report`` does).
+
+    Example:
+        >>> import torch
+        >>> from mari_fx.examples import CoarseRanker
+        >>> r = report(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)), candidates=10)
+        >>> r["split_layers"], r["hoisted"]
+        (['fusion.0'], ['user_tower.0', 'user_tower.1', 'user_tower.2', 'user_tower.3'])
+    """
+    from .api import transform
+
+    T = transform(model, list(user_inputs), example_inputs, example_kwargs, split_matmuls=split_matmuls)
+    with torch.no_grad():
+        return build_report(model, T, users=users, candidates=candidates, include_nodes=include_nodes,
+                            target=target, user_inputs=user_inputs)
