@@ -47,7 +47,7 @@ def trace(
         ...     n for n in gm.graph.nodes if n.target == "fusion.0").args[0].meta["mari_fx.tag"])
         ('Linear', '[user:32, item:8]')
     """
-    gm = capture(model, leaf_modules)
+    gm = capture(model, leaf_modules, example_inputs, example_kwargs)
     example = bind_example(gm, example_inputs, example_kwargs or {})
     spec, flat = flatten_inputs(gm, user_inputs, example)
     _check_pair_rows(flat)

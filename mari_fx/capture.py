@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, List, Optional, Type
+import inspect
+import operator
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -14,6 +17,7 @@ _HINTS = (
      "data-dependent Python control flow (if/for on a tensor value); move it out of forward or pass "
      "the value through concrete_args"),
     ("object of type 'Proxy' has no len()", "Python len() on a traced value; use x.size(0) / x.shape[0]"),
+    ("'len' is not supported in symbolic tracing", "Python len() on a traced value; use x.size(0) / x.shape[0]"),
     ("is not installed as a submodule", "a module called without being registered; assign it as an attribute "
      "(self.layer = ...) in __init__"),
     ("Proxy object cannot be iterated", "iteration over a traced value (e.g. `for row in x`, or unpacking); "
@@ -53,8 +57,17 @@ class MariTracer(fx.Tracer):
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
-def capture(model: nn.Module, leaf_modules: Optional[Iterable[Type[nn.Module]]] = None) -> fx.GraphModule:
+def capture(
+    model: nn.Module,
+    leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
+    example_args: Sequence[Any] = (),
+    example_kwargs: Optional[Mapping[str, Any]] = None,
+) -> fx.GraphModule:
     """Trace ``model`` with :class:`MariTracer` (a GraphModule is deep-copied instead).
+
+    Models torch.fx cannot trace (``len()`` on a traced value, data-dependent shapes that
+    torch.export can still capture) fall back to :func:`capture_with_export` when an example
+    is given; if both fail, the error names fx's reason, its likely cause and export's reason.
 
     Example:
         >>> import torch
@@ -72,8 +85,83 @@ def capture(model: nn.Module, leaf_modules: Optional[Iterable[Type[nn.Module]]] 
     except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         why = next((hint for key, hint in _HINTS if key in str(e)), None)
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {msg}"
-            + (f"\n  cause: {why}" if why else "")
-        ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        error = f"torch.fx cannot trace {type(model).__name__}: {msg}" + (f"\n  cause: {why}" if why else "")
+        if not example_args and not example_kwargs:
+            raise TraceError(error) from e
+        try:
+            gm = capture_with_export(model, example_args, example_kwargs or {})
+        except Exception as e2:
+            reason = next((l for l in str(e2).splitlines() if l.strip()), type(e2).__name__)
+            raise TraceError(f"{error}\n  torch.export also failed: {reason}") from e2
+        gm.meta[ROUTE_KEY] = "torch.export"
+        return gm
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta[ROUTE_KEY] = "torch.fx"
+    return gm
+
+
+ROUTE_KEY = "mari_fx.capture"  # GraphModule.meta: which route captured the graph
+
+
+def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    """Capture through ``torch.export`` (strict, dim 0 of every input dynamic) and give the
+    graph the shape an fx trace has: one placeholder per forward argument, dict inputs read
+    with ``getitem``; the nodes are aten ops, for which :mod:`mari_fx.rules` has rules too.
+
+    Example:
+        >>> import torch
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x["a"] * len(x["a"])   # len() of a traced value: fx cannot trace this
+        >>> gm = capture_with_export(M(), ({"a": torch.ones(3, 2)},), {})
+        >>> [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        ['x']
+    """
+    from torch.export import Dim, export
+    from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path, tree_map, tree_unflatten
+
+    names = list(inspect.signature(model.forward).parameters)
+    batch = Dim("batch", min=2)
+    bound = dict(zip(names, args), **kwargs)
+    dynamic = {k: tree_map(lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None, v)
+               for k, v in bound.items()}
+    try:  # strict (dynamo) keeps len() symbolic; non-strict copes with unregistered modules
+        ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=True)
+    except Exception:
+        ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=False)
+    gm = ep.module()
+    graph = gm.graph
+    leaves = [path for path, _ in tree_flatten_with_path((tuple(args), dict(kwargs)))[0]]
+    old = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(leaves) != len(old):
+        raise TraceError(f"torch.export gave {len(old)} inputs for {len(leaves)} example leaves")
+    sources = []
+    for path in leaves:
+        top, where, *rest = path
+        arg = names[where.idx] if isinstance(top, SequenceKey) and top.idx == 0 else where.key
+        if rest and not (len(rest) == 1 and isinstance(rest[0], MappingKey)):
+            raise TraceError(f"input {arg!r} nests deeper than a dict of tensors")
+        sources.append((arg, rest[0].key if rest else None))
+    first = next(iter(graph.nodes))
+    new: Dict[str, fx.Node] = {}
+    with graph.inserting_before(first):
+        for arg in [n for n in names if n in {a for a, _ in sources}]:
+            new[arg] = graph.placeholder(arg)
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    for node, (arg, key) in zip(old, sources):
+        if key is None:
+            node.replace_all_uses_with(new[arg])
+        else:
+            with graph.inserting_before(anchor):
+                node.replace_all_uses_with(graph.call_function(operator.getitem, (new[arg], key)))
+        graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(node)  # export's own input checks: mari_fx checks requests itself
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tree_unflatten(list(output.args[0]), gm._out_spec),)  # the model's own output structure
+    graph.set_codegen(fx.graph.CodeGen())
+    for attr in ("_in_spec", "_out_spec"):  # export's pytree specs no longer describe forward
+        gm.__dict__.pop(attr, None)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -26,7 +26,8 @@ from .lower import _LOWERINGS, LAZY_BUILDERS, N, U, Blocks, Combo, Lazy, Lowerer
 from .tags import ROWS_KEY
 
 _ELEMENTWISE = set(rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._BINARY_FUNCS + rules._BINARY_METHODS)
-_TRANSPOSES = (torch.transpose, "transpose", "permute", torch.permute)
+aten = torch.ops.aten
+_TRANSPOSES = (torch.transpose, "transpose", "permute", torch.permute, aten.transpose.int, aten.permute.default)
 
 
 def _ndim(a: Any) -> Optional[int]:
@@ -38,15 +39,15 @@ def _as_blocks(lw: Lowerer, node: fx.Node) -> Optional[Value]:
     if node.op not in ("call_function", "call_method"):
         return None
     t = node.target
-    if t in (torch.cat, torch.concat, torch.concatenate):
+    if t in (torch.cat, torch.concat, torch.concatenate, aten.cat.default):
         return _cat_blocks(lw, node)
     if t in _ELEMENTWISE:
         return _elementwise_blocks(lw, node)
-    if t in (torch.sum, "sum"):
+    if t in (torch.sum, "sum", aten.sum.dim_IntList):
         return _sum_blocks(lw, node)
     if t in _TRANSPOSES and node.args and isinstance(lw._value(node.args[0]), Blocks):
         return Lazy(node)  # wait: a block product may not need it concatenated
-    if t in (torch.flatten, "flatten"):
+    if t in (torch.flatten, "flatten", aten.flatten.using_ints):
         return _flatten_blocks(lw, node)
     return None
 
@@ -124,9 +125,9 @@ def _is_transpose_of(b: fx.Node, a: fx.Node) -> bool:
     if not (isinstance(b, fx.Node) and b.args and b.args[0] is a):
         return False
     ndim = _ndim(a)
-    if b.target in (torch.transpose, "transpose"):
+    if b.target in (torch.transpose, "transpose", aten.transpose.int):
         return ndim == 3 and {d % 3 for d in b.args[1:3]} == {1, 2}
-    if b.target in ("permute", torch.permute):
+    if b.target in ("permute", torch.permute, aten.permute.default):
         dims = b.args[1] if len(b.args) == 2 and isinstance(b.args[1], (list, tuple)) else b.args[1:]
         return ndim == 3 and list(dims) == [0, 2, 1]
     return False
@@ -171,5 +172,6 @@ def _gram_or(fallback):
 
 
 LAZY_BUILDERS.append(_as_blocks)
-for _t in (torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul, "__matmul__"):
+for _t in (torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul, "__matmul__", aten.bmm.default,
+           aten.matmul.default):
     _LOWERINGS[_t] = _gram_or(_LOWERINGS.get(_t))

@@ -132,7 +132,7 @@ class Lowerer:
         self.user_index.meta[ROWS_KEY] = N
         if self.options.check_requests:
             self._emit_check()
-        self.n_rows = None
+        self.n_rows = self.u_rows = None
         for node in nodes:
             if node.op == "placeholder":
                 continue
@@ -188,6 +188,8 @@ class Lowerer:
     def _as_is(self, v: Value) -> Any:
         if isinstance(v, Seq):
             return tuple(self._as_is(i) for i in v.items)
+        if isinstance(v, Rows) and v.level == N and v.orig is not None and rules.is_batch_size_node(v.orig):
+            return self._num_users()  # a batch size read off N-row data, used at U rows
         if isinstance(v, Pieces) or v.level == N:
             raise MariError(f"internal: an N-row value reached {self._consumer.format_node()}, run at U rows")
         return v.node
@@ -254,6 +256,13 @@ class Lowerer:
         if orig not in self.reemitted:
             self.reemitted[orig] = self._emit(orig, N, self._materialize).node
         return self.reemitted[orig]
+
+    def _num_users(self) -> fx.Node:
+        if self.u_rows is None:
+            first_user = next(v.node for v in self.env.values() if isinstance(v, Rows) and v.level == U
+                              and v.node.op == "placeholder")
+            self.u_rows = self.graph.call_method("size", (first_user, 0))
+        return self.u_rows
 
     def _num_candidates(self) -> fx.Node:
         if self.n_rows is None:
@@ -347,6 +356,7 @@ class Lowerer:
             broadcasts=tuple(self.broadcasts),
             refused=tuple(refusals),
             split_matmuls=self.options.split_matmuls,
+            capture=self.gm.meta.get("mari_fx.capture", "torch.fx"),
         )
 
 
@@ -413,11 +423,16 @@ def _location(n: fx.Node) -> str:
     return n.target if n.op == "call_module" else n.name
 
 
+_NOT_COMPUTE = ("getitem", "getattr", "size", "dim", "view", "reshape", "slice", "select", "squeeze", "flatten",
+                "contiguous", "expand", "permute", "transpose", "float", ".to", "sym_size", "alias", "detach")
+
+
 def _is_compute(n: fx.Node) -> bool:
+    """Nodes worth listing as hoisted (not views, sizes or indexing)."""
     if n.op == "call_module":
         return True
-    return n.op in ("call_function", "call_method") and n.target not in (
-        operator.getitem, getattr, "size", "dim", "view", "reshape", "contiguous", "float", "to")
+    name = rules.target_name(n.target)
+    return n.op in ("call_function", "call_method") and not any(k in name for k in _NOT_COMPUTE)
 
 
 # --------------------------------------------------------------------------- op lowerings
@@ -467,7 +482,7 @@ def _row_gather(v: Rows):
     return next((g for pred, g in _ROW_GATHERS if pred(info)), None) if info is not None else None
 
 
-@_lowering(torch.cat, torch.concat, torch.concatenate)
+@_lowering(torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
 def _lower_cat(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     if not node.meta[TAG_KEY].has_user_columns:
         return None
@@ -502,6 +517,30 @@ def _lower_getitem(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     return None
 
 
+@_lowering(torch.ops.aten.slice.Tensor)
+def _lower_aten_slice(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x, dim, start, stop, step = rules.aten_slice_args(node)
+    v = lw._value(x)
+    ndim = x.meta[VALUE_KEY].ndim
+    if any(isinstance(a, fx.Node) for a in (start, stop, step)) or step != 1:
+        return None
+    if dim % ndim == 0 and (start or 0) == 0 and (stop is None or stop >= rules.ALL_ROWS):
+        return v  # x[:] on the batch: the same value, whatever its level
+    if not isinstance(v, Pieces) or dim % ndim != ndim - 1:
+        return None
+    lo, hi, _ = slice(start, stop).indices(x.meta[VALUE_KEY].shape[-1])
+    return lw._select_columns(x, lo, max(lo, hi), (slice(None),) * (ndim - 1))
+
+
+@_lowering(torch.ops.aten.select.int)
+def _lower_aten_select(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x, dim, index = node.args[:3]
+    ndim = x.meta[VALUE_KEY].ndim
+    if not isinstance(lw._value(x), Pieces) or not isinstance(index, int) or dim % ndim != ndim - 1:
+        return None
+    return lw._select_column(x, index % x.meta[VALUE_KEY].shape[-1], (slice(None),) * (ndim - 1))
+
+
 def _split_bounds(node: fx.Node) -> List[Tuple[int, int]]:
     bounds, pos = [], 0
     for part in node.meta[VALUE_KEY]:
@@ -511,7 +550,8 @@ def _split_bounds(node: fx.Node) -> List[Tuple[int, int]]:
     return bounds
 
 
-@_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")
+@_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
+           torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default)
 def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     x = node.args[0]
     if not isinstance(lw._value(x), Pieces):
@@ -524,7 +564,7 @@ def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in _split_bounds(node)))
 
 
-@_lowering(torch.narrow, "narrow")
+@_lowering(torch.narrow, "narrow", torch.ops.aten.narrow.default)
 def _lower_narrow(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     x = node.args[0]
     if not isinstance(lw._value(x), Pieces):
@@ -593,13 +633,14 @@ def _linear_view(lw: Lowerer, node: fx.Node, module) -> Optional[_LinearView]:
     if isinstance(module, nn.Linear):
         return _LinearView(node.args[0], module.weight, module.bias, node.target)
     t, args = node.target, node.args
-    if t is F.linear:
+    if t in (F.linear, torch.ops.aten.linear.default):
         w, b = _param(lw, args[1] if len(args) > 1 else node.kwargs.get("weight")), None
         b_arg = args[2] if len(args) > 2 else node.kwargs.get("bias")
         b = _param(lw, b_arg) if b_arg is not None else None
         bad = w is None or (b_arg is not None and b is None)
         return _LinearView(args[0], w, b, node.name, "weight or bias is not a parameter" if bad else "")
-    if t in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__"):
+    if t in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.ops.aten.matmul.default,
+             torch.ops.aten.mm.default):
         w = _param(lw, args[1])
         ok = w is not None and w.dim() == 2
         return _LinearView(args[0], w.t() if ok else None, None, node.name, "" if ok else "right operand is not a 2-d parameter")
@@ -680,8 +721,14 @@ def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, x: Pieces) ->
 
 _LINEAR_OPS = {
     operator.add: (1.0, 1.0), torch.add: (1.0, 1.0), "add": (1.0, 1.0), "__add__": (1.0, 1.0),
+    torch.ops.aten.add.Tensor: (1.0, 1.0),
     operator.sub: (1.0, -1.0), torch.sub: (1.0, -1.0), "sub": (1.0, -1.0), "__sub__": (1.0, -1.0),
+    torch.ops.aten.sub.Tensor: (1.0, -1.0),
 }
+_NEG_OPS = (operator.neg, torch.neg, "neg", "__neg__", torch.ops.aten.neg.default)
+_MUL_OPS = (operator.mul, torch.mul, "mul", "__mul__", "__rmul__", torch.ops.aten.mul.Tensor)
+_DIV_OPS = (operator.truediv, torch.div, "div", "__truediv__", torch.ops.aten.div.Tensor)
+_SUM_OPS = (torch.sum, "sum", torch.ops.aten.sum.dim_IntList)
 
 
 def _as_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
@@ -699,7 +746,7 @@ def _combo_terms(lw: Lowerer, a: Any) -> Optional[List[Tuple[float, Rows]]]:
 
 def _product_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     """``(su + si) * (su + si)`` expanded: user x user products at U rows, the rest at N rows."""
-    if node.target not in (operator.mul, torch.mul, "mul", "__mul__") or node.kwargs or len(node.args) != 2:
+    if node.target not in _MUL_OPS or node.kwargs or len(node.args) != 2:
         return None
     a, b = node.args
     if not all(isinstance(x, fx.Node) and x.meta.get(VALUE_KEY) == node.meta.get(VALUE_KEY) for x in (a, b)):
@@ -726,7 +773,7 @@ def _product_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
 
 def _reduced_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     """``combo.sum(dim)`` over a non-batch dim is the combination of the terms' sums."""
-    if node.target not in (torch.sum, "sum") or not node.args or not isinstance(lw._value(node.args[0]), Combo):
+    if node.target not in _SUM_OPS or not node.args or not isinstance(lw._value(node.args[0]), Combo):
         return None
     src, info = node.args[0], node.args[0].meta.get(VALUE_KEY)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -750,15 +797,15 @@ def _linear_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     if t in _LINEAR_OPS and len(args) == 2:
         ca, cb = _LINEAR_OPS[t]
         operands = [(ca, args[0]), (cb, args[1])]
-    elif t in (operator.neg, torch.neg, "neg", "__neg__") and len(args) == 1:
+    elif t in _NEG_OPS and len(args) == 1:
         operands = [(-1.0, args[0])]
-    elif t in (operator.mul, torch.mul, "mul", "__mul__", "__rmul__") and len(args) == 2:
+    elif t in _MUL_OPS and len(args) == 2:
         scalar = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
         tensors = [a for a in args if isinstance(a, fx.Node)]
         if len(scalar) != 1 or len(tensors) != 1:
             return None
         operands = [(float(scalar[0]), tensors[0])]
-    elif t in (operator.truediv, torch.div, "div", "__truediv__") and len(args) == 2:
+    elif t in _DIV_OPS and len(args) == 2:
         if not (isinstance(args[1], (int, float)) and not isinstance(args[1], bool) and args[1] != 0):
             return None
         operands = [(1.0 / args[1], args[0])]
@@ -805,7 +852,8 @@ LAZY_BUILDERS: List[Any] = [_as_combo]
 Lowerer._split_linear = _split_linear
 Lowerer._module_name = _module_name
 
-for _t in (nn.Linear, F.linear, torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.addmm):
+for _t in (nn.Linear, F.linear, torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.addmm,
+           torch.ops.aten.linear.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default):
     _LOWERINGS[_t] = _lower_linear
 
 
@@ -825,6 +873,9 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
     root = copy_model(gm)  # split modules replace Linears in the copy only
     graph, record = Lowerer(root, spec, options).run()
     out = fx.GraphModule(root, graph, class_name="MariModule")
+    # Drop what nothing reads any more (e.g. an unused tuple element), but keep the request check.
+    out.graph.eliminate_dead_code(is_impure_node=lambda n: n.target is check_request or n.is_impure())
+    out.recompile()
     out.meta["mari_fx.request"] = spec
     out.meta["mari_fx.record"] = record
     return out

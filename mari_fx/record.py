@@ -76,6 +76,7 @@ class Record:
     broadcasts: Tuple[BroadcastRecord, ...]
     refused: Tuple[RefusalRecord, ...]
     split_matmuls: bool
+    capture: str = "torch.fx"  # or "torch.export", for models torch.fx cannot trace
 
     @property
     def split_layers(self) -> Tuple[str, ...]:

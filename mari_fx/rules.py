@@ -314,6 +314,20 @@ _BINARY_METHODS = [
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
 ]
 
+# The same ops as torch.export writes them (models fx cannot trace are captured that way).
+aten = torch.ops.aten
+_UNARY_FUNCS += [
+    aten.relu.default, aten.sigmoid.default, aten.tanh.default, aten.gelu.default, aten.silu.default,
+    aten.exp.default, aten.log.default, aten.neg.default, aten.abs.default, aten.sqrt.default,
+    aten.rsqrt.default, aten.clamp.default, aten.leaky_relu.default, aten.elu.default, aten.hardtanh.default,
+    aten.softplus.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.to.dtype, aten._to_copy.default, aten.square.default, aten.reciprocal.default, aten.log1p.default,
+]
+_BINARY_FUNCS += [
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
+    aten.maximum.default, aten.minimum.default, aten.where.self, aten.masked_fill.Scalar, aten.rsub.Scalar,
+    aten.eq.Tensor, aten.eq.Scalar, aten.gt.Scalar, aten.lt.Scalar,
+]
 register(*_UNARY_FUNCS, *_UNARY_METHODS, *_UNARY_MODULES)(constant_if_constant(elementwise))
 register(*_BINARY_FUNCS, *_BINARY_METHODS)(constant_if_constant(elementwise))
 
@@ -423,10 +437,10 @@ def _embedding(ctx: RuleContext) -> Tag:
 
 @register(nn.EmbeddingBag, F.embedding_bag)
 def _embedding_bag(ctx: RuleContext) -> Tag:
-    if ctx.ndim(ctx.arg(0)) != 2 or ctx.arg(1, "offsets", None) is not None:
+    if ctx.ndim(ctx.arg(0, "input")) != 2 or ctx.arg(1, "offsets", None) is not None:
         return ctx.refuse("EmbeddingBag with a 1-d input and offsets: bags are not rows")
     weights = ctx.arg(2, "per_sample_weights", None)
-    return ctx.result(ctx.side(ctx.arg(0)).join(ctx.side(weights)))
+    return ctx.result(ctx.side(ctx.arg(0, "input")).join(ctx.side(weights)))
 
 
 # --------------------------------------------------------------------------- shapes and sizes
@@ -434,7 +448,7 @@ def is_batch_size_node(a: Any) -> bool:
     """``a`` is ``t.size(0)`` / ``t.shape[0]`` of a batched tensor ``t``."""
     if not isinstance(a, fx.Node) or TAG_KEY not in a.meta or a.meta[TAG_KEY].side == Side.CONST:
         return False
-    if a.op == "call_method" and a.target == "size" and len(a.args) > 1:
+    if (a.op == "call_method" and a.target == "size" or a.target is torch.ops.aten.sym_size.int) and len(a.args) > 1:
         info = a.args[0].meta.get(VALUE_KEY) if isinstance(a.args[0], fx.Node) else None
         ndim = info.ndim if isinstance(info, TensorInfo) else None
         d = a.args[1]
@@ -461,6 +475,12 @@ def _shape_args(ctx: RuleContext, start: int, name: str) -> List[Any]:
     return rest
 
 
+def _side_beside_batch_sizes(ctx: RuleContext) -> Tag:
+    """Row-wise result whose side ignores ``x.size(0)`` arguments: a batch size adapts to the
+    rows the op runs at (the lowering passes U or N), so ``u.view(i.size(0), -1)`` stays USER."""
+    return ctx.result(join_all(ctx.side(n) for n in ctx.inputs() if not is_batch_size_node(n)))
+
+
 def _keeps_batch(ctx: RuleContext, first: Any) -> bool:
     src, out = ctx.value(ctx.arg(0)), ctx.out
     if not (isinstance(src, TensorInfo) and isinstance(out, TensorInfo) and src.ndim >= 1 and out.ndim >= 1):
@@ -477,7 +497,7 @@ def _reshape(ctx: RuleContext) -> Tag:
         return elementwise(ctx)
     if not shape or not _keeps_batch(ctx, shape[0]):
         return ctx.refuse("reshape does not keep dim 0 as the batch (first size must be -1 or x.size(0))")
-    return ctx.rowwise()
+    return _side_beside_batch_sizes(ctx)
 
 
 @register("expand")
@@ -487,7 +507,7 @@ def _expand(ctx: RuleContext) -> Tag:
     sizes = _shape_args(ctx, 1, "size")
     if len(sizes) != ctx.ndim(ctx.arg(0)) or not _keeps_batch(ctx, sizes[0]):
         return ctx.refuse("expand changes the batch dimension")
-    return ctx.rowwise()
+    return _side_beside_batch_sizes(ctx)
 
 
 @register("repeat")
@@ -793,3 +813,106 @@ def _sdpa(ctx: RuleContext) -> Tag:
     if ctx.arg(4, "dropout_p", 0.0):
         return ctx.refuse("scaled_dot_product_attention with dropout")
     return rowwise(ctx)
+
+
+# --------------------------------------------------------------------------- torch.export (aten) spellings
+register(aten.dropout.default)(_dropout_fn)
+register(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.softmax.int,
+         aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.logsumexp.default,
+         aten.cumsum.default, aten.argmax.default, aten.var.correction, aten.std.correction)(
+    constant_if_constant(reduction()))
+register(aten.sum.default, aten.mean.default)(constant_if_constant(refuse_with("reduces over all dims, batch included")))
+register(aten.layer_norm.default, aten.rms_norm.default)(_layer_norm)
+register(aten.linear.default, aten.addmm.default)(_linear)
+register(aten.matmul.default, aten.mm.default)(_matmul)
+register(aten.bmm.default, aten.baddbmm.default)(rowwise)
+register(aten.scaled_dot_product_attention.default)(_sdpa)
+register(aten.view.default, aten.reshape.default, aten._unsafe_view.default)(_reshape)
+register(aten.expand.default)(_expand)
+register(aten.repeat.default)(_repeat)
+register(aten.flatten.using_ints)(_flatten)
+register(aten.unflatten.int)(_unflatten)
+register(aten.unsqueeze.default)(_unsqueeze)
+register(aten.squeeze.dim, aten.squeeze.dims)(_squeeze)
+register(aten.squeeze.default)(constant_if_constant(refuse_with("squeeze() without a dim may drop the batch")))
+register(aten.permute.default)(_permute)
+register(aten.transpose.int)(_transpose)
+register(aten.t.default)(constant_if_constant(refuse_with("t() swaps the batch dimension")))
+register(aten.cat.default)(_cat)
+register(aten.stack.default)(_stack)
+register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections)(_split_rule(2))
+register(aten.narrow.default)(_narrow)
+register(aten.unbind.int)(lambda ctx: RULES[torch.unbind](ctx))
+register(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default)(
+    lambda ctx: ctx.result(ctx.side(ctx.arg(0))))
+
+
+@register(aten.sym_size.int)
+def _sym_size(ctx: RuleContext) -> Tag:
+    if ctx.norm_dim(ctx.arg(1), ctx.ndim(ctx.arg(0))) != 0:
+        return CONST
+    return TensorTag.uniform(ctx.side(ctx.arg(0)))
+
+
+@register(aten.embedding.default)
+def _aten_embedding(ctx: RuleContext) -> Tag:
+    return ctx.result(ctx.side(ctx.arg(1)))  # (weight, indices)
+
+
+@register(aten._native_batch_norm_legit_no_training.default)
+def _aten_bn_eval(ctx: RuleContext) -> Tag:
+    return rowwise(ctx)
+
+
+@register(aten.batch_norm.default)
+def _aten_bn(ctx: RuleContext) -> Tag:
+    if ctx.arg(5, "training", False) or ctx.arg(3, "running_mean", None) is None:
+        return ctx.refuse("batch_norm with training=True normalises with batch statistics")
+    return rowwise(ctx)
+
+
+ALL_ROWS = 2 ** 62  # torch.export writes x[:, a:b] as slice(x, 0, 0, INT64_MAX) then slice(.., 1, a, b)
+
+
+def aten_slice_args(ctx_or_node: Any):
+    """``(x, dim, start, stop, step)`` of an ``aten.slice.Tensor`` node, with defaults."""
+    node = ctx_or_node.node if isinstance(ctx_or_node, RuleContext) else ctx_or_node
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, dim, start, stop, step = args[:5]
+    kw = node.kwargs
+    return (x, kw.get("dim", dim if dim is not None else 0), kw.get("start", start),
+            kw.get("end", stop), kw.get("step", step if step is not None else 1))
+
+
+@register(aten.slice.Tensor)
+def _aten_slice(ctx: RuleContext) -> Tag:
+    x, dim, start, stop, step = aten_slice_args(ctx)
+    value, tag = ctx.value(x), ctx.tag(x)
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    if not isinstance(value, TensorInfo) or any(isinstance(a, fx.Node) for a in (start, stop, step)):
+        return ctx.refuse("slice with batch-dependent bounds")
+    d = ctx.norm_dim(dim, value.ndim)
+    if d == 0:
+        if (start or 0) == 0 and (stop is None or stop >= ALL_ROWS) and step == 1:
+            return tag  # x[:] keeps every row
+        return ctx.refuse("slicing selects rows of the batch dimension")
+    if d == value.ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and step == 1:
+        lo, hi, _ = slice(start, stop).indices(value.shape[-1])
+        return tag.slice(lo, max(lo, hi))
+    return ctx.rowwise()
+
+
+@register(aten.select.int)
+def _aten_select(ctx: RuleContext) -> Tag:
+    x, dim, index = ctx.arg(0), ctx.arg(1), ctx.arg(2)
+    value, tag = ctx.value(x), ctx.tag(x)
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    d = ctx.norm_dim(dim, value.ndim if isinstance(value, TensorInfo) else None)
+    if d in (0, None):
+        return ctx.refuse("select() picks one row of the batch dimension")
+    if d == value.ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and isinstance(index, int):
+        col = index % value.shape[-1]
+        return ctx.result(tag.slice(col, col + 1).side)
+    return ctx.rowwise()
