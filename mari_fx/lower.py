@@ -684,29 +684,48 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
         name=view.name, op=rules.describe_target(node, module), in_features=in_features,
         out_features=out_features, user_columns=cols[Side.USER], item_columns=cols[Side.ITEM],
         mixed_columns=cols[Side.MIXED], rows_per_sample=rows_per_sample, action=action, reason=reason)
+    if split:
+        user, item = lw._split_sources(x_val, view.weight)
+        item_width = sum(w.shape[1] for _, w in item)
+        if not user or item_width > in_features:
+            split, reason = False, "splitting would not reduce the work at N rows"
+            record = dataclasses.replace(record, action=action if action != "split" else "kept", reason=reason)
     if not split:
         lw.layers.append(record)
         return None
-    out = lw._split_linear(node, view, x_val)
+    out = lw._split_linear(node, view, user, item)
     mod = lw.modules[out.node.target]
     lw.layers.append(dataclasses.replace(record, split_user_features=mod.weight_user.shape[1],
                                          split_item_features=mod.weight_item.shape[1]))
     return out
 
 
-def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, x: Pieces) -> Rows:
-    """One weight block per distinct source tensor: a source used by several column blocks
-    (``k`` in ``cat([q, k, q - k])``) gets the coefficient-weighted sum of their weights."""
-    blocks: Dict[int, List] = {}  # id(source node) -> [Rows, weight block]
+def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List, List]:
+    """``(node, weight block)`` pairs at U rows and at N rows whose products sum to ``x @ weight.T``.
+
+    Within a column block, terms of one level are summed first (one source each); a source
+    used by several blocks (``k`` in ``cat([q, k, q - k])``) gets the coefficient-weighted sum
+    of their weights, so it is multiplied once.
+    """
+    blocks: Dict[int, List] = {}  # id(source node) -> [node, level, weight block]
     pos = 0
     for _, width, part in x.parts:
-        w = view.weight.detach()[:, pos:pos + width]
-        for coeff, src in (part.terms if isinstance(part, Combo) else ((1.0, part),)):
-            entry = blocks.setdefault(id(src.node), [src, torch.zeros_like(w)])
-            entry[1] = entry[1] + coeff * w
+        w = weight.detach()[:, pos:pos + width]
+        terms = part.terms if isinstance(part, Combo) else ((1.0, part),)
+        for level in (U, N):
+            group = [(c, t.node) for c, t in terms if (t.level == U) == (level == U)]
+            if not group:
+                continue
+            coeff, node = group[0] if len(group) == 1 else (1.0, self._weighted_sum(group, level))
+            entry = blocks.setdefault(id(node), [node, level, torch.zeros_like(w)])
+            entry[2] = entry[2] + coeff * w
         pos += width
-    user = [(r.node, w) for r, w in blocks.values() if r.level == U]
-    item = [(r.node, w) for r, w in blocks.values() if r.level != U]
+    user = [(n, w) for n, lvl, w in blocks.values() if lvl == U]
+    item = [(n, w) for n, lvl, w in blocks.values() if lvl != U]
+    return user, item
+
+
+def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, user: List, item: List) -> Rows:
     mod = SplitLinear(torch.cat([w for _, w in user], 1).contiguous(), torch.cat([w for _, w in item], 1).contiguous(),
                       None if view.bias is None else view.bias.detach().clone())
     name = self._module_name(view.name, node)
@@ -850,6 +869,7 @@ def _has_attr_path(gm, path: str) -> bool:
 LAZY_BUILDERS: List[Any] = [_as_combo]
 
 Lowerer._split_linear = _split_linear
+Lowerer._split_sources = _split_sources
 Lowerer._module_name = _module_name
 
 for _t in (nn.Linear, F.linear, torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.addmm,
