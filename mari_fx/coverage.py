@@ -79,5 +79,22 @@ def coverage_table() -> str:
     return tabulate(coverage_rows(), headers=HEADERS, tablefmt="github")
 
 
+_START, _END = "<!-- coverage-table", "<!-- /coverage-table -->"
+
+
+def write(path: str) -> None:
+    """Replace the table between the coverage-table markers of ``path``."""
+    with open(path) as f:
+        text = f.read()
+    head, rest = text.split(_START, 1)
+    marker_line, _ = rest.split("\n", 1)
+    _, tail = rest.split(_END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{_START}{marker_line}\n{coverage_table()}\n{_END}{tail}")
+
+
 if __name__ == "__main__":
-    sys.stdout.write(coverage_table() + "\n")
+    if sys.argv[1:2] == ["--write"]:
+        write(sys.argv[2])
+    else:
+        sys.stdout.write(coverage_table() + "\n")

@@ -685,54 +685,92 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
         out_features=out_features, user_columns=cols[Side.USER], item_columns=cols[Side.ITEM],
         mixed_columns=cols[Side.MIXED], rows_per_sample=rows_per_sample, action=action, reason=reason)
     if split:
-        user, item = lw._split_sources(x_val, view.weight)
-        item_width = sum(w.shape[1] for _, w in item)
+        user, item, bcast = lw._split_sources(x_val, view.weight)
+        item_width = sum(w.shape[1] for _, w in item + bcast)
         if not user or item_width > in_features:
             split, reason = False, "splitting would not reduce the work at N rows"
             record = dataclasses.replace(record, action=action if action != "split" else "kept", reason=reason)
     if not split:
         lw.layers.append(record)
         return None
-    out = lw._split_linear(node, view, user, item)
+    out = lw._split_linear(node, view, user, item, bcast)
     mod = lw.modules[out.node.target]
-    lw.layers.append(dataclasses.replace(record, split_user_features=mod.weight_user.shape[1],
-                                         split_item_features=mod.weight_item.shape[1]))
+    lw.layers.append(dataclasses.replace(
+        record, split_user_features=mod.weight_user.shape[1], split_item_features=mod.weight_item.shape[1],
+        split_broadcast_features=0 if mod.weight_broadcast is None else mod.weight_broadcast.shape[1]))
     return out
 
 
-def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List, List]:
-    """``(node, weight block)`` pairs at U rows and at N rows whose products sum to ``x @ weight.T``.
+def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List, List, List]:
+    """``(node, weight block)`` lists at U rows, at N rows, and at N rows before a broadcast,
+    whose products sum to ``x @ weight.T``.
 
     Within a column block, terms of one level are summed first (one source each); a source
     used by several blocks (``k`` in ``cat([q, k, q - k])``) gets the coefficient-weighted sum
-    of their weights, so it is multiplied once.
+    of their weights, so it is multiplied once.  An N-row source that the model expanded
+    (``q.unsqueeze(1).expand(-1, S, -1)``) is multiplied before the expand.
     """
-    blocks: Dict[int, List] = {}  # id(source node) -> [node, level, weight block]
+    blocks: Dict[int, List] = {}  # id(source node) -> [node, level, weight block, source Rows]
     pos = 0
     for _, width, part in x.parts:
         w = weight.detach()[:, pos:pos + width]
         terms = part.terms if isinstance(part, Combo) else ((1.0, part),)
         for level in (U, N):
-            group = [(c, t.node) for c, t in terms if (t.level == U) == (level == U)]
+            group = [(c, t) for c, t in terms if (t.level == U) == (level == U)]
             if not group:
                 continue
-            coeff, node = group[0] if len(group) == 1 else (1.0, self._weighted_sum(group, level))
-            entry = blocks.setdefault(id(node), [node, level, torch.zeros_like(w)])
+            if len(group) == 1:
+                (coeff, rows), node = group[0], group[0][1].node
+            else:
+                coeff, rows = 1.0, None
+                node = self._weighted_sum([(c, t.node) for c, t in group], level)
+            entry = blocks.setdefault(id(node), [node, level, torch.zeros_like(w), rows])
             entry[2] = entry[2] + coeff * w
         pos += width
-    user = [(n, w) for n, lvl, w in blocks.values() if lvl == U]
-    item = [(n, w) for n, lvl, w in blocks.values() if lvl != U]
-    return user, item
+    user = [(n, w) for n, lvl, w, _ in blocks.values() if lvl == U]
+    item, bcast, bcast_shape = [], [], None
+    for n, lvl, w, rows in blocks.values():
+        if lvl == U:
+            continue
+        pre = _before_expand(self, rows)
+        if pre is not None and bcast_shape in (None, pre[1]):
+            bcast_shape = pre[1]
+            bcast.append((pre[0], w))
+        else:
+            item.append((n, w))
+    return user, item, bcast
 
 
-def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, user: List, item: List) -> Rows:
-    mod = SplitLinear(torch.cat([w for _, w in user], 1).contiguous(), torch.cat([w for _, w in item], 1).contiguous(),
-                      None if view.bias is None else view.bias.detach().clone())
+def _before_expand(self: Lowerer, rows: Optional[Rows]):
+    """``(node, shape)`` of the N-row tensor that ``rows`` expands along size-1 middle dims."""
+    orig = rows.orig if isinstance(rows, Rows) else None
+    if orig is None or orig.target not in ("expand", torch.ops.aten.expand.default):
+        return None
+    src = orig.args[0]
+    v = self._value(src) if isinstance(src, fx.Node) else None
+    s_in, s_out = src.meta.get(VALUE_KEY), orig.meta.get(VALUE_KEY)
+    if not (isinstance(v, Rows) and v.level == N and isinstance(s_in, TensorInfo) and isinstance(s_out, TensorInfo)):
+        return None
+    a, b = s_in.shape, s_out.shape
+    if len(a) != len(b) or a[0] != b[0] or a[-1] != b[-1] or any(x != y and x != 1 for x, y in zip(a, b)):
+        return None
+    return v.node, a[1:]
+
+
+def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, user: List, item: List, bcast: List) -> Rows:
+    def weights(sources):
+        return torch.cat([w for _, w in sources], 1).contiguous() if sources else None
+
+    w_item = weights(item)
+    mod = SplitLinear(weights(user), w_item if w_item is not None else view.weight.new_zeros(view.weight.shape[0], 0),
+                      None if view.bias is None else view.bias.detach().clone(), weights(bcast))
     name = self._module_name(view.name, node)
     self.gm.add_submodule(name, mod)
     self.modules[name] = mod
-    u_in, i_in = self._cat([n for n, _ in user], U), self._cat([n for n, _ in item], N)
-    out = self.graph.call_module(name, (u_in, i_in, self.user_index))
+    args = [self._cat([n for n, _ in user], U), self._cat([n for n, _ in item], N) if item else None, self.user_index]
+    if bcast:
+        args.append(self._cat([n for n, _ in bcast], N))
+    out = self.graph.call_module(name, tuple(args))
     self._port_meta(node, out)
     out.meta[ROWS_KEY] = N
     return Rows(out, N, node)

@@ -26,11 +26,15 @@ class SplitLinear(nn.Module):
         True
     """
 
-    def __init__(self, weight_user: torch.Tensor, weight_item: torch.Tensor, bias: Optional[torch.Tensor]):
+    def __init__(self, weight_user: torch.Tensor, weight_item: torch.Tensor, bias: Optional[torch.Tensor],
+                 weight_broadcast: Optional[torch.Tensor] = None):
         super().__init__()
         self.weight_user = nn.Parameter(weight_user, requires_grad=False)
         self.weight_item = nn.Parameter(weight_item, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # Columns of item tensors that were broadcast (expand) before the matmul in the model:
+        # applied to the un-expanded tensor, their product broadcasts in the sum.
+        self.weight_broadcast = None if weight_broadcast is None else nn.Parameter(weight_broadcast, requires_grad=False)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], user_cols, item_cols) -> "SplitLinear":
@@ -47,12 +51,19 @@ class SplitLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight_user.shape[0]
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
-        per_user = F.linear(user, self.weight_user, self.bias).index_select(0, user_index)
-        if item.dim() == 2:
-            return torch.addmm(per_user, item, self.weight_item.t())
-        return F.linear(item, self.weight_item) + per_user
+    def forward(self, user: torch.Tensor, item: Optional[torch.Tensor], user_index: torch.Tensor,
+                item_broadcast: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = F.linear(user, self.weight_user, self.bias).index_select(0, user_index)  # a fresh tensor
+        if item is not None:
+            if item.dim() == 2:
+                out = out.addmm_(item, self.weight_item.t())  # the broadcast-add fused into the GEMM
+            else:
+                out = out.add_(F.linear(item, self.weight_item))
+        if item_broadcast is not None and self.weight_broadcast is not None:
+            out = out + F.linear(item_broadcast, self.weight_broadcast)
+        return out
 
     def extra_repr(self) -> str:
-        return (f"user_features={self.weight_user.shape[1]}, item_features={self.weight_item.shape[1]}, "
+        bcast = "" if self.weight_broadcast is None else f", broadcast_features={self.weight_broadcast.shape[1]}"
+        return (f"user_features={self.weight_user.shape[1]}, item_features={self.weight_item.shape[1]}{bcast}, "
                 f"out_features={self.out_features}, bias={self.bias is not None}")

@@ -37,6 +37,7 @@ class LayerRecord:
     reason: str = ""
     split_user_features: int = 0  # after a split: weight columns applied at U rows ...
     split_item_features: int = 0  # ... and at N rows (fewer than the input's when q - k folds into q and k)
+    split_broadcast_features: int = 0  # ... and at N rows before the model's expand (once per sample)
 
     def flops(self, users: int, candidates: int, transformed: bool) -> int:
         """Multiply-add FLOPs (2 per MAC) of this layer for one request."""
@@ -46,7 +47,8 @@ class LayerRecord:
         if self.action == "hoisted":
             return per_row * users * self.in_features
         if self.action == "split":
-            return per_row * (users * self.split_user_features + candidates * self.split_item_features)
+            return (per_row * (users * self.split_user_features + candidates * self.split_item_features)
+                    + 2 * self.out_features * candidates * self.split_broadcast_features)
         return per_row * self.in_features  # const: once per request
 
 

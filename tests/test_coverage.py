@@ -43,13 +43,17 @@ def test_din_target_attention(encoder, U, N):
     record = T.meta["mari_fx.record"]
     assert record.split_layers == ("att.0", "top.0")
     # cat([q, k, q - k, q * k]): k's block and q - k's k-part are folded into one U-row block;
-    # only q and q * k remain at N rows (2 of the 4 blocks)
+    # q's block and q - k's q-part into one block applied to q before its expand over the
+    # sequence (once per candidate); only q * k runs at N x S rows
     att = T.get_submodule("att.0")
     assert isinstance(att, SplitLinear)
-    assert (att.weight_user.shape[1], att.weight_item.shape[1]) == (8, 16)
+    assert (att.weight_user.shape[1], att.weight_item.shape[1], att.weight_broadcast.shape[1]) == (8, 8, 8)
     W = model.att[0].weight
     torch.testing.assert_close(att.weight_user, W[:, 8:16] - W[:, 16:24])
-    torch.testing.assert_close(att.weight_item, torch.cat([W[:, 0:8] + W[:, 16:24], W[:, 24:32]], 1))
+    torch.testing.assert_close(att.weight_item, W[:, 24:32])
+    torch.testing.assert_close(att.weight_broadcast, W[:, 0:8] + W[:, 16:24])
+    call = next(n for n in T.graph.nodes if n.target == "att.0")
+    assert call.args[3].target == "unsqueeze"  # q.unsqueeze(1): [N, 1, D], not the [N, S, D] expand
     assert not any(n.target in ("sub", torch.sub) or getattr(n.target, "__name__", "") == "sub" for n in T.graph.nodes)
     if encoder:  # the user-only sequence encoder runs once per user
         request = {"hist": hist, "user_id": uid, "item_id": iid, "user_index": idx}
