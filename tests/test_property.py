@@ -28,6 +28,9 @@ class RandomNet(nn.Module):
                 self.mods[f"n{k}"] = nn.LayerNorm(step[2])
             elif step[0] == "matmul":
                 self.register_parameter(f"w{k}", nn.Parameter(torch.randn(step[2], step[3]) / step[2] ** 0.5))
+            elif step[0] == "din":
+                self.mods[f"d{k}"] = nn.Linear(4 * step[3], step[4])
+                self.register_buffer(f"s{k}", torch.randn(1, 3, 1))
 
     def forward(self, X, t):
         pool = [X, t]
@@ -59,6 +62,10 @@ class RandomNet(nn.Module):
                 out = torch.softmax(a, dim=step[2])
             elif op == "batchmean":  # couples rows: must never be computed per user
                 out = a - a.mean(dim=0, keepdim=True)
+            elif op == "din":  # target attention: the candidate a over a length-3 "sequence" made of b
+                qe = a.unsqueeze(1).expand(-1, 3, -1)
+                k_ = pool[step[2]].unsqueeze(1) * getattr(self, f"s{k}")
+                out = self.mods[f"d{k}"](torch.cat([qe, k_, qe - k_, qe * k_], dim=-1)).sum(dim=1)
             elif op == "sub":
                 out = a - pool[step[2]] * 0.5
             elif op in ("fm", "gram"):  # field interactions over [B, 2, w]
@@ -82,9 +89,12 @@ def programs(draw):
         same = [j for j, wj in enumerate(widths) if wj == w]
         op = draw(st.sampled_from(["relu", "tanh", "sigmoid", "double", "neg", "gelu", "add", "mul", "cat", "cat",
                                    "slice", "split", "narrow", "linear", "linear", "layernorm", "matmul",
-                                   "rowsum", "softmax", "batchmean", "sub", "fm", "gram"]))
+                                   "rowsum", "softmax", "batchmean", "sub", "fm", "gram", "din"]))
         if op in ("add", "mul", "sub", "fm"):
             step, wout = (op, a, draw(st.sampled_from(same))), w
+        elif op == "din":
+            wout = draw(st.integers(1, 4))
+            step = (op, a, draw(st.sampled_from(same)), w, wout)
         elif op == "gram":
             step, wout = (op, a, draw(st.sampled_from(same))), 4
         elif op == "cat":
