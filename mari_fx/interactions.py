@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from . import rules
 from .example_prop import VALUE_KEY, TensorInfo
-from .lower import _LOWERINGS, LAZY_BUILDERS, N, U, Blocks, Combo, Lazy, Lowerer, Pieces, Rows, Value
+from .lower import LAZY_BUILDERS, register_lowering, N, U, Blocks, Combo, Lazy, Lowerer, Pieces, Rows, Value
 from .tags import ROWS_KEY
 
 _ELEMENTWISE = set(rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._BINARY_FUNCS + rules._BINARY_METHODS)
@@ -93,12 +93,8 @@ def _elementwise_blocks(lw: Lowerer, node: fx.Node) -> Optional[Blocks]:
         return None  # every operand is the block value itself or a Python scalar
     if node.meta.get(VALUE_KEY) != src.orig.meta.get(VALUE_KEY):
         return None
-    parts = []
-    for level, size, rows in src.parts:
-        new = lw.graph.node_copy(node, lambda a: rows.node)
-        lw._port_meta(node, new)
-        new.meta[ROWS_KEY] = level
-        parts.append((level, size, Rows(new, level)))
+    (orig,) = node.all_input_nodes  # e * e reads one node, maybe twice
+    parts = [(level, size, lw._emit_on(node, orig, rows.node, level)) for level, size, rows in src.parts]
     return Blocks(node, src.dim, tuple(parts))
 
 
@@ -112,13 +108,7 @@ def _sum_blocks(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
         dim = dim[0]
     if not isinstance(dim, int) or dim % _ndim(src) != v.dim or node.kwargs.get("keepdim") or len(node.args) > 2:
         return None
-    terms = []
-    for level, _, rows in v.parts:
-        new = lw.graph.node_copy(node, lambda a: rows.node)
-        lw._port_meta(node, new)
-        new.meta[ROWS_KEY] = level
-        terms.append((1.0, Rows(new, level)))
-    return Combo(node, tuple(terms))
+    return Combo(node, tuple((1.0, lw._emit_on(node, src, rows.node, level)) for level, _, rows in v.parts))
 
 
 def _is_transpose_of(b: fx.Node, a: fx.Node) -> bool:
@@ -163,15 +153,6 @@ def _lower_gram(lw: Lowerer, node: fx.Node, _module) -> Optional[Value]:
     return Rows(out, N, node)
 
 
-def _gram_or(fallback):
-    def lowering(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
-        out = _lower_gram(lw, node, module)
-        return out if out is not None or fallback is None else fallback(lw, node, module)
-
-    return lowering
-
-
 LAZY_BUILDERS.append(_as_blocks)
-for _t in (torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul, "__matmul__", aten.bmm.default,
-           aten.matmul.default):
-    _LOWERINGS[_t] = _gram_or(_LOWERINGS.get(_t))
+register_lowering(torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul, "__matmul__", aten.bmm.default,
+                  aten.matmul.default)(_lower_gram)

@@ -182,6 +182,14 @@ class Lowerer:
         new.meta[ROWS_KEY] = level
         return Rows(new, level, node)
 
+    def _emit_on(self, node: fx.Node, src: fx.Node, part: Any, level: str) -> Rows:
+        """``node`` re-emitted with ``src`` replaced by ``part`` (one piece, block or term of it)
+        and every other input as it is: how structured values apply an op piece by piece."""
+        new = self.graph.node_copy(node, lambda a: part if a is src else self._as_is(self._value(a)))
+        self._port_meta(node, new)
+        new.meta[ROWS_KEY] = level
+        return Rows(new, level)
+
     def _value(self, a: fx.Node) -> Value:
         return self.env[a]
 
@@ -582,11 +590,7 @@ def _lower_elementwise(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     (src,) = [a for a in node.all_input_nodes if isinstance(lw._value(a), Pieces)]
     parts = []
     for level, width, rows in lw._parts_of(src):
-        part = lw._node_of(rows)
-        new = lw.graph.node_copy(node, lambda a: part if a is src else lw._as_is(lw._value(a)))
-        lw._port_meta(node, new)
-        new.meta[ROWS_KEY] = level
-        parts.append((level, width, Rows(new, level)))
+        parts.append((level, width, lw._emit_on(node, src, lw._node_of(rows), level)))
     return Pieces(tuple(parts))
 
 
@@ -837,13 +841,7 @@ def _reduced_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
     if info is None or not dims or any(not isinstance(d, int) or d % info.ndim == 0 for d in dims):
         return None
-    terms = []
-    for coeff, term in lw._value(src).terms:
-        new = lw.graph.node_copy(node, lambda a: term.node if a is src else lw._as_is(lw._value(a)))
-        lw._port_meta(node, new)
-        new.meta[ROWS_KEY] = term.level
-        terms.append((coeff, Rows(new, term.level)))
-    return Combo(node, tuple(terms))
+    return Combo(node, tuple((c, lw._emit_on(node, src, t.node, t.level)) for c, t in lw._value(src).terms))
 
 
 def _linear_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
