@@ -162,6 +162,11 @@ def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[s
     graph.set_codegen(fx.graph.CodeGen())
     for attr in ("_in_spec", "_out_spec"):  # export's pytree specs no longer describe forward
         gm.__dict__.pop(attr, None)
+    # ... and neither do the hooks ep.module() adds (they check inputs against _in_spec)
+    gm._forward_pre_hooks.clear()
+    gm._forward_pre_hooks_with_kwargs.clear()
+    gm._forward_hooks.clear()
+    gm._forward_hooks_always_called.clear()
     graph.lint()
     gm.recompile()
     return gm

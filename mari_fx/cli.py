@@ -4,7 +4,8 @@
     mari-fx export TARGET --user SELECTOR... --out model.pt2
 
 TARGET is a factory ``package.module:function`` (or ``file.py:function``) returning
-``(model, example_args[, example_kwargs])``; see :mod:`mari_fx.factories`.  The
+``(model, example_args[, example_kwargs])``, or a saved pair-shaped ExportedProgram
+``model.pt2``; see :mod:`mari_fx.factories`.  The
 report's data comes from :mod:`mari_fx.report`; this module only formats it.
 
 Exit codes: 0 done; 2 bad arguments, or the target cannot be loaded or traced;
@@ -15,7 +16,10 @@ Failures print one line on stderr; ``--debug`` prints the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -40,17 +44,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mari-fx", description="Lossless MaRI rewrites of pair-shaped ranking models.")
+    parser = _Parser(prog="mari-fx", description="Lossless MaRI rewrites of pair-shaped ranking models.",
+                     epilog="exit codes: 0 done; 2 bad arguments / cannot load or trace TARGET; 3 export failed; "
+                            "1 unexpected error.  Docs: docs/report.md, docs/deploy.md")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("target", metavar="TARGET",
                        help="factory 'package.module:function' (or 'file.py:function') returning "
-                            "(model, example_args[, example_kwargs])")
+                            "(model, example_args[, example_kwargs]), or a saved pair-shaped ExportedProgram .pt2")
         p.add_argument("--user", "-u", dest="user", action="extend", nargs="+", required=True, metavar="SELECTOR",
                        help="user-side input(s): 'arg', 'arg[key]' or 'arg[:, a:b]' (repeatable)")
-        p.add_argument("--debug", action="store_true", help="print tracebacks instead of one-line errors")
+        p.add_argument("--debug", action="store_true", help="print tracebacks (and what torch prints while tracing) instead of one-line errors")
 
     rep = sub.add_parser("report", help="print what MaRI rewrites and the FLOPs it saves",
                          description="Transform TARGET and print one row per Linear / matmul, then the totals.")
@@ -120,12 +126,30 @@ def _fail(code: int, message: str, debug: bool) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _quiet(debug: bool):
+    """Hold back what torch prints while tracing (dynamo dumps whole graphs on stderr when a
+    capture fails) so that stdout is the report and stderr the one-line error; --debug shows it."""
+    if debug:
+        yield
+        return
+    sink = io.StringIO()
+    # torch also logs through handlers bound to the real stderr: mute logging as well
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True):
     from .api import transform
     from .factories import load
 
-    model, ex_args, ex_kwargs = load(args.target)
-    T = transform(model, args.user, ex_args, ex_kwargs, split_matmuls=split_matmuls)
+    with _quiet(args.debug):
+        model, ex_args, ex_kwargs = load(args.target)
+        T = transform(model, args.user, ex_args, ex_kwargs, split_matmuls=split_matmuls)
     return model, T
 
 
@@ -175,7 +199,8 @@ def format_report(data: Dict[str, Any]) -> str:
     out.append(title)
     out.append("user inputs: " + ", ".join(i["name"] + ("" if i["name"] == i["source"] else f" ({i['source']})")
                                          for i in data["inputs"] if i["side"] == "user"))
-    out.append(f"FLOPs per request at U={U} user(s), N={N} candidates; columns: input features of each layer" + ("" if data["split_matmuls"] else
+    out.append(f"FLOPs per request at U={U} user(s), N={N} candidates; user / item / mixed: the layer's input "
+               "columns by side" + ("" if data["split_matmuls"] else
                                                                         "  [--no-split: matmuls not split]"))
     out.append("")
     rows = [(l["name"], _short(l["op"]), f"{l['in_features']} -> {l['out_features']}", l["user_columns"],
@@ -217,6 +242,14 @@ def format_report(data: Dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- export
+def _input_shape(T, spec) -> str:
+    """``user [U, 256]``: the row dim by side, the other dims from the traced example."""
+    example = (T.meta.get("mari_fx.example") or {}).get(spec.name)
+    rows = "U" if str(spec.side) == "user" else "N"
+    dims = [rows] + [str(d) for d in example.shape[1:]] if example is not None else [rows, "..."]
+    return f"{spec.name} [{', '.join(dims)}]"
+
+
 VERIFY_SHAPES = ((1, 1), (3, 7))
 
 
@@ -229,7 +262,8 @@ def _export(args: argparse.Namespace) -> int:
 
     model, T = _load_and_transform(args)
     try:
-        ep = mexport.export(T, check_requests=not args.no_checks)
+        with _quiet(args.debug):
+            ep = mexport.export(T, check_requests=not args.no_checks)
     except MariError as e:
         raise _ExportFailed(str(e)) from e
     try:
@@ -238,8 +272,8 @@ def _export(args: argparse.Namespace) -> int:
         raise _ExportFailed(f"cannot save to {args.out!r}: {type(e).__name__}: {e}") from e
     lines = [f"wrote {args.out}: torch.export program of {type(model).__name__} with dynamic U (users) and N "
              f"(candidates), U, N >= 1; request checks {'off' if args.no_checks else 'on'}",
-             "inputs: " + ", ".join(f"{s.name} [{'U' if str(s.side) == 'user' else 'N'}, ...]"
-                                    for s in T.meta["mari_fx.request"].inputs) + ", user_index [N] int64"]
+             "inputs: " + ", ".join(_input_shape(T, s) for s in T.meta["mari_fx.request"].inputs)
+             + ", user_index [N] int64"]
     if not args.no_verify:
         loaded = torch.export.load(args.out).module()
         worst = 0.0

@@ -145,10 +145,11 @@ def dynamic_shapes(T: fx.GraphModule, users: Any = None, candidates: Any = None)
 def widen_request(T: fx.GraphModule, request: Mapping[str, torch.Tensor], min_users: int = 2) -> Dict[str, torch.Tensor]:
     """A request with >= ``min_users`` users and more candidates than users, made of ``request``'s rows.
 
-    ``torch.export`` specialises a dimension whose example size is 0 or 1, and
-    would tie U to N if their example sizes were equal, so an example request
-    for :func:`export` needs U >= 2 and N > U.  Rows are reused cyclically, so
-    ids stay in range; a request that already fits is returned as it is.
+    ``torch.export`` specialises a dimension whose example size is 0 or 1, so an
+    example request for :func:`export` needs U >= 2 and N >= 2; N > U is asked
+    for too, as in real requests, so the example records no accidental U == N.
+    Rows are reused cyclically, so ids stay in range; a request that already
+    fits is returned as it is.
 
     Example:
         >>> import torch, mari_fx

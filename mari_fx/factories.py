@@ -2,8 +2,9 @@
 
 The convention
 --------------
-A TARGET is ``package.module:function`` (or ``path/to/file.py:function``); the
-function is called with no arguments and returns one of
+A TARGET is ``package.module:function`` (or ``path/to/file.py:function``), or a
+``.pt2`` file (see :func:`load_exported_program`); the function is called with
+no arguments and returns one of
 
 * ``(model, example_args)``
 * ``(model, example_args, example_kwargs)``
@@ -127,10 +128,7 @@ def load(target: str) -> Tuple[nn.Module, Tuple[Any, ...], Dict[str, Any]]:
         ('CoarseRanker', 2, {})
     """
     if target.endswith(".pt2") and ":" not in os.path.basename(target):
-        raise TargetError(
-            f"{target!r} looks like a saved ExportedProgram: mari_fx rewrites torch-level graphs (nn.Linear, "
-            "F.linear, torch.cat ...) and has no rules for the ATen ops an ExportedProgram holds; pass a factory "
-            "'package.module:function' that returns the model and a pair-shaped example")
+        return load_exported_program(target)
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
         raise TargetError(f"TARGET {target!r} must be 'package.module:function' (or 'path/to/file.py:function')")
@@ -149,6 +147,52 @@ def load(target: str) -> Tuple[nn.Module, Tuple[Any, ...], Dict[str, Any]]:
     except Exception as e:
         raise TargetError(f"factory {target!r} raised {type(e).__name__}: {_first_line(e)}") from e
     return _check_result(target, result)
+
+
+def load_exported_program(path: str) -> Tuple[nn.Module, Tuple[Any, ...], Dict[str, Any]]:
+    """A saved pair-shaped ``ExportedProgram`` (``torch.export.save``) as ``(model, example_args, example_kwargs)``.
+
+    The program must have been saved with its example inputs (the default) and
+    exported with dim 0 (the pair batch) of every input dynamic: it is
+    re-captured through :func:`mari_fx.capture.capture_with_export`, which makes
+    that dim dynamic again and gives the graph one placeholder per forward
+    argument.  The model is that GraphModule: the same ATen graph as the program.
+
+    Example:
+        >>> import io, torch
+        >>> from torch.export import Dim
+        >>> from mari_fx.examples import CoarseRanker
+        >>> batch = Dim("batch", min=2)
+        >>> ep = torch.export.export(CoarseRanker().eval(), (torch.randn(4, 16), torch.randn(4, 8)),
+        ...                          dynamic_shapes=({0: batch}, {0: batch}))
+        >>> import tempfile, os; path = os.path.join(tempfile.mkdtemp(), "ranker.pt2")
+        >>> torch.export.save(ep, path)
+        >>> model, args, kwargs = load_exported_program(path)
+        >>> [n.target for n in model.graph.nodes if n.op == "placeholder"], args[0].shape
+        (['user', 'item'], torch.Size([4, 16]))
+        >>> model(torch.randn(7, 16), torch.randn(7, 8)).shape  # any batch size
+        torch.Size([7])
+    """
+    from .capture import capture_with_export
+
+    if not os.path.isfile(path):
+        raise TargetError(f"no such file {path!r}")
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:
+        raise TargetError(f"cannot load {path!r} as an ExportedProgram: {type(e).__name__}: {_first_line(e)}") from e
+    if ep.example_inputs is None:
+        raise TargetError(f"{path!r} was saved without example inputs; export it again with torch.export.export "
+                          "(which keeps them) or pass a factory 'package.module:function'")
+    args, kwargs = ep.example_inputs
+    try:
+        model = capture_with_export(ep.module(), tuple(args), dict(kwargs))
+    except Exception as e:
+        raise TargetError(
+            f"cannot re-capture {path!r} with a dynamic batch dimension ({type(e).__name__}: {_first_line(e)}); "
+            "export the pair-shaped model with dim 0 of every input dynamic, e.g. "
+            "dynamic_shapes=({0: Dim('batch', min=2)}, ...), or pass a factory") from e
+    return model, tuple(args), dict(kwargs)
 
 
 def _import(where: str) -> Any:

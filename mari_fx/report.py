@@ -17,6 +17,7 @@ Two FLOPs figures are given, and they answer different questions:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -32,9 +33,6 @@ from .tags import ROWS_KEY, TAG_KEY
 
 SCHEMA = "mari_fx.report/1"
 
-# Layer fields copied from LayerRecord, in table order.
-LAYER_FIELDS = ("name", "op", "in_features", "out_features", "user_columns", "item_columns", "mixed_columns",
-                "rows_per_sample", "action")
 
 
 def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candidates: int = 1000, seed: int = 0,
@@ -74,7 +72,7 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
 
     layers: List[Dict[str, Any]] = []
     for layer in record.layers:
-        row = {k: getattr(layer, k) for k in LAYER_FIELDS}
+        row = dataclasses.asdict(layer)  # every LayerRecord field, under its own name
         row["rewritten"] = layer.action in ("split", "hoisted")
         row["reason"] = _why_not(layer)
         row["flops_before"] = layer.flops(users, candidates, transformed=False)
@@ -141,7 +139,7 @@ def _nodes(T: fx.GraphModule) -> List[Dict[str, Any]]:
             continue
         tag = n.meta.get(TAG_KEY)
         out.append({
-            "name": n.name,
+            "name": n.target if n.op == "placeholder" else n.name,  # placeholders: the request key
             "op": n.op if n.op == "placeholder" else describe_target(n, modules.get(n.target)),
             "target": str(n.target) if n.op in ("placeholder", "call_module", "call_method") else None,
             "rows": n.meta.get(ROWS_KEY),
