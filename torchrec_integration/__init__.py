@@ -1,0 +1,26 @@
+"""mari_fx for TorchRec models: KJT inputs, embedding collections, KeyedTensors.
+
+Importing this package teaches mari_fx TorchRec's types; then the usual calls work::
+
+    import mari_fx, torchrec_integration
+    T = mari_fx.transform(model, user_inputs=["user_dense", "features[user_id]", "features[user_hist]"],
+                          example_inputs=(dense, kjt))          # pair-shaped, >= 2 rows
+    request = mari_fx.pairs_to_request(T, dense, kjt, user_index=idx)
+    T(**request)  # features_user: KJT of U rows, features_item: KJT of N rows
+
+Embedding collections (unsharded, quantized, or sharded by DistributedModelParallel)
+stay single calls; the user keys of the request's KJT are looked up once per user
+(see :mod:`torchrec_integration.lowering` and docs/torchrec.md).
+"""
+from .inputs import KJTInputSpec, KJTKeys
+from .jagged import kjt_select_rows, select_rows
+from .registry import DEFAULT_EMBEDDING_MODULES, register_all, register_embedding_module
+from .rules import KeyedTag
+from .trace import symbolic_trace
+
+register_all()
+
+__all__ = [
+    "DEFAULT_EMBEDDING_MODULES", "KJTInputSpec", "KJTKeys", "KeyedTag", "kjt_select_rows",
+    "register_embedding_module", "select_rows", "symbolic_trace",
+]

@@ -1,0 +1,78 @@
+"""Which TorchRec modules mari_fx treats as embedding collections, and the one-time
+registration of everything this package teaches mari_fx."""
+from __future__ import annotations
+
+import types
+from typing import Type
+
+import torch.nn as nn
+from torchrec.distributed.embedding import ShardedEmbeddingCollection
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.distributed.fp_embeddingbag import ShardedFeatureProcessedEmbeddingBagCollection
+from torchrec.distributed.quant_embedding import ShardedQuantEmbeddingCollection
+from torchrec.distributed.quant_embeddingbag import ShardedQuantEmbeddingBagCollection
+from torchrec.distributed.types import ShardedModule
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+from torchrec.quant import embedding_modules as quant
+
+from mari_fx.capture import register_leaf_module
+from mari_fx.lower import register_lowering, register_row_gather
+from mari_fx.rules import register as register_rule
+
+from . import inputs, jagged, lowering, summaries
+from .rules import POOLED, SEQUENCE, embedding_rule
+
+DEFAULT_EMBEDDING_MODULES = {
+    EmbeddingBagCollection: POOLED,
+    EmbeddingCollection: SEQUENCE,
+    FeatureProcessedEmbeddingBagCollection: POOLED,
+    quant.EmbeddingBagCollection: POOLED,
+    quant.FeatureProcessedEmbeddingBagCollection: POOLED,
+    quant.EmbeddingCollection: SEQUENCE,
+    ShardedEmbeddingBagCollection: POOLED,
+    ShardedFeatureProcessedEmbeddingBagCollection: POOLED,
+    ShardedEmbeddingCollection: SEQUENCE,
+    ShardedQuantEmbeddingBagCollection: POOLED,
+    ShardedQuantEmbeddingCollection: SEQUENCE,
+}
+
+
+def register_embedding_module(cls: Type[nn.Module], kind: str = POOLED) -> None:
+    """Treat ``cls`` as an embedding collection: ``forward(features: KeyedJaggedTensor)``
+    returning a ``KeyedTensor`` (``kind="pooled"``) or a dict of ``JaggedTensor``
+    (``kind="sequence"``) with one entry per feature key, each row depending on its own
+    row's bags only.  It is traced as one call, shared (not copied) by transformed
+    modules, and called once per request on the padded KJT.
+
+    Example:
+        >>> import torchrec_integration as tri
+        >>> class MyEBC(EmbeddingBagCollection): ...
+        >>> tri.register_embedding_module(MyEBC)
+        >>> tri.lowering.EMBEDDING_KINDS[MyEBC]
+        'pooled'
+    """
+    if kind not in (POOLED, SEQUENCE):
+        raise ValueError(f"kind must be {POOLED!r} or {SEQUENCE!r}, got {kind!r}")
+    if cls in lowering.EMBEDDING_KINDS:
+        return
+    lowering.EMBEDDING_KINDS[cls] = kind
+    register_leaf_module(cls, share=True)
+    register_rule(cls)(embedding_rule)
+    register_lowering(cls)(lowering.lower_embedding)
+
+
+def _gathered(info) -> bool:
+    keyed = (summaries.KJTInfo, summaries.KeyedTensorInfo, summaries.JaggedTensorInfo)
+    if isinstance(info, types.MappingProxyType):
+        return bool(info) and all(isinstance(v, keyed) or hasattr(v, "shape") for v in info.values())
+    return isinstance(info, keyed)
+
+
+def register_all() -> None:
+    summaries.register()
+    inputs.register()
+    for cls, kind in DEFAULT_EMBEDDING_MODULES.items():
+        register_embedding_module(cls, kind)
+    register_leaf_module(ShardedModule, share=True)  # any other sharded module: one call, never copied
+    register_row_gather(_gathered, jagged.select_rows)
