@@ -51,7 +51,6 @@ def coverage_rows() -> List[Tuple]:
         T = mari_fx.transform(model, users, example)
         spec = T.meta["mari_fx.request"]
         user_args = {s.arg for s in spec.user_inputs}
-        request_pairs = []
         idx = torch.zeros(N, dtype=torch.long)
         per_user = {}
         for arg, m in zip(spec.args, makers):

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .example_prop import VALUE_KEY, TensorInfo
-from .tags import CONST, MIXED, NOTE_KEY, TAG_KEY, Segment, SeqTag, Side, Tag, TensorTag, join_all
+from .tags import CONST, NOTE_KEY, TAG_KEY, Segment, SeqTag, Side, Tag, TensorTag, join_all
 
 Target = Union[Callable, str, type]
 Rule = Callable[["RuleContext"], Tag]

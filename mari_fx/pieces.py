@@ -1,0 +1,124 @@
+"""Lowerings that keep column pieces apart: ``cat`` / indexing / ``split`` / ``narrow`` on the
+last dim select pieces, and elementwise ops apply piece by piece (user pieces at U rows)."""
+from __future__ import annotations
+
+import operator
+from typing import List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rules
+from .example_prop import VALUE_KEY
+from .lower import Lowerer, Pieces, Seq, Value, register_lowering
+from .tags import TAG_KEY
+
+@register_lowering(torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
+def _lower_cat(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    if not node.meta[TAG_KEY].has_user_columns:
+        return None
+    parts: List = []
+    for t in node.args[0] if node.args else node.kwargs["tensors"]:
+        parts += lw._parts_of(t)
+    return Pieces(tuple(parts))
+
+
+@register_lowering(operator.getitem)
+def _lower_getitem(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    base, index = node.args
+    v = lw._value(base)
+    if isinstance(v, Seq):
+        return v.items[index] if isinstance(index, int) else Seq(tuple(v.items[index]))
+    if not isinstance(v, Pieces):
+        return None
+    plan = rules.normalize_index(index, base.meta[VALUE_KEY].ndim)
+    if plan is None or plan[1] or plan[0][0] != slice(None):
+        return None
+    per_dim = plan[0]
+    if isinstance(index, tuple) and any(i is None for i in index):
+        return None
+    prefix = tuple(per_dim[:-1])
+    last = per_dim[-1]
+    width = base.meta[VALUE_KEY].shape[-1]
+    if isinstance(last, slice) and last.step in (None, 1):
+        lo, hi, _ = last.indices(width)
+        return lw._select_columns(base, lo, max(lo, hi), prefix)
+    if isinstance(last, int):
+        return lw._select_column(base, last % width, prefix)
+    return None
+
+
+@register_lowering(torch.ops.aten.slice.Tensor)
+def _lower_aten_slice(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x, dim, start, stop, step = rules.aten_slice_args(node)
+    v = lw._value(x)
+    ndim = x.meta[VALUE_KEY].ndim
+    if any(isinstance(a, fx.Node) for a in (start, stop, step)) or step != 1:
+        return None
+    if dim % ndim == 0 and (start or 0) == 0 and (stop is None or stop >= rules.ALL_ROWS):
+        return v  # x[:] on the batch: the same value, whatever its level
+    if not isinstance(v, Pieces) or dim % ndim != ndim - 1:
+        return None
+    lo, hi, _ = slice(start, stop).indices(x.meta[VALUE_KEY].shape[-1])
+    return lw._select_columns(x, lo, max(lo, hi), (slice(None),) * (ndim - 1))
+
+
+@register_lowering(torch.ops.aten.select.int)
+def _lower_aten_select(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x, dim, index = node.args[:3]
+    ndim = x.meta[VALUE_KEY].ndim
+    if not isinstance(lw._value(x), Pieces) or not isinstance(index, int) or dim % ndim != ndim - 1:
+        return None
+    return lw._select_column(x, index % x.meta[VALUE_KEY].shape[-1], (slice(None),) * (ndim - 1))
+
+
+def _split_bounds(node: fx.Node) -> List[Tuple[int, int]]:
+    bounds, pos = [], 0
+    for part in node.meta[VALUE_KEY]:
+        w = part.shape[-1]
+        bounds.append((pos, pos + w))
+        pos += w
+    return bounds
+
+
+@register_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
+           torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default)
+def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x = node.args[0]
+    if not isinstance(lw._value(x), Pieces):
+        return None
+    ndim = x.meta[VALUE_KEY].ndim
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim % ndim != ndim - 1:
+        return None
+    prefix = (slice(None),) * (ndim - 1)
+    return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in _split_bounds(node)))
+
+
+@register_lowering(torch.narrow, "narrow", torch.ops.aten.narrow.default)
+def _lower_narrow(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    x = node.args[0]
+    if not isinstance(lw._value(x), Pieces):
+        return None
+    ndim = x.meta[VALUE_KEY].ndim
+    dim, start, length = (list(node.args[1:]) + [node.kwargs.get(k) for k in ("dim", "start", "length")])[:3]
+    if not (isinstance(start, int) and isinstance(length, int)) or dim % ndim != ndim - 1:
+        return None
+    return lw._select_columns(x, start, start + length, (slice(None),) * (ndim - 1))
+
+
+def _lower_elementwise(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    if not node.meta[TAG_KEY].has_user_columns:
+        return None
+    (src,) = [a for a in node.all_input_nodes if isinstance(lw._value(a), Pieces)]
+    parts = []
+    for level, width, rows in lw._parts_of(src):
+        parts.append((level, width, lw._emit_on(node, src, lw._node_of(rows), level)))
+    return Pieces(tuple(parts))
+
+
+register_lowering(*(rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._UNARY_MODULES + rules._BINARY_FUNCS
+           + rules._BINARY_METHODS + [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout,
+                                      torch.dropout, "dropout"]))(_lower_elementwise)
