@@ -222,7 +222,7 @@ def format_report(data: Dict[str, Any]) -> str:
     out.append(f"  sum of the layer rows: before {_n(f['layers_before'])}, after {_n(f['layers_after'])} ({lspeed})")
     out.append("  before: the pair-shaped model on N pair rows; after: the transformed module on U users, N candidates")
     out.append("split layers: " + (", ".join(data["split_layers"]) or "none"))
-    out.append(f"hoisted to the user batch (U rows): " + (", ".join(data["hoisted"]) or "nothing"))
+    out.append("hoisted to the user batch (U rows): " + (", ".join(data["hoisted"]) or "nothing"))
     if data["broadcasts"]:
         out.append("user values gathered to N rows: " + ", ".join(f"{b['source']} (for {b['at']})"
                                                                    for b in data["broadcasts"]))
