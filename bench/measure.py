@@ -9,6 +9,7 @@ import gc
 import os
 import platform
 import sys
+import random
 import time
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
@@ -115,6 +116,7 @@ def interleaved_latency(
     target_round_s: float,
     warmup: int = 2,
     max_calls_per_round: int = 50,
+    min_calls: int = 2,
     budget_s: float = float("inf"),
     slow_s: float = 0.2,
 ) -> Dict[str, List[float]]:
@@ -122,10 +124,12 @@ def interleaved_latency(
 
     Each variant was called once before (the output check, which also compiles); it gets
     ``warmup`` more untimed calls (one if a call takes over ``slow_s``).  Each round calls
-    every variant ``k`` times back to back (``k`` chosen once from the fastest warm-up
-    call so one variant's share of a round is about ``target_round_s``);
-    the variant order rotates every round and reverses every other round, so drift
-    in machine load is spread over all variants alike.  GC is off while timing.
+    every variant ``1 + k`` times back to back (``k >= min_calls`` chosen once from the fastest
+    warm-up call so one variant's share of a round is about ``target_round_s``) and keeps the
+    last ``k``: the first call after another variant pays for that variant's footprint in the
+    caches and the allocator (fresh pages for its large tensors), which is not the variant's
+    own steady-state cost.  The variant order is shuffled every round (seeded), so drift in
+    machine load and any order effect are spread over all variants alike.  GC is off while timing.
     Stops early (after >= 3 rounds) once ``budget_s`` is spent.
     """
     keys = list(fns)
@@ -140,18 +144,18 @@ def interleaved_latency(
                 if t[-1] > slow_s:  # a slow variant: one warm-up call is enough (it ran once already)
                     break
             est[k] = max(min(t), 1e-7)
-        reps = {k: max(1, min(max_calls_per_round, int(target_round_s / est[k]))) for k in keys}
+        reps = {k: max(min_calls, min(max_calls_per_round, int(target_round_s / est[k]))) for k in keys}
+        rng = random.Random(0)
         samples = Samples({k: [] for k in keys})
         gc.collect()
         gc.disable()
         start = time.perf_counter()
         try:
             for r in range(rounds):
-                order = keys[r % len(keys):] + keys[:r % len(keys)]
-                if r % 2:
-                    order = order[::-1]
+                order = rng.sample(keys, len(keys))
                 for k in order:
                     fn, out = fns[k], samples[k]
+                    fn()  # settle in after the previous variant (untimed)
                     for _ in range(reps[k]):
                         t0 = time.perf_counter_ns()
                         fn()

@@ -223,6 +223,21 @@ def _auto_why(kind: str, a: str, b: str, ops) -> str:
 
 
 # --------------------------------------------------------------------------- markdown
+def _why(t: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
+    """The reading of a miss where it follows from the data alone; else a pointer to the notes."""
+    if t["id"].startswith("efficiency/"):
+        hw = _find(rows, model=t["model"], layout=t["layout"], mode=t["mode"], variant="hand-written",
+                   users=t["users"], candidates=t["candidates"])
+        floor = ""
+        if hw and hw.get("speedup") and hw.get("flops_speedup"):
+            floor = (f" The hand-written rewrite meets the same floor: efficiency "
+                     f"{hw['speedup'] / hw['flops_speedup']:.2f} at this cell.")
+        return ("the FLOPs-bound ideal counts matmul FLOPs only; what the rewrite leaves at N rows is mostly "
+                "memory-bound work the count ignores (the `auto` ops: gathering the user product to N rows, "
+                "ReLU over N x H, item embedding lookups and concatenation)." + floor)
+    return "_see the notes under this list._"
+
+
 def summary(rows: Sequence[Dict[str, Any]], wanted: int) -> List[str]:
     """One line per (model, layout, mode) at the target cell: the headline numbers."""
     table = []
@@ -260,6 +275,7 @@ def markdown(result: Dict[str, Any]) -> str:
         ["torch", env["torch"]], ["threads (torch.set_num_threads)", env["threads"]],
         ["interop threads", env["interop_threads"]], ["CPU", f"{env['cpu_model']} ({env['cpus_available']} CPUs available)"],
         ["load average at start", env["loadavg_at_start"]], ["python", env["python"]],
+        ["allocator", env.get("malloc", "glibc defaults")],
     ], headers=["environment", ""], tablefmt="github"))
     out.append("")
     if args.get("quick"):
@@ -294,7 +310,7 @@ def markdown(result: Dict[str, Any]) -> str:
                         for l in meta.get("layers", []) if l["action"] not in ("split", "hoisted")]
                 out.append("  - auto: layers mari_fx did not split or hoist: " + (", ".join(kept) or "none")
                            + ". See the model's docstring for what the analytic minimum assumes.")
-            out.append("  - WHY: _TODO(lead): fill in after the final run on an idle machine._")
+            out.append("  - WHY: " + _why(t, rows))
         out.append("")
         for tid, prof in result.get("profiles", {}).items():
             if "ops" not in prof:

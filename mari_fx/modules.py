@@ -55,12 +55,14 @@ class SplitLinear(nn.Module):
                 item_broadcast: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = F.linear(user, self.weight_user, self.bias).index_select(0, user_index)  # a fresh tensor
         if item is not None:
-            if item.dim() == 2:
-                out = out.addmm_(item, self.weight_item.t())  # the broadcast-add fused into the GEMM
+            if item.shape[:-1] == out.shape[:-1]:
+                # one GEMM over all leading dims, the broadcast-add fused into it (in place)
+                flat = out.view(-1, out.shape[-1])
+                flat.addmm_(item.reshape(-1, item.shape[-1]), self.weight_item.t())
             else:
                 out = out.add_(F.linear(item, self.weight_item))
         if item_broadcast is not None and self.weight_broadcast is not None:
-            out = out + F.linear(item_broadcast, self.weight_broadcast)
+            out = out.add_(F.linear(item_broadcast, self.weight_broadcast))
         return out
 
     def extra_repr(self) -> str:

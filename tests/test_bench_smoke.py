@@ -98,7 +98,10 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     assert header in squeeze(md)
     for section in ("## Targets", "## Coarse ranker next to the paper", "## Key ratios", "## Not measured"):
         assert section in md
-    assert "1.58x / 10.95x" in md and "TODO" in md  # paper numbers; the TorchRec hook or a WHY placeholder
+    assert "1.58x / 10.95x" in md  # the paper's numbers next to the coarse ranker's rows
+    # every missed target is listed with its reading
+    missed = sum(1 for l in md.split("## Targets")[1].split("\n## ")[0].splitlines() if "| MISSED " in l)
+    assert md.count("  - WHY: ") == missed
     for name in MODELS:
         body = md.split(f"## {name}: all cells")[1].split("\n## ")[0]
         table = [l for l in body.splitlines() if l.startswith("| neat") or l.startswith("| fragmented")]
