@@ -69,8 +69,8 @@ class ExampleProp(fx.Interpreter):
         >>> import torch, torch.fx as fx
         >>> gm = fx.symbolic_trace(torch.nn.Linear(3, 2))
         >>> _ = ExampleProp(gm).run(torch.ones(4, 3))
-        >>> [n.meta[VALUE_KEY].shape for n in gm.graph.nodes if n.op != "output"]
-        [(4, 3), (4, 2)]
+        >>> [n.meta[VALUE_KEY].shape for n in gm.graph.nodes if n.op != "output"]  # x, weight, bias, out
+        [(4, 3), (2, 3), (2,), (4, 2)]
     """
 
     def run_node(self, n: fx.Node) -> Any:
