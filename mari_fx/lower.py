@@ -420,9 +420,11 @@ def _qualname(n: fx.Node) -> str:
 
 
 def _location(n: fx.Node) -> str:
+    """Where a node sits in the model: its innermost module's path (torch.export records it)."""
     stack = n.meta.get("nn_module_stack")
     if stack:
-        return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else str(list(stack)[-1])
+        innermost = list(stack.values())[-1]  # (qualified path, module class)
+        return innermost[0] if isinstance(innermost, tuple) else str(list(stack)[-1])
     return n.target if n.op == "call_module" else n.name
 
 
