@@ -4,7 +4,6 @@
                           example_inputs=pair_batch)
     T(**mari_fx.pairs_to_request(T, *pair_batch, user_index=idx)) == model(*pair_batch)
 """
-from . import interactions  # noqa: F401  (registers the interaction-layer lowerings)
 from .api import is_tagged, trace, transform
 from .errors import DeclarationError, MariError, RequestError, TraceError, VerificationError
 from .flops import count_flops

@@ -376,9 +376,10 @@ def _level_of(tag) -> str:
 
 
 def _is_batched_tensor(v: Rows) -> bool:
-    info = v.orig.meta.get(VALUE_KEY) if v.orig is not None else None
+    """New nodes without an original (pieces, gathers) are always row tensors."""
     if v.orig is None:
         return True
+    info = v.orig.meta.get(VALUE_KEY)
     return isinstance(info, TensorInfo) and info.ndim >= 1
 
 

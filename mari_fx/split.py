@@ -32,22 +32,11 @@ class _LinearView:
 
 
 def _param(lw: Lowerer, a: Any) -> Optional[torch.Tensor]:
-    if isinstance(a, fx.Node) and a.op == "get_attr":
-        return lw.gm.get_parameter(a.target) if _is_param(lw.gm, a.target) else _get_attr(lw.gm, a.target)
-    return None
-
-
-def _is_param(gm, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
-
-
-def _get_attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
+    """The tensor a ``get_attr`` node reads (parameter, buffer or constant), else None."""
+    if not (isinstance(a, fx.Node) and a.op == "get_attr"):
+        return None
+    obj = lw.gm
+    for part in a.target.split("."):
         obj = getattr(obj, part)
     return obj if isinstance(obj, torch.Tensor) else None
 
