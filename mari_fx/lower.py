@@ -154,6 +154,11 @@ class Lowerer:
     # ----------------------------------------------------------------- lowering
     def _lower(self, node: fx.Node) -> Value:
         tag = node.meta[TAG_KEY]
+        read = rules.size_read(node)
+        if read is not None:
+            value = self._lower_size_read(node, *read)
+            if value is not None:
+                return value
         module = self.modules.get(node.target) if node.op == "call_module" else None
         special = _LOWERINGS.get(type(module) if module is not None else node.target) if node.op != "get_attr" else None
         if special is not None:
@@ -172,7 +177,7 @@ class Lowerer:
         return self._emit(node, N, self._materialize)
 
     def _emit(self, node: fx.Node, level: str, convert) -> Rows:
-        new = self.graph.node_copy(node, lambda a: convert(self._value(a)))
+        new = self._copy(node, lambda a: convert(self._value(a)), level)
         self._port_meta(node, new)
         new.meta[ROWS_KEY] = level
         return Rows(new, level, node)
@@ -180,10 +185,37 @@ class Lowerer:
     def _emit_on(self, node: fx.Node, src: fx.Node, part: Any, level: str) -> Rows:
         """``node`` re-emitted with ``src`` replaced by ``part`` (one piece, block or term of it)
         and every other input as it is: how structured values apply an op piece by piece."""
-        new = self.graph.node_copy(node, lambda a: part if a is src else self._as_is(self._value(a)))
+        new = self._copy(node, lambda a: part if a is src else self._as_is(self._value(a)), level)
         self._port_meta(node, new)
         new.meta[ROWS_KEY] = level
         return Rows(new, level)
+
+    def _copy(self, node: fx.Node, arg_transform, level: str) -> fx.Node:
+        """``graph.node_copy``, except that at U rows a batch size in the batch position of a shape
+        (:func:`mari_fx.rules.batch_dim_size_slot`, the predicate the rules use) becomes the
+        number of users; a batch size anywhere else is the value N."""
+        path = rules.batch_dim_size_slot(node) if level == U else None
+        if path is None:
+            return self.graph.node_copy(node, arg_transform)
+        args, kwargs = rules.replace_at(node.args, node.kwargs, path, None)
+        args, kwargs = fx.node.map_arg(args, arg_transform), fx.node.map_arg(kwargs, arg_transform)
+        args, kwargs = rules.replace_at(args, kwargs, path, self._num_users())
+        return self.graph.create_node(node.op, node.target, args, kwargs, node.name, node.type)
+
+    def _lower_size_read(self, node: fx.Node, kind: str, src: fx.Node) -> Optional[Value]:
+        """A size of a batched tensor (:func:`mari_fx.rules.size_read`) at N rows, read off
+        ``user_index`` or the U-row tensor: never a tensor gathered to N rows just for its size."""
+        if kind == "batch":
+            return Rows(self._num_candidates(), N, node)
+        v = self._value(src)
+        if not (isinstance(v, Rows) and v.level == U):
+            return None  # an N-row value has the pair model's shape already
+        if kind == "shape" and all(_reads_feature_dim(u) for u in node.users):
+            return self._emit(node, N, lambda a: a.node)  # only feature sizes are read off it
+        out = self.graph.call_function(batch_shape if kind == "shape" else batch_numel, (v.node, self._num_candidates()))
+        self._port_meta(node, out)
+        out.meta[ROWS_KEY] = N
+        return Rows(out, N, node)
 
     def _value(self, a: fx.Node) -> Value:
         return self.env[a]
@@ -191,8 +223,6 @@ class Lowerer:
     def _as_is(self, v: Value) -> Any:
         if isinstance(v, Seq):
             return tuple(self._as_is(i) for i in v.items)
-        if isinstance(v, Rows) and v.level == N and v.orig is not None and rules.is_batch_size_node(v.orig):
-            return self._num_users()  # a batch size read off N-row data, used at U rows
         if isinstance(v, Pieces) or v.level == N:
             raise MariError(f"internal: an N-row value reached {self._consumer.format_node()}, run at U rows")
         return v.node
@@ -214,8 +244,6 @@ class Lowerer:
             out = self._emit(v.orig, N, self._materialize).node
         elif v.level != U:
             return v.node
-        elif v.orig is not None and rules.is_batch_size_node(v.orig):
-            out = self._num_candidates()
         elif _is_batched_tensor(v) or _row_gather(v) is not None:
             gather = _row_gather(v)  # an extension's gather for a non-tensor value (e.g. a KeyedTensor)
             out = (self.graph.call_function(torch.index_select, (v.node, 0, self.user_index)) if gather is None
@@ -364,6 +392,28 @@ class Lowerer:
 
 
 # --------------------------------------------------------------------------- helpers
+def batch_shape(x: torch.Tensor, n: int) -> List[int]:
+    """The shape ``x`` has in the pair-shaped model: ``x``'s, with the batch size ``n``."""
+    shape = [n] + list(x.shape[1:])
+    if torch.jit.is_scripting():  # TorchScript's sizes are List[int]
+        return shape
+    return torch.Size(shape)
+
+
+def batch_numel(x: torch.Tensor, n: int) -> int:
+    """``x.numel()`` in the pair-shaped model, where ``x`` has ``n`` rows."""
+    out = n
+    for d in x.shape[1:]:
+        out = out * d
+    return out
+
+
+def _reads_feature_dim(user: fx.Node) -> bool:
+    """``shape[k]`` of a non-batch dim, or the batch size (which reads ``user_index`` instead)."""
+    return (user.target is operator.getitem and TAG_KEY in user.meta
+            and (user.meta[TAG_KEY].side == Side.CONST or rules.is_batch_size_node(user)))
+
+
 def _level_of(tag) -> str:
     if isinstance(tag, SeqTag):
         # A tuple with some USER items is computed at U rows; its non-USER items (e.g. an RNN's
