@@ -148,3 +148,83 @@ class SizeElsewhere(nn.Module):
 @pytest.mark.parametrize("U,N", SHAPES)
 def test_batch_size_elsewhere_is_n(how, U, N):
     _check(SizeElsewhere(how).eval(), ["u"], lambda k: [torch.randn(k, 4)], lambda k: [torch.randn(k, 4)], U, N)
+
+
+# --------------------------------------------------------------------------- integer and bool arithmetic
+class IntCross(nn.Module):
+    """Integer crosses of user and item ids, computed exactly in int64 (beyond 2**24)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(1009, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, uid, iid, cid):
+        how = self.how
+        if how == "hash":
+            return (uid * 1000003 + iid) * 3 + 1
+        if how == "mod":
+            return ((uid * 1000 + iid) * 31 + cid) % 1009
+        if how == "square":
+            return (uid - iid) * (uid - iid)
+        if how == "bool_sum":
+            s = (uid > 5) + (iid > 5)
+            return s * s
+        if how == "embedding":  # a hashed user x item cross looked up in a table
+            return self.head(self.emb(((uid * 1000 + iid) * 31 + cid) % 1009))
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["hash", "mod", "square", "bool_sum", "embedding"])
+@pytest.mark.parametrize("U,N", SHAPES)
+def test_integer_crosses_exact(how, U, N):
+    big = 10 ** 7  # ids whose products exceed 2**24: float32 would round them
+    user = lambda k: [torch.randint(0, big, (k,))]
+    item = lambda k: [torch.randint(0, big, (k,)), torch.randint(0, 1000, (k,))]
+    model = IntCross(how).eval()
+    T = _check(model, ["uid"], user, item, U, N)
+    if how in ("hash", "mod", "square"):  # exact, not just close
+        idx = ragged_index(U, N, seed=3)
+        us, its = user(U), item(N)
+        got = T(**mari_fx.pairs_to_request(T, us[0][idx], *its, user_index=idx))
+        want = model(us[0][idx], *its)
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+        # the user share uid * 1000003 (or uid * 1000) is computed once per user, in int64
+        if how != "square":
+            assert any(n.meta.get(ROWS_KEY) == "U" and n.target in (torch.mul, "mul", aten.mul.Tensor, __import__("operator").mul)
+                       for n in T.graph.nodes)
+
+
+# --------------------------------------------------------------------------- precision
+class SquaredDiff(nn.Module):
+    """``head((u - i) ** 2)`` written as ``d * d``: expanding it as ``u*u - 2*u*i + i*i`` cancels in
+    fp32 when u ~ i are large."""
+
+    def __init__(self, how="mul"):
+        super().__init__()
+        self.how, self.head = how, nn.Linear(4, 3)
+
+    def forward(self, u, i):
+        d = u - i
+        if self.how == "sum":  # a combination of combinations: (u - i) + (u + i)
+            d = d + (u + i) - 2.0 * u
+        return self.head(d * d)
+
+
+@pytest.mark.parametrize("how", ["mul", "sum"])
+@pytest.mark.parametrize("U,N", SHAPES)
+def test_squared_difference_keeps_fp32_round_off(how, U, N):
+    model = SquaredDiff(how).eval()
+    big = lambda k: [1000.0 + torch.randn(k, 4)]  # |u| ~ |i| ~ 1000, u - i ~ 1
+    T = _check(model, ["u"], big, big, U, N)  # default fp32 tolerances against the fp32 model
+    idx = ragged_index(U, N, seed=3)
+    u, i = big(U)[0], big(N)[0]
+    got = T(**mari_fx.pairs_to_request(T, u[idx], i, user_index=idx))
+    want64 = model.double()(u[idx].double(), i.double())
+    model.float()
+    torch.testing.assert_close(got.double(), want64, rtol=1e-5, atol=1e-5)
+    # no product of user and item values was expanded: d * d is one product, at N rows
+    muls = [n for n in T.graph.nodes if n.target in (__import__("operator").mul, torch.mul, "mul", aten.mul.Tensor)
+            and all(isinstance(a, torch.fx.Node) for a in n.args)]
+    assert [n.meta.get(ROWS_KEY) for n in muls] == ["N"]
