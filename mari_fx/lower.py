@@ -270,6 +270,8 @@ class Lowerer:
     def _weighted_sum(self, terms: List[Tuple[float, Any]], level: str) -> Any:
         out = None
         for coeff, t in terms:
+            # combinations are float-only (see combos); an int coefficient keeps any other dtype exact
+            coeff = int(coeff) if float(coeff).is_integer() else coeff
             if out is None:
                 out = t if coeff == 1.0 else self.graph.call_function(operator.mul, (t, coeff))
             elif coeff in (1.0, -1.0):
@@ -393,7 +395,12 @@ class Lowerer:
 
 # --------------------------------------------------------------------------- helpers
 def batch_shape(x: torch.Tensor, n: int) -> List[int]:
-    """The shape ``x`` has in the pair-shaped model: ``x``'s, with the batch size ``n``."""
+    """The shape ``x`` has in the pair-shaped model: ``x``'s, with the batch size ``n``.
+
+    Example:
+        >>> batch_shape(torch.zeros(2, 3, 4), 7)
+        torch.Size([7, 3, 4])
+    """
     shape = [n] + list(x.shape[1:])
     if torch.jit.is_scripting():  # TorchScript's sizes are List[int]
         return shape
@@ -401,7 +408,12 @@ def batch_shape(x: torch.Tensor, n: int) -> List[int]:
 
 
 def batch_numel(x: torch.Tensor, n: int) -> int:
-    """``x.numel()`` in the pair-shaped model, where ``x`` has ``n`` rows."""
+    """``x.numel()`` in the pair-shaped model, where ``x`` has ``n`` rows.
+
+    Example:
+        >>> batch_numel(torch.zeros(2, 3, 4), 7)
+        84
+    """
     out = n
     for d in x.shape[1:]:
         out = out * d

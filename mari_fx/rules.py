@@ -461,7 +461,18 @@ def size_read(a: Any) -> Optional[Tuple[str, fx.Node]]:
     """``(kind, t)`` if ``a`` reads the size of a batched tensor ``t``: kind ``"batch"`` for its
     batch size (``t.size(0)``, ``t.shape[0]``, ``t.shape[-ndim]``, ``len(t)``,
     ``aten.sym_size.int(t, 0)``), ``"shape"`` for its whole shape (``t.shape``, ``t.size()``),
-    ``"numel"`` for ``t.numel()``; None for anything else (feature sizes included)."""
+    ``"numel"`` for ``t.numel()``; None for anything else (feature sizes included).
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.rules import size_read
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, u, i):
+        ...         return u * u.size(0) + u.shape[1] + i
+        >>> gm = mari_fx.trace(M(), ["u"], (torch.randn(4, 3), torch.randn(4, 3)))
+        >>> [(n.name, size_read(n)[0]) for n in gm.graph.nodes if size_read(n)]
+        [('size', 'batch'), ('getattr_1', 'shape')]
+    """
     if not isinstance(a, fx.Node) or a.op not in ("call_function", "call_method") or not a.args:
         return None
     t, target = a.args[0], a.target
@@ -514,6 +525,16 @@ def batch_dim_size_slot(node: fx.Node) -> Optional[Tuple[Any, ...]]:
 
     Rules and lowering share this one predicate: only this argument adapts to the rows the op runs
     at (the lowering gives U at U rows); a batch size anywhere else is the value N.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.rules import batch_dim_size_slot
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, u, i):
+        ...         return u.view(u.size(0), -1) + u.unsqueeze(1).expand(-1, u.size(0), -1).sum(1) + i
+        >>> gm = mari_fx.trace(M(), ["u"], (torch.randn(4, 3), torch.randn(4, 3)))
+        >>> {n.target: batch_dim_size_slot(n) for n in gm.graph.nodes if n.target in ("view", "expand")}
+        {'view': ('args', 1), 'expand': None}
     """
     slot = _SHAPE_SLOTS.get(node.target) if node.op in ("call_function", "call_method") else None
     if slot is None:
