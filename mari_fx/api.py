@@ -86,6 +86,7 @@ def transform(
     example_kwargs: Optional[Mapping[str, Any]] = None,
     *,
     split_matmuls: bool = True,
+    reassociate: bool = False,
     check_requests: bool = True,
     verify: bool = False,
     leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
@@ -101,6 +102,9 @@ def transform(
         example_inputs / example_kwargs: one pair-shaped batch (>= 2 rows).
         split_matmuls: False keeps only the hoisting of user-only subgraphs (the
             paper's "user-side one-shot" baseline).
+        reassociate: also split a Linear over a sum or difference of user and item terms
+            (``W(q - k) = Wq - Wk``, target attention). Off by default: its fp32 rounding scales
+            with the terms, not with their difference, so it is not the model's round-off.
         check_requests: validate ``user_index`` and row counts on every call.
         verify: run :func:`mari_fx.verify` on a random ragged request before returning.
 
@@ -129,7 +133,7 @@ def transform(
         if user_inputs is None:
             raise DeclarationError("user_inputs is required unless model comes from mari_fx.trace")
         tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules)
-    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests))
+    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests, reassociate))
     T.meta[EXAMPLE_KEY] = tagged.meta.get(EXAMPLE_KEY)
     if verify:
         from .verify import verify as _verify

@@ -92,6 +92,9 @@ Value = Union[Rows, Pieces, Combo, Lazy, Blocks, Seq]
 class LowerOptions:
     split_matmuls: bool = True
     check_requests: bool = True
+    # Fold a Linear over a combination (W(q - k) = Wq - Wk). Exact in real arithmetic, but its fp32
+    # rounding scales with |Wq| + |Wk|, not |W(q - k)|: opt-in, like -ffast-math.
+    reassociate: bool = False
 
 
 class Lowerer:

@@ -80,7 +80,7 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
     cols = {s: x_tag.columns(s) if isinstance(x_tag, TensorTag) and x_tag.width else 0 for s in Side}
     if isinstance(x_tag, TensorTag) and not x_tag.is_segmented and x_tag.width:
         cols = {s: (x_tag.width if s == x_tag.side else 0) for s in Side}
-    if isinstance(x_val, Combo) and any(r.level == U for _, r in x_val.terms):
+    if isinstance(x_val, Combo) and any(r.level == U for _, r in x_val.terms) and lw.options.reassociate:
         x_val = Pieces(((N, in_features, x_val),))  # W (sum c t) = sum c (W t): fold like column blocks
     split = isinstance(x_val, Pieces)
     reason = ""
@@ -126,6 +126,8 @@ def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List
     pos = 0
     for _, width, part in x.parts:
         w = weight.detach()[:, pos:pos + width]
+        if isinstance(part, Combo) and not self.options.reassociate:
+            part = Rows(self._materialize(part), N)  # W(q - k) as the model computes it: no new rounding
         terms = part.terms if isinstance(part, Combo) else ((1.0, part),)
         for level in (U, N):
             group = [(c, t) for c, t in terms if (t.level == U) == (level == U)]
