@@ -414,6 +414,9 @@ class _ElementRecorder(fx.Interpreter):
         first = torch.full((num_users,), self.pairs, dtype=torch.int64)
         first.scatter_reduce_(0, user_index, torch.arange(self.pairs), reduce="amin")
         self.rep = first[user_index]  # each pair's user's first pair
+        # Variation counts only among users with >= 2 pairs: a mixed value that is constant except
+        # on single-pair users (a ReLU unit that rarely fires) would otherwise pass as user data.
+        self.multi = (torch.bincount(user_index, minlength=num_users) >= 2)[user_index]
         example = next(iter(gm.meta.get(EXAMPLE_KEY, {}).values()), None)
         self.example_rows = batch_ops(example).rows(example) if example is not None else None
         self.masks: Masks = {}
@@ -421,7 +424,7 @@ class _ElementRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if n.op != "output" and self._is_batched(n, result):
-            self.masks[n] = _element_masks(result, self.rep)
+            self.masks[n] = _element_masks(result, self.rep, self.multi)
         return result
 
     def _is_batched(self, n: fx.Node, value: Any) -> bool:
@@ -437,24 +440,25 @@ class _ElementRecorder(fx.Interpreter):
 _RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def _element_masks(x: torch.Tensor, rep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(equal per user, varies over the batch)`` per element of a sample (shape ``x.shape[1:]``).
+def _element_masks(x: torch.Tensor, rep: torch.Tensor, multi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(equal per user, varies)`` per element of a sample (shape ``x.shape[1:]``): equal across
+    the pairs of each user; not constant over the pairs of users with >= 2 pairs (``multi``).
 
     Floats compare within a relative tolerance of the element's largest magnitude over the
     batch: identical rows may round differently in different positions of a GEMM."""
     if x.dtype == torch.bool:
         x = x.to(torch.uint8)
     if not x.is_floating_point():
-        eq = (x == x[rep]).all(0)
-        var = (x != x[:1]).any(0)
-        return eq, var
+        xm = x[multi]
+        return (x == x[rep]).all(0), (xm != xm[:1]).any(0)
     xd = x.double()
     nan = torch.isnan(xd)
     scale = torch.nan_to_num(xd.abs(), nan=0.0, posinf=0.0).amax(0)
     tol = _RTOL.get(x.dtype, 1e-5) * scale
     same = ((xd - xd[rep]).abs() <= tol) | (xd == xd[rep]) | (nan & nan[rep])
-    spread = torch.nan_to_num(xd, nan=0.0).amax(0) - torch.nan_to_num(xd, nan=0.0).amin(0)
-    var = (spread > tol) | (nan.any(0) & ~nan.all(0))
+    xm, nm = torch.nan_to_num(xd[multi], nan=0.0), nan[multi]
+    spread = (xm.amax(0) - xm.amin(0)) if xm.shape[0] else torch.zeros_like(scale)
+    var = (spread > tol) | (nm.any(0) & ~nm.all(0))
     return same.all(0), var
 
 
