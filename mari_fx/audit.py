@@ -113,9 +113,10 @@ class AuditResult:
 
     def table(self) -> str:
         """One line per layer: name, proved and measured user columns, where the proof lost them."""
-        lines = [f"{'layer':<40} {'in':>6} {'proved':>7} {'measured':>9}  lost at"]
+        w = max([5] + [len(l.name) for l in self.layers])
+        lines = [f"{'layer':<{w}} {'in':>6} {'proved':>7} {'measured':>9}  lost at"]
         for l in self.layers:
-            lines.append(f"{l.name:<40} {l.in_features:>6} {l.user_columns:>7} {l.measured_user_columns:>9}  {l.lost_at}")
+            lines.append(f"{l.name:<{w}} {l.in_features:>6} {l.user_columns:>7} {l.measured_user_columns:>9}  {l.lost_at}".rstrip())
         lines.append(f"realised {self.realised:.3f} of the attainable saving (layer FLOPs at U={self.users}, "
                      f"N={self.candidates}: before {self.flops_before:,}, after {self.flops_after:,}, "
                      f"attainable {self.flops_attainable:,})")

@@ -3,6 +3,7 @@ next to the proof, where the proof lost them, and the share of the attainable sa
 import contextlib
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -250,3 +251,17 @@ def test_dlrm_all_dense_user_hand_count():
     a = audit(model, ["dense_features"] + selectors[1:], example)
     assert [l.measured_user_columns for l in a.layers] == [6, 16, 11, 0]
     _assert_sound(a)
+
+
+def test_docs_audit_example_prints_what_docs_say():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "report.md").read_text()
+    section = text[text.index("## The audit"):text.index("### What is measured")]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    k = next(i for i, (lang, _) in enumerate(blocks) if lang == "python")
+    code, shown = blocks[k][1], blocks[k + 1][1].strip()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/report.md", "exec"), {"__name__": "__main__"})
+    assert out.getvalue().strip() == shown
