@@ -7,13 +7,15 @@ number of candidates, fresh random rows drawn like the example (ids within the
 example's range per column, floats with its mean and std per column) -- and records,
 for every node whose value is a batched tensor, which of its elements are
 **user-derivable**: equal across all pairs of each user, and not constant over the
-whole batch (a dead ReLU unit or a padding column is a data accident, not user data).
+pairs of users with >= 2 pairs (a dead ReLU unit or a padding column is a data
+accident, not user data).
 
 Per layer (one per :class:`~mari_fx.record.LayerRecord`):
 
 * ``measured_user_columns``: input features user-derivable at every position of a
   sample (a 3-d input ``[B, L, E]`` counts feature ``e`` only if all ``L`` positions are);
-* ``lost_at``: where ``measured > user_columns`` (the proof's count), the node upstream
+* ``lost_at``: where ``measured`` exceeds what the rewrite runs at U rows (the proof's
+  ``user_columns``, or a split's ``split_user_features`` when larger), the node upstream
   where the proof lost the user elements: the first node, walking up from the layer's
   input through nodes whose measured user elements are tagged other than USER, none of
   whose own inputs lost any (e.g. an op with no rule);
@@ -66,6 +68,7 @@ class LayerAudit:
     user_columns: int
     measured_user_columns: int
     lost_at: str
+    short: bool  # measured user columns the rewrite does not run at U rows
     flops_before: int
     flops_after: int
     flops_attainable: int
@@ -97,8 +100,8 @@ class AuditResult:
 
     @property
     def layers_short(self) -> Tuple[str, ...]:
-        """Layers with more measured user columns than proved."""
-        return tuple(l.name for l in self.layers if l.measured_user_columns > l.user_columns)
+        """Layers with more measured user columns than the rewrite runs at U rows."""
+        return tuple(l.name for l in self.layers if l.short)
 
     def to_dict(self) -> Dict[str, Any]:
         """The report's ``audit`` object, plus the per-layer rows under ``layers``."""
@@ -187,11 +190,12 @@ def measure(tagged: fx.GraphModule, T: fx.GraphModule, *, users: int = 1, candid
         found = nodes.get(rec.name)
         x = found.pop(0) if found else None
         measured = _user_columns(x, masks) if x is not None else 0
-        lost = _lost_at(x, masks, modules) if x is not None and measured > rec.user_columns else ""
+        short = measured > _covered(rec)
+        lost = _lost_at(x, masks, modules) if x is not None and short else ""
         before, after = rec.flops(users, candidates, False), rec.flops(users, candidates, True)
         layers.append(LayerAudit(
             name=rec.name, op=rec.op, in_features=rec.in_features, out_features=rec.out_features, action=rec.action,
-            user_columns=rec.user_columns, measured_user_columns=measured, lost_at=lost, flops_before=before,
+            user_columns=rec.user_columns, measured_user_columns=measured, lost_at=lost, short=short, flops_before=before,
             flops_after=after, flops_attainable=_attainable(rec, max(measured, rec.user_columns), users, candidates,
                                                              after)))
     return AuditResult(
@@ -244,6 +248,16 @@ def _runs(cols: Sequence[int]) -> List[Tuple[int, int]]:
         else:
             runs.append([c, c + 1])
     return [(a, b) for a, b in runs]
+
+
+def _covered(rec: LayerRecord) -> int:
+    """Input columns the rewrite already runs at U rows: the proof's, or more where a lowering
+    split structure the column tags do not show (field blocks: ``split_user_features``)."""
+    if rec.action == "hoisted":
+        return rec.in_features
+    if rec.action == "split":
+        return max(rec.user_columns, rec.split_user_features)
+    return rec.user_columns
 
 
 # --------------------------------------------------------------------------- FLOPs

@@ -242,7 +242,7 @@ def format_report(data: Dict[str, Any]) -> str:
         out.append(f"audit: realised {audit['realised']:.1%} of the attainable layer saving (layer FLOPs after "
                    f"{_n(f['layers_after'])}, attainable {_n(audit['flops_after_attainable'])}); measured on "
                    f"{probe['probes']} probes of {probe['users']} users, {probe['pairs']} pairs ({probe['data']} data)")
-        out.append("  layers with more user columns measured than proved: "
+        out.append("  layers with user columns measured but not split: "
                    + (", ".join(audit["layers_short"]) or "none"))
     out.append("split layers: " + (", ".join(data["split_layers"]) or "none"))
     out.append("hoisted to the user batch (U rows): " + (", ".join(data["hoisted"]) or "nothing"))

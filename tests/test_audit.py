@@ -25,7 +25,8 @@ def _assert_sound(a):
     # would mean the probe caught the proof claiming a column that is not user-only
     for l in a.layers:
         assert l.measured_user_columns >= l.user_columns, l
-        assert (l.lost_at != "") == (l.measured_user_columns > l.user_columns), l
+        assert (l.lost_at != "") == l.short == (l.name in a.layers_short), l
+        assert l.short <= (l.measured_user_columns > l.user_columns), l
 
 
 # --------------------------------------------------------------------------- complete proofs
