@@ -130,7 +130,7 @@ class AuditResult:
 def audit(model: Any, user_inputs: Optional[Sequence[Any]] = None, example_inputs: Sequence[Any] = (),
           example_kwargs: Optional[Mapping[str, Any]] = None, *, T: Optional[fx.GraphModule] = None,
           users: int = 1, candidates: int = 1000, probe_users: int = PROBE_USERS, seed: int = 0,
-          split_matmuls: bool = True) -> AuditResult:
+          split_matmuls: bool = True, leaf_modules: Optional[Sequence[type]] = None) -> AuditResult:
     """Measure how many user-only input columns every Linear / matmul has, next to what mari_fx proved.
 
     Args:
@@ -142,6 +142,7 @@ def audit(model: Any, user_inputs: Optional[Sequence[Any]] = None, example_input
         probe_users: users in each probe batch (user k has ``1 + k % 6`` candidates).
         seed: seed of the first probe (the second uses ``seed + 1``).
         split_matmuls: passed to ``transform`` when ``T`` is not given.
+        leaf_modules: passed to :func:`mari_fx.trace` (as ``T`` was made).
 
     Returns:
         An :class:`AuditResult`: per layer ``user_columns`` (proved) and
@@ -166,7 +167,7 @@ def audit(model: Any, user_inputs: Optional[Sequence[Any]] = None, example_input
     else:
         if user_inputs is None:
             raise DeclarationError("user_inputs is required unless model comes from mari_fx.trace")
-        tagged = trace(model, user_inputs, example_inputs, example_kwargs)
+        tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules)
     if T is None:
         T = transform(tagged, split_matmuls=split_matmuls)
     return measure(tagged, T, users=users, candidates=candidates, probe_users=probe_users, seed=seed)
