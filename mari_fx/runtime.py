@@ -7,6 +7,7 @@ it is a tensor-side assert (``torch._assert_async``), and only when it fails are
 offending values read to write the precise message.  On CPU the assert raises at
 once; on CUDA it is a device-side assert (asynchronous, see docs/deploy.md).
 """
+import json
 from typing import List, Optional
 
 import torch
@@ -80,7 +81,7 @@ def _check_values_scripted(user_index: torch.Tensor, users: int, name: str) -> N
 @torch.jit.unused
 def _check_values_eager(user_index: torch.Tensor, users: int, name: str) -> None:
     lo, hi = torch.aminmax(user_index)
-    if user_index.is_cpu and not torch.compiler.is_compiling():
+    if user_index.is_cpu:
         # On CPU reading the bounds is no device sync and the cheapest check (2 us vs 5 us
         # for the assert below at N = 10, see docs/deploy.md), and the message is exact.
         lo_i, hi_i = int(lo), int(hi)
@@ -89,8 +90,8 @@ def _check_values_eager(user_index: torch.Tensor, users: int, name: str) -> None
         if hi_i + 1 != users:
             raise RequestError(_rows_message(name, users, hi_i))
         return
-    # On an accelerator (and under torch.compile) no Python number is read: one tensor-side
-    # assert, which compiles without a graph break; on CUDA it is a device-side assert.
+    # On an accelerator no Python number is read: one tensor-side assert (on CUDA a
+    # device-side assert, reported asynchronously).
     torch._assert_async((lo >= 0) & (hi == users - 1),
                         "mari_fx.errors.RequestError: user_index must lie in 0..U-1 and max(user_index) + 1 "
                         "must equal the rows of user input '" + name + "' (one row per user)")
@@ -135,6 +136,11 @@ def check_request(
                 user_index, user_inputs, item_inputs, user_names, item_names, user_shapes, item_shapes,
                 user_dtypes, item_dtypes), {})
             return
+        if torch.compiler.is_compiling():
+            # one opaque operator call: no graph break, and the eager messages at run time
+            torch.ops.mari_fx.check_request.default(user_index, list(user_inputs), list(item_inputs), _spec_text(
+                user_names, item_names, user_shapes, item_shapes, user_dtypes, item_dtypes))
+            return
         if not isinstance(user_index, torch.Tensor):
             raise RequestError("user_index must be a tensor ([N] int64: the user of each candidate), got "
                                + ("None" if user_index is None else type(user_index).__name__))
@@ -165,3 +171,43 @@ def check_request(
         _check_values_scripted(user_index, user_inputs[0].size(0), user_names[0])
     else:
         _check_values_eager(user_index, user_inputs[0].size(0), user_names[0])
+
+
+def _spec_text(user_names, item_names, user_shapes, item_shapes, user_dtypes, item_dtypes) -> str:
+    def dt(ds):
+        return None if ds is None else [str(d).replace("torch.", "") for d in ds]
+    return json.dumps({"user_names": list(user_names), "item_names": list(item_names), "user_shapes": user_shapes,
+                       "item_shapes": item_shapes, "user_dtypes": dt(user_dtypes), "item_dtypes": dt(item_dtypes)})
+
+
+@torch.library.custom_op("mari_fx::check_request", mutates_args=())
+def check_request_op(user_index: torch.Tensor, user_inputs: List[torch.Tensor], item_inputs: List[torch.Tensor],
+                     spec: str) -> None:
+    """:func:`mari_fx.runtime.check_request` as an operator, so exported programs keep the
+    eager check and its messages (``RequestError`` naming the input).  ``spec`` is JSON:
+    input names, per-sample shapes and dtypes.  Programs that use it need ``import mari_fx``
+    before they are loaded (the operator is registered on import).
+
+    Example:
+        >>> import torch
+        >>> spec = _spec_text(["u"], ["i"], [[4]], [[5]], [torch.float32], [torch.float32])
+        >>> torch.ops.mari_fx.check_request(torch.tensor([0, 1]), [torch.ones(2, 4)], [torch.ones(2, 5).double()], spec)
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.RequestError: item input 'i' has dtype torch.float64, expected torch.float32
+    """
+    s = json.loads(spec)
+
+    def dt(ds):
+        return None if ds is None else [getattr(torch, d) for d in ds]
+
+    check_request(user_index, user_inputs, item_inputs, s["user_names"], s["item_names"], s["user_shapes"],
+                  s["item_shapes"], dt(s["user_dtypes"]), dt(s["item_dtypes"]))
+
+
+@check_request_op.register_fake
+def _(user_index, user_inputs, item_inputs, spec) -> None:
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.mari_fx.check_request.default)  # returns nothing: keep it in graphs
