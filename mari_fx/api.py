@@ -136,3 +136,49 @@ def transform(
 
         _verify(tagged if is_tagged(model) else model, T)
     return T
+
+
+def refresh(T: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Update ``T``'s weights from the pair-shaped ``model`` it was made from, without re-tracing.
+
+    ``T`` shares every parameter and buffer with ``model`` (docs/deploy.md); only the
+    :class:`~mari_fx.SplitLinear` blocks are derived copies.  ``refresh`` re-derives
+    each block from the columns of the model's current weight it came from (recorded
+    at transform time), and copies into ``T`` any tensor the model has replaced
+    (e.g. after ``load_state_dict(..., assign=True)``).  Returns ``T`` (updated in place).
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> model = CoarseRanker().eval()
+        >>> T = mari_fx.transform(model, ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> with torch.no_grad():
+        ...     model.fusion[0].weight.mul_(2)      # the model is retrained ...
+        >>> T = mari_fx.refresh(T, model)           # ... and T follows
+        >>> u, i, idx = torch.randn(2, 16), torch.randn(3, 8), torch.tensor([0, 1, 1])
+        >>> torch.allclose(T(user=u, item=i, user_index=idx), model(u[idx], i), atol=1e-5)
+        True
+    """
+    from .modules import SplitLinear
+
+    if not (isinstance(T, fx.GraphModule) and REQUEST_KEY in getattr(T, "meta", {})):
+        raise DeclarationError(f"refresh expects a module made by mari_fx.transform, got {type(T).__name__}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers(remove_duplicate=False))
+    model_modules = dict(model.named_modules(remove_duplicate=False))
+    with torch.no_grad():
+        for name, mod in T.named_modules(remove_duplicate=False):
+            if isinstance(mod, SplitLinear):
+                mod.refresh_from(params)
+                continue
+            if model_modules.get(name) is mod:
+                continue  # the model's own module (shared), e.g. a TorchRec collection
+            for attr, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                src = params.get(f"{name}.{attr}" if name else attr)
+                if src is None or src is t:
+                    continue
+                if src.shape != t.shape:
+                    raise DeclarationError(f"the model's {name}.{attr} has shape {tuple(src.shape)}, T's "
+                                           f"{tuple(t.shape)}: the model's architecture changed; re-transform it")
+                t.copy_(src)
+    return T

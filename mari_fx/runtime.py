@@ -173,6 +173,7 @@ def check_request(
         _check_values_eager(user_index, user_inputs[0].size(0), user_names[0])
 
 
+@torch._dynamo.assume_constant_result  # built while compiling, a constant of the graph
 def _spec_text(user_names, item_names, user_shapes, item_shapes, user_dtypes, item_dtypes) -> str:
     def dt(ds):
         return None if ds is None else [str(d).replace("torch.", "") for d in ds]
