@@ -193,7 +193,8 @@ def request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTen
     """The KJT a transformed graph feeds its embedding modules, batch N (the candidates).
 
     ``pad=True``: each user key holds the U users' bags followed by N - U empty bags, so
-    user tables look up U rows (their pooled rows ``[:U]`` are the users').
+    user tables look up U rows (their pooled rows ``[:U]`` are the users'); when U > N the
+    batch is U and item keys get the empty bags (their rows ``[:N]`` are the candidates').
     ``pad=False``: user bags are gathered to the N candidates (exactly the pair-shaped KJT).
     ``checked``: the result of :func:`check_request_kjt`, taken so that the check runs first.
     """
@@ -202,8 +203,9 @@ def request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTen
     if item is None:
         return select_keys(user, keys)
     if not pad:
-        user = kjt_select_rows(user, user_index)
-    return merge([user, item], keys, stride=user_index.numel())
+        return merge([kjt_select_rows(user, user_index), item], keys, stride=user_index.numel())
+    # U > N (users without a candidate) needs U rows: item keys then get empty bags past N
+    return merge([user, item], keys, stride=max(user_index.numel(), user.stride()))
 
 
 def check_request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTensor], user_index: torch.Tensor,
