@@ -2,6 +2,9 @@
 ``transform`` (trace, then lower, then optionally verify)."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Type, Union
 
 import torch
@@ -17,6 +20,28 @@ from .propagate import propagate_tags
 from .tags import TAG_KEY
 
 EXAMPLE_KEY = "mari_fx.example"  # GraphModule.meta: the flat, pair-shaped example inputs
+RECORD_KEY = "mari_fx.record"
+log = logging.getLogger("mari_fx")
+
+
+@contextlib.contextmanager
+def quiet_capture():
+    """Hold back torch's warnings and log output while a model is captured (dynamo and
+    export print whole graphs when a route fails; mari_fx reports its own one-line
+    reason).  They are shown when the ``mari_fx`` logger is at DEBUG level
+    (``logging.getLogger("mari_fx").setLevel(logging.DEBUG)``; the CLI's ``--debug``):
+    then nothing is held back."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def trace(
@@ -47,7 +72,14 @@ def trace(
         ...     n for n in gm.graph.nodes if n.target == "fusion.0").args[0].meta["mari_fx.tag"])
         ('Linear', '[user:32, item:8]')
     """
-    gm = capture(model, leaf_modules, example_inputs, example_kwargs)
+    if isinstance(user_inputs, str):  # one selector given bare: "user" means ["user"], not ["u", "s", ...]
+        user_inputs = [user_inputs]
+    if isinstance(model, fx.GraphModule) and RECORD_KEY in getattr(model, "meta", {}):
+        raise DeclarationError("this module is already transformed by mari_fx.transform (it takes requests, not "
+                               "pair-shaped batches): transform the original pair-shaped model instead; "
+                               "mari_fx.refresh(T, model) updates T's weights")
+    with quiet_capture():
+        gm = capture(model, leaf_modules, example_inputs, example_kwargs)
     example = bind_example(gm, example_inputs, example_kwargs or {})
     spec, flat = flatten_inputs(gm, user_inputs, example)
     _check_pair_rows(flat)
@@ -120,6 +152,10 @@ def transform(
         >>> T.meta["mari_fx.record"].split_layers
         ('fusion.0',)
     """
+    if isinstance(model, fx.GraphModule) and RECORD_KEY in getattr(model, "meta", {}):
+        raise DeclarationError("this module is already transformed by mari_fx.transform (it takes requests, not "
+                               "pair-shaped batches): transform the original pair-shaped model instead; "
+                               "mari_fx.refresh(T, model) updates T's weights")
     if is_tagged(model):
         if user_inputs is not None:
             raise DeclarationError("this GraphModule is already tagged by mari_fx.trace: call transform(gm) "
