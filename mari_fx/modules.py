@@ -56,7 +56,8 @@ class SplitLinear(nn.Module):
         True
     """
 
-    source: Optional[SplitSource] = None  # set by mari_fx.transform (see mari_fx.refresh)
+    source = None  # a SplitSource, set by mari_fx.transform (see mari_fx.refresh)
+    __jit_ignored_attributes__ = ["source", "_mari_fx_name"]  # Python-side bookkeeping, not scripted
 
     def __init__(self, weight_user: torch.Tensor, weight_item: torch.Tensor, bias: Optional[torch.Tensor],
                  weight_broadcast: Optional[torch.Tensor] = None):

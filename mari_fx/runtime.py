@@ -7,8 +7,9 @@ it is a tensor-side assert (``torch._assert_async``), and only when it fails are
 offending values read to write the precise message.  On CPU the assert raises at
 once; on CUDA it is a device-side assert (asynchronous, see docs/deploy.md).
 """
+import functools
 import json
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -40,17 +41,17 @@ def _check_input(x: torch.Tensor, side: str, name: str, shape: Optional[List[int
     rows = "U" if side == "user" else "N"
     if not torch.jit.is_scripting():
         if not isinstance(x, torch.Tensor):
-            want = "a tensor" if shape is None else "a tensor of shape " + _shape_text(rows, shape)
+            want = "a tensor" if shape is None else "a tensor of shape " + _shape_text(rows, shape[1:])
             raise RequestError(side + " input '" + name + "' must be " + want + ", got "
                                + ("None" if x is None else type(x).__name__))
-    if shape is not None:
-        ok = x.dim() == len(shape) + 1
+    if shape is not None:  # the example's shape, -1 for the row dim (never an empty list: TorchScript)
+        ok = x.dim() == len(shape)
         if ok:
-            for d in range(len(shape)):
-                if x.size(d + 1) != shape[d]:
+            for d in range(1, len(shape)):
+                if x.size(d) != shape[d]:
                     ok = False
         if not ok:
-            msg = side + " input '" + name + "' has shape " + _given_shape(x) + ", expected " + _shape_text(rows, shape)
+            msg = side + " input '" + name + "' has shape " + _given_shape(x) + ", expected " + _shape_text(rows, shape[1:])
             if dtype is not None:
                 msg += " (dtype " + _dtype_name(dtype).replace("torch.", "") + ")"
             raise RequestError(msg)
@@ -112,8 +113,8 @@ def check_request(
 
     ``user_index`` must be int64 of shape [N] with ``max + 1 == U`` and no negative
     value; every user input has U rows and every item input N rows.  With
-    ``*_shapes`` / ``*_dtypes`` (per input: the trailing, per-sample shape and the
-    dtype of the example) each input's shape and dtype are checked too.  For N = 0
+    ``*_shapes`` / ``*_dtypes`` (per input: the example's shape with -1 for the row
+    dim, and its dtype) each input's ndim, per-sample shape and dtype are checked too.  For N = 0
     the user inputs need only agree with each other on U (the output is empty).
     Example:
 
@@ -124,7 +125,7 @@ def check_request(
         ...
         mari_fx.errors.RequestError: user input 'u' has 3 rows but user_index refers to 2 users (0..1): pass one row per user (U rows); mari_fx.pairs_to_request builds a request from pair-shaped inputs
         >>> check_request(torch.tensor([0, 0, 1]), [torch.ones(2, 4)], [torch.ones(3, 7)], ["u"], ["i"],
-        ...               [[4]], [[5]], [torch.float32], [torch.float32])
+        ...               [[-1, 4]], [[-1, 5]], [torch.float32], [torch.float32])
         Traceback (most recent call last):
         ...
         mari_fx.errors.RequestError: item input 'i' has shape [3, 7], expected [N, 5] (dtype float32)
@@ -135,11 +136,6 @@ def check_request(
             user_index.tracer.create_proxy("call_function", check_request, (
                 user_index, user_inputs, item_inputs, user_names, item_names, user_shapes, item_shapes,
                 user_dtypes, item_dtypes), {})
-            return
-        if torch.compiler.is_compiling():
-            # one opaque operator call: no graph break, and the eager messages at run time
-            torch.ops.mari_fx.check_request.default(user_index, list(user_inputs), list(item_inputs), _spec_text(
-                user_names, item_names, user_shapes, item_shapes, user_dtypes, item_dtypes))
             return
         if not isinstance(user_index, torch.Tensor):
             raise RequestError("user_index must be a tensor ([N] int64: the user of each candidate), got "
@@ -169,6 +165,11 @@ def check_request(
         return  # an empty request has no user_index value to check; its output is empty
     if torch.jit.is_scripting():
         _check_values_scripted(user_index, user_inputs[0].size(0), user_names[0])
+    elif torch.compiler.is_compiling():
+        # shapes were checked above (dynamo guards on them); the value check is one opaque
+        # operator call: no graph break, and the eager messages at run time
+        torch.ops.mari_fx.check_request.default(user_index, list(user_inputs), list(item_inputs), _spec_text(
+            user_names, item_names, user_shapes, item_shapes, user_dtypes, item_dtypes))
     else:
         _check_values_eager(user_index, user_inputs[0].size(0), user_names[0])
 
@@ -191,7 +192,7 @@ def check_request_op(user_index: torch.Tensor, user_inputs: List[torch.Tensor], 
 
     Example:
         >>> import torch
-        >>> spec = _spec_text(["u"], ["i"], [[4]], [[5]], [torch.float32], [torch.float32])
+        >>> spec = _spec_text(["u"], ["i"], [[-1, 4]], [[-1, 5]], [torch.float32], [torch.float32])
         >>> torch.ops.mari_fx.check_request(torch.tensor([0, 1]), [torch.ones(2, 4)], [torch.ones(2, 5).double()], spec)
         Traceback (most recent call last):
         ...
@@ -212,3 +213,31 @@ def _(user_index, user_inputs, item_inputs, spec) -> None:
 
 
 torch.fx.node.has_side_effect(torch.ops.mari_fx.check_request.default)  # returns nothing: keep it in graphs
+
+
+def graph_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``fn`` as a function transformed graphs call, so it survives re-tracing: unpickling
+    a GraphModule (``pickle``, ``torch.load``) traces its code again, and a function with
+    Python control flow on its inputs would fail on the proxies; this one records itself.
+
+    Example:
+        >>> import torch.fx as fx
+        >>> @graph_function
+        ... def first_row(x):
+        ...     return x[:1] if x.size(0) else x
+        >>> g = fx.Graph(); g.output(g.call_function(first_row, (g.placeholder("x"),)))
+        >>> gm = fx.GraphModule(torch.nn.Module(), g)
+        >>> import pickle; [n.op for n in pickle.loads(pickle.dumps(gm)).graph.nodes]
+        ['placeholder', 'call_function', 'output']
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            proxies: List[torch.fx.Proxy] = []
+            torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else None)
+            if proxies:
+                return proxies[0].tracer.create_proxy("call_function", wrapper, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
