@@ -221,14 +221,16 @@ def graph_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     Python control flow on its inputs would fail on the proxies; this one records itself.
 
     Example:
-        >>> import torch.fx as fx
         >>> @graph_function
-        ... def first_row(x):
-        ...     return x[:1] if x.size(0) else x
-        >>> g = fx.Graph(); g.output(g.call_function(first_row, (g.placeholder("x"),)))
-        >>> gm = fx.GraphModule(torch.nn.Module(), g)
-        >>> import pickle; [n.op for n in pickle.loads(pickle.dumps(gm)).graph.nodes]
+        ... def first_rows(x, n):
+        ...     return x[:n] if x.size(0) > n else x
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return first_rows(x, 2)
+        >>> [n.op for n in torch.fx.symbolic_trace(M()).graph.nodes]
         ['placeholder', 'call_function', 'output']
+        >>> first_rows(torch.ones(3, 1), 2).shape
+        torch.Size([2, 1])
     """
 
     @functools.wraps(fn)
