@@ -143,8 +143,13 @@ def _quiet(debug: bool):
     """Hold back what torch prints while tracing (dynamo dumps whole graphs on stderr when a
     capture fails) so that stdout is the report and stderr the one-line error; --debug shows it."""
     if debug:
-        logging.getLogger("mari_fx").setLevel(logging.DEBUG)  # mari_fx.api.quiet_capture holds nothing back
-        yield
+        logger = logging.getLogger("mari_fx")
+        previous = logger.level
+        logger.setLevel(logging.DEBUG)  # mari_fx.api.quiet_capture then holds nothing back
+        try:
+            yield
+        finally:
+            logger.setLevel(previous)
         return
     sink = io.StringIO()
     # torch also logs through handlers bound to the real stderr: mute logging as well
