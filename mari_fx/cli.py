@@ -109,6 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _export(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    except BrokenPipeError:  # `mari-fx report ... | head`: the reader left; not an error of ours
+        _mute_stdout()
+        return 0
     except _UsageError as e:
         return _fail(EXIT_USAGE, str(e), debug)
     except _ExportFailed as e:
@@ -118,6 +121,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         return _fail(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                      debug)
+
+
+def _mute_stdout() -> None:
+    # Python flushes stdout again at exit; point it at devnull so that flush cannot fail too
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured by a test)
+        pass
 
 
 def _fail(code: int, message: str, debug: bool) -> int:
@@ -134,7 +146,13 @@ def _quiet(debug: bool):
     """Hold back what torch prints while tracing (dynamo dumps whole graphs on stderr when a
     capture fails) so that stdout is the report and stderr the one-line error; --debug shows it."""
     if debug:
-        yield
+        logger = logging.getLogger("mari_fx")
+        previous = logger.level
+        logger.setLevel(logging.DEBUG)  # mari_fx.api.quiet_capture then holds nothing back
+        try:
+            yield
+        finally:
+            logger.setLevel(previous)
         return
     sink = io.StringIO()
     # torch also logs through handlers bound to the real stderr: mute logging as well

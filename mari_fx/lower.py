@@ -150,9 +150,14 @@ class Lowerer:
         tensors = [p for p in self.env if isinstance(p.meta.get(VALUE_KEY), TensorInfo)]
         users = [self.env[p] for p in tensors if self.env[p].level == U]
         items = [self.env[p] for p in tensors if self.env[p].level == N]
+        # the example's shape (-1: the row dim) and dtype: checked as metadata on every call
+        infos = {p: p.meta[VALUE_KEY] for p in tensors}
+        by_level = {lvl: [p for p in tensors if self.env[p].level == lvl] for lvl in (U, N)}
         self.graph.call_function(check_request, (
             self.user_index, [v.node for v in users], [v.node for v in items],
-            [v.node.target for v in users], [v.node.target for v in items]))
+            [v.node.target for v in users], [v.node.target for v in items],
+            [[-1] + list(infos[p].shape[1:]) for p in by_level[U]], [[-1] + list(infos[p].shape[1:]) for p in by_level[N]],
+            [infos[p].dtype for p in by_level[U]], [infos[p].dtype for p in by_level[N]]))
 
     # ----------------------------------------------------------------- lowering
     def _lower(self, node: fx.Node) -> Value:
