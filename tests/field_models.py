@@ -179,3 +179,48 @@ def torchrec_cases() -> List[Case]:
 
     return [Case(n, b, TR_SELECTORS, _tr_pairs) for n, b in
             [("DLRM", dlrm), ("DLRM_DCN", dcn), ("DLRM_Projection", proj), ("SimpleDeepFMNN", deepfm)]]
+
+
+# --------------------------------------------------------------------------- the reach measurement
+def measured_user_columns(model: nn.Module, args: tuple, idx: torch.Tensor) -> List[Tuple[int, int, int]]:
+    """Per ``F.linear`` call (``nn.Linear`` included): ``(user-derivable input columns, rows per
+    sample, out features)``.  A column is user-derivable when it is equal across all pairs of
+    each user at every position and not constant over the whole batch (a measurement on data)."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Linears(TorchFunctionMode):
+        def __torch_function__(self, func, types, a=(), kw=None):
+            kw = kw or {}
+            if func is F.linear:
+                w = a[1] if len(a) > 1 else kw["weight"]
+                seen.append((a[0].detach(), w.shape[0]))
+            return func(*a, **kw)
+
+    with torch.no_grad(), Linears():
+        model(*args)
+    first = torch.zeros(int(idx.max()) + 1, dtype=torch.long)
+    first.scatter_reduce_(0, idx, torch.arange(idx.numel()), reduce="amin", include_self=False)
+    out = []
+    for x, out_features in seen:
+        if x.ndim < 2 or x.shape[0] != idx.numel():
+            out.append((0, 1, out_features))
+            continue
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        per_user = (x3 == x3[first[idx]]).all(0).all(0)
+        varies = (x3 != x3[:1]).any(0).any(0)
+        out.append((int((per_user & varies).sum()), x3.shape[1], out_features))
+    return out
+
+
+def realised(model: nn.Module, T, args: tuple, idx: torch.Tensor) -> float:
+    """(FLOPs saved by ``T``) / (FLOPs saved if every measured user column were split)."""
+    import mari_fx
+
+    request = mari_fx.pairs_to_request(T, *args, user_index=idx)
+    U, N = int(idx.max()) + 1, idx.numel()
+    before, after = mari_fx.count_flops(model, *args), mari_fx.count_flops(T, **request)
+    attainable = sum(2 * out * rows * (N - U) * c for c, rows, out in measured_user_columns(model, args, idx))
+    return (before - after) / attainable
