@@ -530,7 +530,10 @@ def _einsum(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
 
 
 def _embedding(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
-    idx = node.args[0] if node.args else node.kwargs.get("input")
+    if node.target is aten.embedding.default:  # (weight, indices, ...)
+        idx = node.args[1]
+    else:
+        idx = node.args[0] if node.args else node.kwargs.get("input")
     others = [a for a in node.all_input_nodes if a is not idx]
     if not _batched(idx) or any(_batched(a) for a in others) or (module is not None and not isinstance(
             module, nn.Embedding)):
@@ -556,5 +559,5 @@ _KINDS = [
       aten.matmul.default, torch.mm, "mm", aten.mm.default}, _matmul),
     ({torch.tensordot}, _tensordot),
     ({torch.einsum}, _einsum),
-    ({nn.Embedding, F.embedding}, _embedding),
+    ({nn.Embedding, F.embedding, aten.embedding.default}, _embedding),
 ]

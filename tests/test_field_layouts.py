@@ -132,3 +132,35 @@ def test_element_tags_of_a_field_stack():
     # 10 field pairs: 3 user x user (u0u1, u0u2, u1u2), 1 item x item, 6 mixed
     assert sorted(tags["getitem_6"].map.tolist()) == [1, 1, 1, 2, 3, 3, 3, 3, 3, 3]
     assert str(tags["sum_1"]) == "elements[mixed:8]"  # the FM sum over fields mixes them
+
+
+class ExportedMasked(nn.Module):
+    """Captured through torch.export (``len()``): per-feature embeddings masked by ``ids != 0``
+    (``aten.ne.Scalar``), stacked into [B, 1, 4E] and flattened with ``view(-1, 4E)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.mlp = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, user_ids, item_ids):
+        assert len(user_ids) > 0
+        ids = torch.stack([user_ids[:, 0], item_ids[:, 0], user_ids[:, 1], item_ids[:, 1]], dim=1)
+        e = self.emb(ids) * (ids != 0).unsqueeze(-1).to(torch.float32)  # [B, 4, 8]
+        return self.mlp(torch.cat(e.unbind(1), dim=-1).unsqueeze(1).view(-1, 32)).squeeze(-1)
+
+
+def test_export_fallback_keeps_field_elements():
+    model = ExportedMasked().eval()
+    pairs = own_cases()[0].pairs  # ids of 2 user and 2 item fields (+ unused dense)
+    ex, _ = pairs(2, 6, 1)
+    T = mari_fx.transform(model, ["user_ids"], ex[:2])
+    assert T.meta["mari_fx.record"].capture == "torch.export"
+    assert [(l.name, l.split_user_features) for l in T.meta["mari_fx.record"].layers if l.action == "split"] == [
+        ("linear", 16)]
+    for U, N in [(1, 1), (3, 300)]:
+        args, idx = pairs(U, N, seed=N)
+        with torch.no_grad():
+            torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args[:2], user_index=idx)), model(*args[:2]))
+    args, idx = pairs(5, 120, seed=3)
+    assert realised(model, T, args[:2], idx) >= 0.9
