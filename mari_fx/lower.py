@@ -577,4 +577,4 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
 
 
 # The op lowerings register themselves (order matters: the split before the interactions that chain on matmul).
-from . import pieces, split, combos, interactions  # noqa: E402,F401
+from . import pieces, split, combos, interactions, field_split  # noqa: E402,F401

@@ -1048,3 +1048,18 @@ def _aten_select(ctx: RuleContext) -> Tag:
         col = index % value.shape[-1]
         return ctx.result(tag.slice(col, col + 1).side)
     return ctx.rowwise()
+
+
+# --------------------------------------------------------------------------- more torch.export spellings
+# Comparisons and selections follow their operands; metadata asserts return nothing (no data).
+_MORE_ATEN_ELEMENTWISE = [
+    aten.ne.Scalar, aten.ne.Tensor, aten.ge.Scalar, aten.le.Scalar, aten.gt.Tensor, aten.lt.Tensor, aten.ge.Tensor,
+    aten.le.Tensor, aten.logical_and.default, aten.logical_or.default, aten.logical_not.default,
+    aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Tensor, aten.mul.Scalar, aten.add.Scalar,
+    aten.sub.Scalar, aten.div.Scalar,
+]
+_MORE_ATEN_ELEMENTWISE = [t for t in _MORE_ATEN_ELEMENTWISE if t not in RULES]
+_BINARY_FUNCS += _MORE_ATEN_ELEMENTWISE  # the column-piece lowering applies them piece by piece too
+register(*_MORE_ATEN_ELEMENTWISE)(constant_if_constant(elementwise))
+register(*[t for t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                       aten.sym_constrain_range_for_size.default) if t not in RULES])(lambda ctx: CONST)
