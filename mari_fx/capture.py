@@ -56,6 +56,17 @@ class MariTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+class _Proxy(fx.Proxy):
+    """Records ``h[idx] = v`` as ``operator.setitem`` (plain fx proxies refuse item assignment);
+    :func:`mari_fx.functionalize.functionalize` then makes it functional."""
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
 
 def capture(
     model: nn.Module,
@@ -75,11 +86,21 @@ def capture(
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
-    if isinstance(model, fx.GraphModule):
-        return copy_model(model)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
+    # Everything after capture (in-place modules made out of place, split layers) happens on a
+    # copy: the model the caller holds is never changed.
+    try:
+        model = copy_model(model)
+    except Exception as e:
+        raise TraceError(
+            f"cannot copy {type(model).__name__} ({type(e).__name__}: {e}): mari_fx works on a copy so the "
+            "model is never changed; register modules that must not be copied with "
+            "mari_fx.capture.register_leaf_module(cls, share=True)") from e
+    if isinstance(model, fx.GraphModule):
+        return model
     tracer = MariTracer(leaf_modules or ())
+    before = state_versions(model)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
@@ -95,9 +116,44 @@ def capture(
             raise TraceError(f"{error}\n  torch.export also failed: {reason}") from e2
         gm.meta[ROUTE_KEY] = "torch.export"
         return gm
+    _refuse_state_assignments(model)
+    # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
+    check_state(model, before, "tracing the model")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[ROUTE_KEY] = "torch.fx"
     return gm
+
+
+def state_versions(model: nn.Module) -> Dict[str, Any]:
+    """Identity, version counter and requires_grad of every parameter and buffer (cheap: no copies)."""
+    return {name: (id(t), t._version, t.requires_grad) for name, t in
+            [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+
+
+def check_state(model: nn.Module, before: Mapping[str, Any], during: str) -> None:
+    """Refuse a forward that updated its own parameters or buffers (also inside opaque leaf modules)."""
+    from .errors import DeclarationError
+
+    after = state_versions(model)
+    changed = [name for name in before if after.get(name) != before[name]] + [n for n in after if n not in before]
+    if changed:
+        raise DeclarationError(
+            f"{during} changed the model's state: {', '.join(repr(c) for c in changed)}; mari_fx transforms "
+            "stateless inference forwards: move state updates (counters, running statistics, EMA buffers) "
+            "out of forward, and call model.eval()")
+
+
+def _refuse_state_assignments(model: nn.Module) -> None:
+    """A forward that stores a traced value on a module (``self.last = h``) updates its own state."""
+    from .errors import DeclarationError
+
+    for path, m in model.named_modules():
+        for attr, v in vars(m).items():
+            if isinstance(v, fx.Proxy):
+                name = f"{path}.{attr}" if path else attr
+                raise DeclarationError(
+                    f"forward assigns a computed value to the module attribute {name!r}: mari_fx transforms "
+                    "stateless inference forwards; return the value instead of storing it")
 
 
 ROUTE_KEY = "mari_fx.capture"  # GraphModule.meta: which route captured the graph

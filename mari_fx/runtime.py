@@ -50,3 +50,21 @@ def check_request(
                 + str(hi + 1) + " users (0.." + str(hi) + "): pass one row per user (U rows); "
                 "mari_fx.pairs_to_request builds a request from pair-shaped inputs"
             )
+
+
+def check_inference(training: bool) -> None:
+    """Raise :class:`RequestError` when a transformed module is called in training mode.
+
+    A transformed module computes user-only work once per user; in training mode Dropout
+    would draw one mask per user instead of one per pair and BatchNorm would mix rows, so
+    ``T.train()`` is refused at the first call.  Example:
+
+        >>> check_inference(False)
+        >>> check_inference(True)
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.RequestError: this module was made by mari_fx.transform for inference and is in training mode: call .eval() on it (train the pair-shaped model, then transform it again)
+    """
+    if training:
+        raise RequestError("this module was made by mari_fx.transform for inference and is in training mode: "
+                           "call .eval() on it (train the pair-shaped model, then transform it again)")
