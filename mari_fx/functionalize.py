@@ -127,14 +127,15 @@ def mutation_kind(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> Optiona
     "setitem", "module", "aten", "out"), or None for a node that does not.
 
     Example:
-        >>> import torch, torch.fx as fx
+        >>> import torch
+        >>> from mari_fx.capture import capture
         >>> class M(torch.nn.Module):
         ...     def forward(self, x):
         ...         y = x * 2
         ...         y.relu_()
-        ...         y[:, 0] = 0
+        ...         y[:, 0] = 0          # recorded as operator.setitem by mari_fx's tracer
         ...         return torch.nn.functional.relu(y, inplace=True)
-        >>> gm = fx.symbolic_trace(M())
+        >>> gm = capture(M())
         >>> [mutation_kind(n, gm) for n in gm.graph.nodes if n.op.startswith("call")]
         [None, 'method', 'setitem', 'inplace']
     """
@@ -802,20 +803,32 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     and which values share memory.
 
     Example:
-        >>> import torch, torch.fx as fx
+        >>> import torch
+        >>> from mari_fx.capture import capture
         >>> class M(torch.nn.Module):
         ...     def forward(self, x):
         ...         h = x * 2
         ...         v = h[:, :2]
         ...         v.add_(1.0)   # changes h too
+        ...         h[:, 2] = 5.0
         ...         return h
-        >>> gm = fx.symbolic_trace(M())
+        >>> gm = capture(M())
         >>> gm.meta["mari_fx.example"] = {"x": torch.zeros(2, 3)}
         >>> gm = functionalize(gm)
-        >>> [mutation_kind(n, gm) for n in gm.graph.nodes]
-        [None, None, None, None, None, None]
+        >>> any(mutation_kind(n, gm) for n in gm.graph.nodes)
+        False
         >>> gm(torch.zeros(1, 3)).tolist()
-        [[1.0, 1.0, 0.0]]
+        [[1.0, 1.0, 5.0]]
+        >>> print(gm.code.strip())  # doctest: +NORMALIZE_WHITESPACE
+        def forward(self, x):
+            mul = x * 2;  x = None
+            getitem = mul[(slice(None, None, None), slice(None, 2, None))]
+            add = getitem.add(1.0);  getitem = None
+            slice_scatter = torch.slice_scatter(mul, add, 1, None, 2, 1);  mul = add = None
+            getitem_1 = slice_scatter[(slice(None, None, None), 2)]
+            full_like = torch.full_like(getitem_1, 5.0);  getitem_1 = None
+            select_scatter = torch.select_scatter(slice_scatter, full_like, 1, 2);  slice_scatter = full_like = None
+            return select_scatter
     """
     if not any(mutation_kind(n, gm) is not None for n in gm.graph.nodes):
         return gm
