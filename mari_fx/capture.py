@@ -125,9 +125,14 @@ def capture(
 
 
 def state_versions(model: nn.Module) -> Dict[str, Any]:
-    """Identity, version counter and requires_grad of every parameter and buffer (cheap: no copies)."""
+    """Identity, version counter and requires_grad of every parameter and buffer (cheap: no copies),
+    except inside :data:`SHARED_MODULES` (embedding tables keep their own bookkeeping, e.g. TorchRec's
+    bounds-check counters, and are the extension's to keep stateless)."""
+    shared = tuple(SHARED_MODULES)
+    skip = tuple(f"{path}." for path, m in model.named_modules() if shared and isinstance(m, shared))
     return {name: (id(t), t._version, t.requires_grad) for name, t in
-            [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+            [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+            if not name.startswith(skip) or not skip}
 
 
 def check_state(model: nn.Module, before: Mapping[str, Any], during: str) -> None:

@@ -372,6 +372,7 @@ class _Rewriter:
         self.path: Dict[fx.Node, Optional[List[_Step]]] = {}
         self.cur: Dict[fx.Node, Tuple[Any, int]] = {}
         self.by_storage: Dict[int, _Group] = {}
+        self.seqs: Dict[fx.Node, Dict[_Group, int]] = {}  # tuple-valued nodes holding views
         self.state = {}
         for kind, items in (("parameter", gm.named_parameters()), ("buffer", gm.named_buffers())):
             for name, t in items:
@@ -385,6 +386,13 @@ class _Rewriter:
         return fx.node.map_arg(a, self._read_node)
 
     def _read_node(self, a: fx.Node) -> Any:
+        seen = self.seqs.get(a)
+        if seen is not None and any(g.version != v for g, v in seen.items()):
+            # a tuple of views (``h.chunk(2, 1)`` read whole after a write into h): view them again
+            new = self.graph.node_copy(a, self._read_node)
+            self.seqs[a] = {g: g.version for g in seen}
+            self.env[a] = new
+            return new
         g = self.group.get(a)
         if g is None:
             return self.env[a]
@@ -519,6 +527,12 @@ class _Rewriter:
     def _place(self, node: fx.Node, new: fx.Node) -> None:
         """Put a fresh node into the alias group of the values it shares storage with."""
         t = self.facts.tensor(node)
+        if t is None and isinstance(self.facts.values.get(node), (tuple, list)):
+            items = [v for v in self.facts.values[node] if isinstance(v, torch.Tensor)]
+            groups = {self.by_storage[k] for k in map(_storage, items) if k in self.by_storage}
+            if groups:
+                self.seqs[node] = {g: g.version for g in groups}
+            return
         key = _storage(t) if t is not None else None
         if key is None:
             return
@@ -620,7 +634,7 @@ def _describe_mutation(node: fx.Node, kind: str, rw: _Rewriter) -> Any:
         kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
         t, fn_out = facts.tensor(target), _probe_shape(node.target, facts.value(node.args), facts.value(kwargs))
         if t is None or fn_out is None or tuple(fn_out) != tuple(t.shape):
-            raise _refuse(node, "out= writes a result whose shape differs from out")
+            raise _refuse(node, "out= is not one tensor of the result's shape")
         return _Mutation(node, target, lambda r: _pure_call(r, node, "call_function", node.target, node.args, kwargs,
                                                               target))
     if kind == "aten":

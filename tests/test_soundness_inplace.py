@@ -178,7 +178,25 @@ def _copy_into_view(m, u, i):
     return m.head(torch.cat([h, i], -1))
 
 
+def _tuple_read_whole(m, u, i):
+    h = m.lin(u)
+    parts = h.split(2, dim=1)
+    parts[0].mul_(0.0)
+    return m.head(torch.cat([parts[0], parts[1], parts[2], i], -1))  # each parts[k] reads the tuple again
+
+
+def _alias_through_ops_that_return_their_input(m, u, i):
+    h = m.lin(u)
+    m.act(m.drop(h))  # Dropout in eval returns h itself: the in-place ReLU changes h
+    g = h.float()  # already float32: g is h
+    g.mul_(2.0)
+    return m.head(torch.cat([h, i], -1))
+
+
 BODIES = {
+    "tuple_read_whole": (_tuple_read_whole, {}),
+    "alias_through_ops_that_return_their_input": (_alias_through_ops_that_return_their_input,
+                                                  {"drop": nn.Dropout(0.1), "act": nn.ReLU(inplace=True)}),
     "clamp_": (_clamp, {}),
     "view_then_base": (_view_then_base, {}),
     "setitem": (_setitem, {}),
