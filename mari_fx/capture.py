@@ -52,6 +52,7 @@ class MariTracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[Type[nn.Module]] = ()):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules) + tuple(LEAF_MODULES)
+        self.record_stack_traces = True  # errors about a node quote the model's source line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)

@@ -37,6 +37,7 @@ import builtins
 import copy
 import inspect
 import operator
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -92,11 +93,13 @@ _FUNCTION_TWINS = _inplace_function_twins()
 def _where(node: fx.Node) -> str:
     """The node and, when recorded, the model source line it comes from."""
     text = node.format_node()
-    trace = node.meta.get("stack_trace")
-    if trace:
-        lines = [l.strip() for l in trace.strip().splitlines() if l.strip()]
-        if lines:
-            text += f" (at {lines[-2] if len(lines) >= 2 else lines[-1]}: {lines[-1]})" if len(lines) >= 2 else f" ({lines[-1]})"
+    lines = [l.strip() for l in (node.meta.get("stack_trace") or "").splitlines()]
+    lines = [l for l in lines if l and set(l) - set("^~ ")]  # drop the caret lines under the code
+    internal = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    files = [k for k, l in enumerate(lines) if l.startswith("File ") and not any(d in l for d in internal)]
+    if files:
+        k = files[-1]
+        text += f" ({lines[k]}: {lines[k + 1]})" if k + 1 < len(lines) else f" ({lines[k]})"
     return text
 
 

@@ -359,13 +359,39 @@ def test_write_through_an_alias_that_cannot_be_inverted_is_refused():
     assert "add_" in str(err.value)
 
 
+def test_opaque_call_that_writes_into_its_input_is_refused():
+    class Bump(nn.Module):
+        def forward(self, x):
+            x.add_(1.0)
+            return x * 2
+
+    def body(m, u, i):
+        h = m.lin(u)
+        return m.head(torch.cat([h + m.bump(h), i], -1))
+
+    with pytest.raises(TraceError, match=r"bump.*changed one of its input tensors in place"):
+        mari_fx.transform(Pair(body, bump=Bump()).eval(), ["u"], (torch.randn(4, DU), torch.randn(4, DI)),
+                          leaf_modules=[Bump])
+
+
+def test_out_argument_is_made_functional():
+    def body(m, u, i):
+        h = m.lin(u)
+        c = torch.empty_like(h)
+        torch.add(h, 1.0, out=c)
+        return m.head(torch.cat([c, i], -1))
+
+    T = check(Pair(body).eval())
+    assert no_mutations(T) and user_rows(T, "lin") == "U"
+
+
 def test_inplace_op_without_out_of_place_form_is_refused():
     def body(m, u, i):
         h = m.lin(u)
         h.unsqueeze_(1)
         return m.head(torch.cat([h.squeeze(1), i], -1))
 
-    with pytest.raises(TraceError, match=r"unsqueeze_.*write it out of place"):
+    with pytest.raises(TraceError, match=r"unsqueeze_.*test_soundness_inplace.py.*h.unsqueeze_\(1\).*out of place"):
         transform(Pair(body).eval())
 
 
