@@ -107,7 +107,8 @@ def capture(
     tracer = MariTracer(leaf_modules or ())
     before = state_versions(model)
     try:
-        graph = tracer.trace(model)
+        with guard_state(model):
+            graph = tracer.trace(model)
     except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         why = next((hint for key, hint in _HINTS if key in str(e)), None)
@@ -151,6 +152,78 @@ def check_state(model: nn.Module, before: Mapping[str, Any], during: str) -> Non
             f"{during} changed the model's state: {', '.join(repr(c) for c in changed)}; mari_fx transforms "
             "stateless inference forwards: move state updates (counters, running statistics, EMA buffers) "
             "out of forward, and call model.eval()")
+
+
+class guard_state(torch.overrides.TorchFunctionMode):
+    """While active, an in-place write into a parameter or buffer of ``model`` (or a view of one)
+    raises :class:`~mari_fx.errors.DeclarationError` naming it *before* it happens.
+
+    Copies mari_fx makes share parameters and buffers with the caller's model, so tracing
+    (torch.fx runs ``self.count.add_(1)`` as Python) and example runs would otherwise change
+    the caller's state.  Writes from C++ kernels are not seen here; :func:`check_state`
+    compares version counters afterwards.
+
+    Example:
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> with guard_state(bn):
+        ...     bn.running_mean.add_(1)
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.DeclarationError: the forward writes into buffer 'running_mean' in place (Tensor.add_): mari_fx transforms stateless inference forwards; move state updates (counters, running statistics, EMA buffers) out of forward, and call model.eval()
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        shared = tuple(SHARED_MODULES)
+        skip = tuple(f"{path}." for path, m in model.named_modules() if shared and isinstance(m, shared))
+        self.protected: Dict[int, str] = {}
+        for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in items:
+                key = _storage_key(t)
+                if key is not None and not (skip and name.startswith(skip)):
+                    self.protected.setdefault(key, f"{kind} {name!r}")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        written = None
+        if (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or (
+                name.startswith("__i") and name.endswith("__")):
+            written = args[0] if args else None
+        elif kwargs.get("out") is not None:
+            written = kwargs["out"]
+        elif kwargs.get("inplace") is True or any(a is True for a in args[1:]) and _binds_inplace(func, args, kwargs):
+            written = args[0] if args else kwargs.get("input")
+        key = _storage_key(written) if isinstance(written, torch.Tensor) and not isinstance(written, fx.Proxy) else None
+        if key in self.protected:
+            from .errors import DeclarationError
+
+            raise DeclarationError(
+                f"the forward writes into {self.protected[key]} in place ({_qualified(func)}): mari_fx transforms "
+                "stateless inference forwards; move state updates (counters, running statistics, EMA buffers) "
+                "out of forward, and call model.eval()")
+        return func(*args, **kwargs)
+
+
+def _binds_inplace(func: Any, args: Any, kwargs: Any) -> bool:
+    try:  # F.relu(x, True): the mode sees F.relu, not the torch.relu_ it calls
+        return inspect.signature(func).bind(*args, **kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):
+        return False
+
+
+def _qualified(func: Any) -> str:
+    owner = getattr(func, "__objclass__", None)
+    return f"Tensor.{func.__name__}" if owner is not None else getattr(func, "__name__", str(func))
+
+
+def _storage_key(t: Any) -> Optional[int]:
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr() if s.nbytes() else None
+    except Exception:  # fake, sparse or nested tensors
+        return None
 
 
 def _refuse_state_assignments(model: nn.Module) -> None:

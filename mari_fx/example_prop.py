@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Tuple
 import torch
 import torch.fx as fx
 
-from .errors import TraceError
+from .errors import MariError, TraceError
 
 VALUE_KEY = "mari_fx.value"
 
@@ -80,6 +80,8 @@ class ExampleProp(fx.Interpreter):
         versions = [t._version for t in inputs]
         try:
             result = super().run_node(n)
+        except MariError as e:  # e.g. guard_state refusing a write into a buffer: keep its type
+            raise type(e)(f"{e} (at node {n.name}: {n.format_node()})") from e
         except Exception as e:
             raise TraceError(
                 f"running the model on the example inputs failed at node {n.format_node()}: "

@@ -46,7 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DeclarationError, TraceError
+from .errors import DeclarationError, MariError, TraceError
 
 EXAMPLE_KEY = "mari_fx.example"  # GraphModule.meta: flat example inputs by placeholder name
 FUNCTIONALIZED_KEY = "mari_fx.functionalized"  # node.meta on rewritten nodes: the source op, for reports
@@ -798,6 +798,8 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         try:
             out = super().run_node(n)
+        except MariError as e:  # e.g. guard_state refusing a write into a buffer: keep its type
+            raise type(e)(f"{e} (at node {n.name}: {n.format_node()})") from e
         except Exception as e:
             raise TraceError(f"running the model on the example inputs failed at node {_where(n)}: "
                              f"{type(e).__name__}: {e}") from e
