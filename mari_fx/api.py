@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Any, Iterable, Mapping, Optional, Sequence, Type, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture
+from .capture import capture, check_state, guard_state, state_versions
 from .errors import DeclarationError
 from .example_prop import ExampleProp
+from .functionalize import functionalize
 from .inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
 from .lower import LowerOptions, lower
 from .propagate import propagate_tags
@@ -78,15 +79,89 @@ def trace(
         raise DeclarationError("this module is already transformed by mari_fx.transform (it takes requests, not "
                                "pair-shaped batches): transform the original pair-shaped model instead; "
                                "mari_fx.refresh(T, model) updates T's weights")
+    check_inference_mode(model)
     with quiet_capture():
         gm = capture(model, leaf_modules, example_inputs, example_kwargs)
     example = bind_example(gm, example_inputs, example_kwargs or {})
     spec, flat = flatten_inputs(gm, user_inputs, example)
     _check_pair_rows(flat)
-    ExampleProp(gm).run(*[flat[n.target] for n in gm.graph.nodes if n.op == "placeholder"])
-    propagate_tags(gm, spec)
     gm.meta[EXAMPLE_KEY] = flat
+    state = state_versions(gm)
+    with guard_state(gm):  # gm shares parameters and buffers with the caller's model
+        gm = _functionalize_pass()(gm)
+        with torch.no_grad():  # on clones: the example tensors are the caller's
+            ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
+    check_state(gm, state, "running the model on the example")
+    propagate_tags(gm, spec)
     return gm
+
+
+def _functionalize_pass():
+    # ``mari_fx.api.functionalize`` or ``mari_fx.functionalize.functionalize``, whichever was
+    # replaced (tests swap the pass out to show what it protects against)
+    from . import functionalize as module
+
+    return functionalize if functionalize is not _FUNCTIONALIZE else module.functionalize
+
+
+_FUNCTIONALIZE = functionalize
+
+
+def _clone(value: Any) -> Any:
+    return fx.node.map_aggregate(value, lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
+
+
+def training_modules(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(path, class name)`` of the modules in training mode whose behaviour depends on it.
+
+    A module depends on training mode when code of its class (other than ``nn.Module``'s own)
+    reads ``.training``: Dropout, BatchNorm, RNNs and attention with dropout, and user modules
+    that branch on ``self.training``.  Modules in training mode that never read the flag
+    (Linear, ReLU, containers) are not listed: they compute the same either way.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> training_modules(nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.BatchNorm1d(2)))
+        [('1', 'Dropout'), ('2', 'BatchNorm1d')]
+        >>> training_modules(nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval())
+        []
+    """
+    return [(path, type(m).__name__) for path, m in model.named_modules()
+            if m.training and _reads_training(type(m))]
+
+
+def check_inference_mode(model: nn.Module) -> None:
+    """Raise :class:`DeclarationError` naming the modules in training mode (see :func:`training_modules`)."""
+    found = training_modules(model) if isinstance(model, nn.Module) else []
+    if found:
+        names = ", ".join(f"{path or '<root>'!r} ({cls})" for path, cls in found[:8])
+        more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+        raise DeclarationError(
+            f"modules in training mode: {names}{more}: call model.eval() first (mari_fx transforms "
+            "inference forwards; in training mode they draw per-row randomness or use batch statistics)")
+
+
+_READS_TRAINING: Dict[type, bool] = {}
+
+
+def _reads_training(cls: type) -> bool:
+    if cls not in _READS_TRAINING:
+        def reads(code: Any) -> bool:
+            return "training" in code.co_names or any(
+                reads(c) for c in code.co_consts if hasattr(c, "co_names"))
+
+        found = False
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object):
+                continue
+            for name, fn in vars(klass).items():
+                if name in ("train", "eval", "__init__", "extra_repr", "__setstate__", "__getstate__"):
+                    continue
+                code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+                if code is not None and reads(code):
+                    found = True
+        _READS_TRAINING[cls] = found
+    return _READS_TRAINING[cls]
 
 
 def _check_pair_rows(flat: Mapping[str, torch.Tensor]) -> None:

@@ -56,9 +56,21 @@ class MariTracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[Type[nn.Module]] = ()):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules) + tuple(LEAF_MODULES)
+        self.record_stack_traces = True  # errors about a node quote the model's source line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+class _Proxy(fx.Proxy):
+    """Records ``h[idx] = v`` as ``operator.setitem`` (plain fx proxies refuse item assignment);
+    :func:`mari_fx.functionalize.functionalize` then makes it functional."""
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
 
 def capture(
@@ -79,13 +91,24 @@ def capture(
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
-    if isinstance(model, fx.GraphModule):
-        return copy_model(model)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
-    tracer = MariTracer(leaf_modules or ())
+    # Everything after capture (in-place modules made out of place, split layers) happens on a
+    # copy: the model the caller holds is never changed.
     try:
-        graph = tracer.trace(model)
+        model = copy_model(model)
+    except Exception as e:
+        raise TraceError(
+            f"cannot copy {type(model).__name__} ({type(e).__name__}: {e}): mari_fx works on a copy so the "
+            "model is never changed; register modules that must not be copied with "
+            "mari_fx.capture.register_leaf_module(cls, share=True)") from e
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = MariTracer(leaf_modules or ())
+    before = state_versions(model)
+    try:
+        with guard_state(model):
+            graph = tracer.trace(model)
     except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         why = next((hint for key, hint in _HINTS if key in str(e)), None)
@@ -99,9 +122,121 @@ def capture(
             raise TraceError(f"{error}\n  torch.export also failed: {reason}") from e2
         gm.meta[ROUTE_KEY] = "torch.export"
         return gm
+    _refuse_state_assignments(model)
+    # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
+    check_state(model, before, "tracing the model")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[ROUTE_KEY] = "torch.fx"
     return gm
+
+
+def state_versions(model: nn.Module) -> Dict[str, Any]:
+    """Identity, version counter and requires_grad of every parameter and buffer (cheap: no copies),
+    except inside :data:`SHARED_MODULES` (embedding tables keep their own bookkeeping, e.g. TorchRec's
+    bounds-check counters, and are the extension's to keep stateless)."""
+    shared = tuple(SHARED_MODULES)
+    skip = tuple(f"{path}." for path, m in model.named_modules() if shared and isinstance(m, shared))
+    return {name: (id(t), t._version, t.requires_grad) for name, t in
+            [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+            if not name.startswith(skip) or not skip}
+
+
+def check_state(model: nn.Module, before: Mapping[str, Any], during: str) -> None:
+    """Refuse a forward that updated its own parameters or buffers (also inside opaque leaf modules)."""
+    from .errors import DeclarationError
+
+    after = state_versions(model)
+    changed = [name for name in before if after.get(name) != before[name]] + [n for n in after if n not in before]
+    if changed:
+        raise DeclarationError(
+            f"{during} changed the model's state: {', '.join(repr(c) for c in changed)}; mari_fx transforms "
+            "stateless inference forwards: move state updates (counters, running statistics, EMA buffers) "
+            "out of forward, and call model.eval()")
+
+
+class guard_state(torch.overrides.TorchFunctionMode):
+    """While active, an in-place write into a parameter or buffer of ``model`` (or a view of one)
+    raises :class:`~mari_fx.errors.DeclarationError` naming it *before* it happens.
+
+    Copies mari_fx makes share parameters and buffers with the caller's model, so tracing
+    (torch.fx runs ``self.count.add_(1)`` as Python) and example runs would otherwise change
+    the caller's state.  Writes from C++ kernels are not seen here; :func:`check_state`
+    compares version counters afterwards.
+
+    Example:
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> with guard_state(bn):
+        ...     bn.running_mean.add_(1)
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.DeclarationError: the forward writes into buffer 'running_mean' in place (Tensor.add_): mari_fx transforms stateless inference forwards; move state updates (counters, running statistics, EMA buffers) out of forward, and call model.eval()
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        shared = tuple(SHARED_MODULES)
+        skip = tuple(f"{path}." for path, m in model.named_modules() if shared and isinstance(m, shared))
+        self.protected: Dict[int, str] = {}
+        for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in items:
+                key = _storage_key(t)
+                if key is not None and not (skip and name.startswith(skip)):
+                    self.protected.setdefault(key, f"{kind} {name!r}")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        written = None
+        if (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or (
+                name.startswith("__i") and name.endswith("__")):
+            written = args[0] if args else None
+        elif kwargs.get("out") is not None:
+            written = kwargs["out"]
+        elif kwargs.get("inplace") is True or any(a is True for a in args[1:]) and _binds_inplace(func, args, kwargs):
+            written = args[0] if args else kwargs.get("input")
+        key = _storage_key(written) if isinstance(written, torch.Tensor) and not isinstance(written, fx.Proxy) else None
+        if key in self.protected:
+            from .errors import DeclarationError
+
+            raise DeclarationError(
+                f"the forward writes into {self.protected[key]} in place ({_qualified(func)}): mari_fx transforms "
+                "stateless inference forwards; move state updates (counters, running statistics, EMA buffers) "
+                "out of forward, and call model.eval()")
+        return func(*args, **kwargs)
+
+
+def _binds_inplace(func: Any, args: Any, kwargs: Any) -> bool:
+    try:  # F.relu(x, True): the mode sees F.relu, not the torch.relu_ it calls
+        return inspect.signature(func).bind(*args, **kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):
+        return False
+
+
+def _qualified(func: Any) -> str:
+    owner = getattr(func, "__objclass__", None)
+    return f"Tensor.{func.__name__}" if owner is not None else getattr(func, "__name__", str(func))
+
+
+def _storage_key(t: Any) -> Optional[int]:
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr() if s.nbytes() else None
+    except Exception:  # fake, sparse or nested tensors
+        return None
+
+
+def _refuse_state_assignments(model: nn.Module) -> None:
+    """A forward that stores a traced value on a module (``self.last = h``) updates its own state."""
+    from .errors import DeclarationError
+
+    for path, m in model.named_modules():
+        for attr, v in vars(m).items():
+            if isinstance(v, fx.Proxy):
+                name = f"{path}.{attr}" if path else attr
+                raise DeclarationError(
+                    f"forward assigns a computed value to the module attribute {name!r}: mari_fx transforms "
+                    "stateless inference forwards; return the value instead of storing it")
 
 
 ROUTE_KEY = "mari_fx.capture"  # GraphModule.meta: which route captured the graph

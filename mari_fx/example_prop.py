@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Tuple
 import torch
 import torch.fx as fx
 
-from .errors import TraceError
+from .errors import MariError, TraceError
 
 VALUE_KEY = "mari_fx.value"
 
@@ -74,12 +74,24 @@ class ExampleProp(fx.Interpreter):
     """
 
     def run_node(self, n: fx.Node) -> Any:
+        inputs: List[torch.Tensor] = []
+        fx.node.map_aggregate(self.fetch_args_kwargs_from_env(n) if n.op != "placeholder" else (),
+                              lambda v: inputs.append(v) if isinstance(v, torch.Tensor) else None)
+        versions = [t._version for t in inputs]
         try:
             result = super().run_node(n)
+        except MariError as e:  # e.g. guard_state refusing a write into a buffer: keep its type
+            raise type(e)(f"{e} (at node {n.name}: {n.format_node()})") from e
         except Exception as e:
             raise TraceError(
                 f"running the model on the example inputs failed at node {n.format_node()}: "
                 f"{type(e).__name__}: {e}"
             ) from e
+        if any(t._version != v for t, v in zip(inputs, versions)):
+            # mari_fx.functionalize rewrote every mutation it knows; this op hides one (e.g. a leaf
+            # module or wrapped function that writes into its input)
+            raise TraceError(
+                f"{n.format_node()} changed one of its input tensors in place while running the example: "
+                "mari_fx needs pure ops (a mutation would run on copies after the rewrite); write it out of place")
         n.meta[VALUE_KEY] = summarize(result)
         return result

@@ -28,7 +28,8 @@ from .errors import MariError
 from .example_prop import VALUE_KEY, TensorInfo
 from .inputs import USER_INDEX, RequestSpec
 from .record import BroadcastRecord, LayerRecord, Record, RefusalRecord
-from .runtime import check_request
+from .functionalize import is_mutating
+from .runtime import check_inference, check_request
 from .tags import NOTE_KEY, ROWS_KEY, TAG_KEY, SeqTag, Side
 
 U, N, C = "U", "N", "C"
@@ -128,6 +129,8 @@ class Lowerer:
                 self.env[node] = Rows(new, level, node)
         self.user_index = self.graph.placeholder(USER_INDEX)
         self.user_index.meta[ROWS_KEY] = N
+        # T is an inference artefact: hoisted Dropout would draw one mask per user in training mode
+        self.graph.call_function(check_inference, (self.graph.get_attr("training"),))
         if self.options.check_requests:
             self._emit_check()
         self.n_rows = self.u_rows = None
@@ -568,9 +571,14 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
     root = copy_model(gm)  # split modules replace Linears in the copy only
     graph, record = Lowerer(root, spec, options).run()
     out = fx.GraphModule(root, graph, class_name="MariModule")
-    # Drop what nothing reads any more (e.g. an unused tuple element), but keep the request check.
-    out.graph.eliminate_dead_code(is_impure_node=lambda n: n.target is check_request or n.is_impure())
+    # Drop what nothing reads any more (e.g. an unused tuple element), but keep the checks (and any
+    # op that could write into its input: functionalize leaves none, this is the safety net).
+    out.graph.eliminate_dead_code(is_impure_node=lambda n: n.target in (check_request, check_inference)
+                                  or n.is_impure() or is_mutating(n))
     out.recompile()
+    # An inference artefact (its guard refuses training mode); only the root's flag: submodules
+    # may be shared with the caller's model (embedding tables) and keep theirs.
+    out.training = False
     out.meta["mari_fx.request"] = spec
     out.meta["mari_fx.record"] = record
     return out

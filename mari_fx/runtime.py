@@ -243,3 +243,21 @@ def graph_function(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def check_inference(training: bool) -> None:
+    """Raise :class:`RequestError` when a transformed module is called in training mode.
+
+    A transformed module computes user-only work once per user; in training mode Dropout
+    would draw one mask per user instead of one per pair and BatchNorm would mix rows, so
+    ``T.train()`` is refused at the first call.  Example:
+
+        >>> check_inference(False)
+        >>> check_inference(True)
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.RequestError: this module was made by mari_fx.transform for inference and is in training mode: call .eval() on it (train the pair-shaped model, then transform it again)
+    """
+    if training:
+        raise RequestError("this module was made by mari_fx.transform for inference and is in training mode: "
+                           "call .eval() on it (train the pair-shaped model, then transform it again)")

@@ -70,15 +70,25 @@ def test_batch_coupling_ops_are_refused_and_reported():
         return (torch.softmax(u, dim=0), u.sum(), u.mean(0), u.t(), u.view(-1), u.flatten(),
                 torch.cat([u, u], dim=0), u.squeeze(), m.bn(u))
 
-    gm, out = tagged(fn, train=True, bn=nn.BatchNorm1d(3))
+    # without running statistics BatchNorm normalises with batch statistics in eval mode too
+    gm, out = tagged(fn, bn=nn.BatchNorm1d(3, track_running_stats=False))
     for node in out:
         assert node.meta[TAG_KEY].side == Side.MIXED, node
         assert node.meta[NOTE_KEY], node
-    model = Fn(fn, bn=nn.BatchNorm1d(3).train())
+    model = Fn(fn, bn=nn.BatchNorm1d(3, track_running_stats=False)).eval()
     T = mari_fx.transform(model, ["u"], (torch.randn(4, 3), torch.randn(4, 5)))
     reasons = {r.node: r.reason for r in T.meta["mari_fx.record"].refused}
     assert "batch dimension (dim 0)" in reasons["mean"]
     assert "batch statistics" in reasons["bn"]
+
+
+def test_training_mode_is_refused_not_recorded():
+    def fn(m, u, i):
+        return m.lin(torch.cat([m.drop(m.bn(u)), i], -1))
+
+    mods = dict(bn=nn.BatchNorm1d(3), drop=nn.Dropout(0.3), lin=nn.Linear(8, 2))
+    with pytest.raises(mari_fx.DeclarationError, match=r"'bn' \(BatchNorm1d\), 'drop' \(Dropout\)"):
+        tagged(fn, train=True, **mods)
 
 
 def test_rowwise_ops_on_user_data_stay_user():
