@@ -63,6 +63,8 @@ def bind(node: fx.Node, module: Optional[torch.nn.Module] = None) -> Optional[Di
         ...     def forward(self, h):
         ...         return h.norm(2, 0), h.narrow(1, start=0, length=2)
         >>> gm = fx.symbolic_trace(M())
+        >>> from mari_fx.example_prop import ExampleProp
+        >>> _ = ExampleProp(gm).run(torch.ones(3, 4))   # example types pick overloads
         >>> norm, narrow = [n for n in gm.graph.nodes if n.op == "call_method"]
         >>> {k: bind(norm)[k] for k in ("p", "dim")}
         {'p': 2, 'dim': 0}

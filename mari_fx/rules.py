@@ -834,7 +834,9 @@ def column_index(index: Any, ndim: int) -> Optional[Tuple[Tuple[Any, ...], Any]]
         >>> from mari_fx.rules import column_index
         >>> column_index((Ellipsis, None, slice(0, 4)), 2)
         ((slice(None, None, None), None), slice(0, 4, None))
-        >>> column_index((slice(None), True), 2) is None    # a trailing new axis: no column index
+        >>> column_index((slice(None), True), 2)         # x[:, True] adds an axis, like None
+        ((slice(None, None, None), True), slice(None, None, None))
+        >>> column_index((slice(None), slice(None), None), 2) is None   # a trailing new axis
         True
     """
     expanded = expand_index(index, ndim)
