@@ -33,11 +33,11 @@ def _lower_getitem(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
         return v.items[index] if isinstance(index, int) else Seq(tuple(v.items[index]))
     if not isinstance(v, Pieces):
         return None
-    cols = rules.column_index(index, base.meta[VALUE_KEY].ndim)  # the rule's predicate
+    width = base.meta[VALUE_KEY].shape[-1]
+    cols = rules.column_index(index, base.meta[VALUE_KEY].ndim, width)  # the rule's predicate
     if cols is None:
         return None
     prefix, last = cols  # the rest of the index (new axes included) applies to every piece
-    width = base.meta[VALUE_KEY].shape[-1]
     if isinstance(last, slice):
         lo, hi, _ = last.indices(width)
         return lw._select_columns(base, lo, max(lo, hi), prefix)
@@ -56,7 +56,9 @@ def _lower_aten_slice(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     if not isinstance(v, Pieces) or dim % ndim != ndim - 1:
         return None
     lo, hi, _ = slice(start, stop).indices(x.meta[VALUE_KEY].shape[-1])
-    return lw._select_columns(x, lo, max(lo, hi), (slice(None),) * (ndim - 1))
+    if hi <= lo:
+        return None
+    return lw._select_columns(x, lo, hi, (slice(None),) * (ndim - 1))
 
 
 @register_lowering(torch.ops.aten.select.int)
@@ -83,7 +85,8 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
 
 
 @register_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
-           torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default)
+           torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
+           torch.ops.aten.tensor_split.sections)
 def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     if not isinstance(lw._value(x), Pieces):
@@ -93,7 +96,10 @@ def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     if not isinstance(dim, int) or dim % ndim != ndim - 1:
         return None
     prefix = (slice(None),) * (ndim - 1)
-    return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in _split_bounds(node)))
+    bounds = _split_bounds(node)
+    if any(hi <= lo for lo, hi in bounds):
+        return None  # an empty part: the rule keeps no segments either
+    return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in bounds))
 
 
 @register_lowering(torch.narrow, "narrow", torch.ops.aten.narrow.default)
@@ -102,8 +108,9 @@ def _lower_narrow(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     if not isinstance(x, fx.Node) or not isinstance(lw._value(x), Pieces):
         return None
     ndim = x.meta[VALUE_KEY].ndim
-    if not all(isinstance(a, int) for a in (dim, start, length)) or dim % ndim != ndim - 1:
+    if not all(isinstance(a, int) for a in (dim, start, length)) or dim % ndim != ndim - 1 or length <= 0:
         return None
+    start %= x.meta[VALUE_KEY].shape[-1]
     return lw._select_columns(x, start, start + length, (slice(None),) * (ndim - 1))
 
 

@@ -709,7 +709,7 @@ def _permute(ctx: RuleContext) -> Tag:
 @register(torch.transpose, "transpose", torch.swapaxes, "swapaxes")
 def _transpose(ctx: RuleContext) -> Tag:
     ndim = ctx.ndim(ctx.arg(0))
-    dims = [ctx.norm_dim(ctx.arg(1, "dim0"), ndim), ctx.norm_dim(ctx.arg(2, "dim1"), ndim)]
+    dims = [ctx.norm_dim(ctx.arg(1, ("dim0", "axis0")), ndim), ctx.norm_dim(ctx.arg(2, ("dim1", "axis1")), ndim)]
     if ctx.input_side() != Side.CONST and (0 in dims or None in dims):
         return ctx.refuse("transpose moves the batch dimension")
     return ctx.rowwise()
@@ -768,7 +768,7 @@ def _getitem(ctx: RuleContext) -> Tag:
     per_dim, _ = plan
     if per_dim[0] != slice(None):
         return ctx.refuse("indexing selects rows of the batch dimension")
-    cols = column_index(index, value.ndim)
+    cols = column_index(index, value.ndim, value.shape[-1])
     if isinstance(tag, TensorTag) and tag.is_segmented and cols is not None:
         last = cols[1]
         if isinstance(last, slice):
@@ -824,28 +824,30 @@ def normalize_index(index: Any, ndim: int) -> Optional[Tuple[List[Any], bool]]:
     return [i for i in expanded if not _new_axis(i)], _new_axis(expanded[-1])
 
 
-def column_index(index: Any, ndim: int) -> Optional[Tuple[Tuple[Any, ...], Any]]:
+def column_index(index: Any, ndim: int, width: int) -> Optional[Tuple[Tuple[Any, ...], Any]]:
     """``(prefix, last)`` for a basic index that keeps every row and whose last entry indexes the
-    last input dim with a step-1 slice or an int: ``prefix`` is the rest of the expanded index
+    last input dim (of size ``width``) with a non-empty step-1 slice or an int: ``prefix`` is the rest of the expanded index
     (new axes included).  Exactly the indices whose column segments the rule keeps and the
     lowering (:mod:`mari_fx.pieces`) applies piece by piece, with ``last`` shifted per piece.
 
     Example:
         >>> from mari_fx.rules import column_index
-        >>> column_index((Ellipsis, None, slice(0, 4)), 2)
+        >>> column_index((Ellipsis, None, slice(0, 4)), 2, 12)
         ((slice(None, None, None), None), slice(0, 4, None))
-        >>> column_index((slice(None), True), 2)         # x[:, True] adds an axis, like None
+        >>> column_index((slice(None), True), 2, 12)         # x[:, True] adds an axis, like None
         ((slice(None, None, None), True), slice(None, None, None))
-        >>> column_index((slice(None), slice(None), None), 2) is None   # a trailing new axis
+        >>> column_index((slice(None), slice(None), None), 2, 12) is None   # a trailing new axis
         True
     """
     expanded = expand_index(index, ndim)
     if expanded is None or expanded[0] != slice(None):
         return None
     last = expanded[-1]
-    if isinstance(last, slice) and last.step in (None, 1) or isinstance(last, int) and not isinstance(last, bool):
+    if isinstance(last, slice) and last.step in (None, 1) and len(range(*last.indices(width))) > 0:
         return tuple(expanded[:-1]), last
-    return None
+    if isinstance(last, int) and not isinstance(last, bool):
+        return tuple(expanded[:-1]), last
+    return None  # other steps, or no columns at all (an empty [rows, 0] result)
 
 
 # --------------------------------------------------------------------------- cat / stack / split
@@ -912,7 +914,8 @@ def _split_rule(dim_pos: int) -> Rule:
         if tag.side == Side.MIXED and ctx.node.meta.get(NOTE_KEY):
             return tag
         tag = ctx.tag(x)
-        if dim == ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and isinstance(ctx.out, tuple):
+        if (dim == ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and isinstance(ctx.out, tuple)
+                and all(part.shape[-1] > 0 for part in ctx.out)):  # as mari_fx.pieces lowers it
             pos, items = 0, []
             for part in ctx.out:
                 w = part.shape[-1]
@@ -941,7 +944,8 @@ def _narrow(ctx: RuleContext) -> Tag:
     if dim in (0, None):
         return ctx.refuse("narrow along the batch dimension")
     tag, start, length = ctx.tag(x), static_int(ctx.arg(2, "start")), static_int(ctx.arg(3, "length"))
-    if dim == ndim - 1 and tag.is_segmented and isinstance(start, int) and isinstance(length, int):
+    if dim == ndim - 1 and tag.is_segmented and isinstance(start, int) and isinstance(length, int) and length > 0:
+        start %= ctx.value(x).shape[-1]  # narrow(-1, -3, 2) counts from the end
         return tag.slice(start, start + length)
     return rowwise(ctx, ("input",))  # a batched start (tensor) is refused
 
@@ -1097,7 +1101,8 @@ def _aten_slice(ctx: RuleContext) -> Tag:
         return ctx.refuse("slicing selects rows of the batch dimension")
     if d == value.ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and step == 1:
         lo, hi, _ = slice(start, stop).indices(value.shape[-1])
-        return tag.slice(lo, max(lo, hi))
+        if hi > lo:  # an empty [rows, 0] slice keeps no segments (nor does its lowering)
+            return tag.slice(lo, hi)
     return ctx.rowwise()
 
 
