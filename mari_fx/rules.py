@@ -739,6 +739,9 @@ def _getattr(ctx: RuleContext) -> Tag:
         return TensorTag.uniform(ctx.side(ctx.arg(0)))
     if name == "mT" and (ctx.ndim(ctx.arg(0)) or 0) >= 3:
         return ctx.rowwise()
+    tag = ctx.tag(ctx.arg(0))
+    if name in ("values", "indices") and isinstance(tag, SeqTag) and len(tag.items) == 2:
+        return tag.items[name == "indices"]  # (values, indices) of topk / sort / max(dim)
     return unknown(ctx)
 
 
