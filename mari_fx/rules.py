@@ -1111,7 +1111,7 @@ def _aten_slice(ctx: RuleContext) -> Tag:
 
 @register(aten.select.int)
 def _aten_select(ctx: RuleContext) -> Tag:
-    x, dim, index = ctx.arg(0), ctx.arg(1), ctx.arg(2)
+    x, dim, index = ctx.arg(0, "input"), ctx.arg(1, "dim"), ctx.arg(2, "index")
     value, tag = ctx.value(x), ctx.tag(x)
     if ctx.input_side() == Side.CONST:
         return ctx.result(Side.CONST)
