@@ -84,10 +84,10 @@ class Subject:
 
 def _transforms(model, selectors, example):
     t0 = time.perf_counter()
-    T = mari_fx.transform(model, list(selectors), example, check_requests=False)
+    T = mari_fx.transform(model, list(selectors), example, check_requests=False, reassociate=True)
     transform_s = time.perf_counter() - t0
     T_os = mari_fx.transform(model, list(selectors), example, split_matmuls=False, check_requests=False)
-    T_chk = mari_fx.transform(model, list(selectors), example, check_requests=True)
+    T_chk = mari_fx.transform(model, list(selectors), example, check_requests=True, reassociate=True)
     return T, T_os, T_chk, transform_s
 
 

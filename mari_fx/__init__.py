@@ -4,7 +4,7 @@
                           example_inputs=pair_batch)
     T(**mari_fx.pairs_to_request(T, *pair_batch, user_index=idx)) == model(*pair_batch)
 """
-from .api import is_tagged, trace, transform
+from .api import is_tagged, refresh, trace, transform
 from .errors import DeclarationError, MariError, RequestError, TraceError, VerificationError
 from .flops import count_flops
 from .inputs import Arg, Columns, Key, pairs_to_request, request_to_pairs
@@ -17,6 +17,6 @@ from . import export  # a callable module: mari_fx.export(T, request) -> torch.e
 __all__ = [
     "Arg", "Columns", "DeclarationError", "Key", "MariError", "Record", "RequestError", "Side",
     "SplitLinear", "TraceError", "VerificationError", "count_flops", "export", "is_tagged", "pairs_to_request",
-    "random_request", "request_to_pairs", "trace", "transform", "verify",
+    "random_request", "refresh", "request_to_pairs", "trace", "transform", "verify",
 ]
 __version__ = "0.1.0"

@@ -2,6 +2,9 @@
 ``transform`` (trace, then lower, then optionally verify)."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Type, Union
 
 import torch
@@ -17,6 +20,28 @@ from .propagate import propagate_tags
 from .tags import TAG_KEY
 
 EXAMPLE_KEY = "mari_fx.example"  # GraphModule.meta: the flat, pair-shaped example inputs
+RECORD_KEY = "mari_fx.record"
+log = logging.getLogger("mari_fx")
+
+
+@contextlib.contextmanager
+def quiet_capture():
+    """Hold back torch's warnings and log output while a model is captured (dynamo and
+    export print whole graphs when a route fails; mari_fx reports its own one-line
+    reason).  They are shown when the ``mari_fx`` logger is at DEBUG level
+    (``logging.getLogger("mari_fx").setLevel(logging.DEBUG)``; the CLI's ``--debug``):
+    then nothing is held back."""
+    if 0 < log.level <= logging.DEBUG:  # the logger's own level: a DEBUG root (e.g. pytest) does not count
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def trace(
@@ -47,7 +72,14 @@ def trace(
         ...     n for n in gm.graph.nodes if n.target == "fusion.0").args[0].meta["mari_fx.tag"])
         ('Linear', '[user:32, item:8]')
     """
-    gm = capture(model, leaf_modules, example_inputs, example_kwargs)
+    if isinstance(user_inputs, str):  # one selector given bare: "user" means ["user"], not ["u", "s", ...]
+        user_inputs = [user_inputs]
+    if isinstance(model, fx.GraphModule) and RECORD_KEY in getattr(model, "meta", {}):
+        raise DeclarationError("this module is already transformed by mari_fx.transform (it takes requests, not "
+                               "pair-shaped batches): transform the original pair-shaped model instead; "
+                               "mari_fx.refresh(T, model) updates T's weights")
+    with quiet_capture():
+        gm = capture(model, leaf_modules, example_inputs, example_kwargs)
     example = bind_example(gm, example_inputs, example_kwargs or {})
     spec, flat = flatten_inputs(gm, user_inputs, example)
     _check_pair_rows(flat)
@@ -86,6 +118,7 @@ def transform(
     example_kwargs: Optional[Mapping[str, Any]] = None,
     *,
     split_matmuls: bool = True,
+    reassociate: bool = False,
     check_requests: bool = True,
     verify: bool = False,
     leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
@@ -101,6 +134,9 @@ def transform(
         example_inputs / example_kwargs: one pair-shaped batch (>= 2 rows).
         split_matmuls: False keeps only the hoisting of user-only subgraphs (the
             paper's "user-side one-shot" baseline).
+        reassociate: also split a Linear over a sum or difference of user and item terms
+            (``W(q - k) = Wq - Wk``, target attention). Off by default: its fp32 rounding scales
+            with the terms, not with their difference, so it is not the model's round-off.
         check_requests: validate ``user_index`` and row counts on every call.
         verify: run :func:`mari_fx.verify` on a random ragged request before returning.
 
@@ -120,6 +156,10 @@ def transform(
         >>> T.meta["mari_fx.record"].split_layers
         ('fusion.0',)
     """
+    if isinstance(model, fx.GraphModule) and RECORD_KEY in getattr(model, "meta", {}):
+        raise DeclarationError("this module is already transformed by mari_fx.transform (it takes requests, not "
+                               "pair-shaped batches): transform the original pair-shaped model instead; "
+                               "mari_fx.refresh(T, model) updates T's weights")
     if is_tagged(model):
         if user_inputs is not None:
             raise DeclarationError("this GraphModule is already tagged by mari_fx.trace: call transform(gm) "
@@ -129,10 +169,56 @@ def transform(
         if user_inputs is None:
             raise DeclarationError("user_inputs is required unless model comes from mari_fx.trace")
         tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules)
-    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests))
+    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests, reassociate))
     T.meta[EXAMPLE_KEY] = tagged.meta.get(EXAMPLE_KEY)
     if verify:
         from .verify import verify as _verify
 
         _verify(tagged if is_tagged(model) else model, T)
+    return T
+
+
+def refresh(T: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Update ``T``'s weights from the pair-shaped ``model`` it was made from, without re-tracing.
+
+    ``T`` shares every parameter and buffer with ``model`` (docs/deploy.md); only the
+    :class:`~mari_fx.SplitLinear` blocks are derived copies.  ``refresh`` re-derives
+    each block from the columns of the model's current weight it came from (recorded
+    at transform time), and copies into ``T`` any tensor the model has replaced
+    (e.g. after ``load_state_dict(..., assign=True)``).  Returns ``T`` (updated in place).
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> model = CoarseRanker().eval()
+        >>> T = mari_fx.transform(model, ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> with torch.no_grad():
+        ...     _ = model.fusion[0].weight.mul_(2)  # the model is retrained ...
+        >>> T = mari_fx.refresh(T, model)           # ... and T follows
+        >>> u, i, idx = torch.randn(2, 16), torch.randn(3, 8), torch.tensor([0, 1, 1])
+        >>> torch.allclose(T(user=u, item=i, user_index=idx), model(u[idx], i), atol=1e-5)
+        True
+    """
+    from .modules import SplitLinear
+
+    if not (isinstance(T, fx.GraphModule) and REQUEST_KEY in getattr(T, "meta", {})):
+        raise DeclarationError(f"refresh expects a module made by mari_fx.transform, got {type(T).__name__}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers(remove_duplicate=False))
+    model_modules = dict(model.named_modules(remove_duplicate=False))
+    with torch.no_grad():
+        for name, mod in T.named_modules(remove_duplicate=False):
+            if isinstance(mod, SplitLinear):
+                mod.refresh_from(params)
+                continue
+            if model_modules.get(name) is mod:
+                continue  # the model's own module (shared), e.g. a TorchRec collection
+            for attr, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                src = params.get(f"{name}.{attr}" if name else attr)
+                if src is None or src is t:
+                    continue
+                if src.shape != t.shape:
+                    raise DeclarationError(f"the model's {name}.{attr} has shape {tuple(src.shape)}, T's "
+                                           f"{tuple(t.shape)}: the model's architecture changed; re-transform it")
+                t.copy_(src)
     return T

@@ -39,9 +39,13 @@ def register_leaf_module(*classes: Type[nn.Module], share: bool = False) -> None
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, sharing the submodules of :data:`SHARED_MODULES` classes."""
+    """``copy.deepcopy(model)`` of the module structure only: parameters and buffers, and the
+    submodules of :data:`SHARED_MODULES` classes, are shared with ``model`` (the sharing policy
+    of transformed modules, see docs/deploy.md; ``mari_fx.refresh`` re-derives what is not shared)."""
     shared = tuple(SHARED_MODULES)
     memo = {id(m): m for m in model.modules() if shared and isinstance(m, shared)}
+    for t in list(model.parameters()) + list(model.buffers()):
+        memo[id(t)] = t
     return copy.deepcopy(model, memo)
 
 

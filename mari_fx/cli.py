@@ -1,6 +1,6 @@
 """``mari-fx``: see whether MaRI pays off for a model, and export the rewritten model.
 
-    mari-fx report TARGET --user SELECTOR... [--candidates N] [--users U] [--json] [--all]
+    mari-fx report TARGET --user SELECTOR... [--candidates N] [--users U] [--json] [--all] [--audit]
     mari-fx export TARGET --user SELECTOR... --out model.pt2
 
 TARGET is a factory ``package.module:function`` (or ``file.py:function``) returning
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-split", action="store_true",
                      help="only hoist user-only subgraphs (split_matmuls=False, the paper's baseline)")
     rep.add_argument("--seed", type=int, default=0, help="seed of the request the FLOPs are measured on")
+    rep.add_argument("--audit", action="store_true",
+                     help="also measure each layer's user columns on a probe batch: what MaRI could still save, "
+                          "and where the proof lost it")
 
     exp = sub.add_parser("export", help="transform TARGET and save a torch.export program with dynamic U and N",
                          description="Transform TARGET, export it with mari_fx.export and torch.export.save it.")
@@ -106,6 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _export(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    except BrokenPipeError:  # `mari-fx report ... | head`: the reader left; not an error of ours
+        _mute_stdout()
+        return 0
     except _UsageError as e:
         return _fail(EXIT_USAGE, str(e), debug)
     except _ExportFailed as e:
@@ -115,6 +121,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         return _fail(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                      debug)
+
+
+def _mute_stdout() -> None:
+    # Python flushes stdout again at exit; point it at devnull so that flush cannot fail too
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured by a test)
+        pass
 
 
 def _fail(code: int, message: str, debug: bool) -> int:
@@ -131,7 +146,13 @@ def _quiet(debug: bool):
     """Hold back what torch prints while tracing (dynamo dumps whole graphs on stderr when a
     capture fails) so that stdout is the report and stderr the one-line error; --debug shows it."""
     if debug:
-        yield
+        logger = logging.getLogger("mari_fx")
+        previous = logger.level
+        logger.setLevel(logging.DEBUG)  # mari_fx.api.quiet_capture then holds nothing back
+        try:
+            yield
+        finally:
+            logger.setLevel(previous)
         return
     sink = io.StringIO()
     # torch also logs through handlers bound to the real stderr: mute logging as well
@@ -143,12 +164,16 @@ def _quiet(debug: bool):
         logging.disable(logging.NOTSET)
 
 
-def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True):
-    from .api import transform
+def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True, keep_trace: bool = False):
+    """``(model, T)``, or ``(model, T, traced)`` with ``keep_trace`` (the audit runs the trace)."""
+    from .api import trace, transform
     from .factories import load
 
     with _quiet(args.debug):
         model, ex_args, ex_kwargs = load(args.target)
+        if keep_trace:
+            traced = trace(model, args.user, ex_args, ex_kwargs)
+            return model, transform(traced, split_matmuls=split_matmuls), traced
         T = transform(model, args.user, ex_args, ex_kwargs, split_matmuls=split_matmuls)
     return model, T
 
@@ -161,10 +186,11 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.users < 1 or args.candidates < args.users:
         raise _UsageError(f"need 1 <= --users <= --candidates, got --users {args.users} --candidates {args.candidates}")
-    model, T = _load_and_transform(args, split_matmuls=not args.no_split)
+    model, T, *traced = _load_and_transform(args, split_matmuls=not args.no_split, keep_trace=args.audit)
     with torch.no_grad():
         data = build_report(model, T, users=args.users, candidates=args.candidates, seed=args.seed,
-                            include_nodes=args.all, target=args.target, user_inputs=args.user)
+                            include_nodes=args.all, target=args.target, user_inputs=args.user,
+                            audit=args.audit, traced=traced[0] if traced else None)
     print(json.dumps(data, indent=2) if args.json else format_report(data))
     return EXIT_OK
 
@@ -203,14 +229,22 @@ def format_report(data: Dict[str, Any]) -> str:
                "columns by side" + ("" if data["split_matmuls"] else
                                                                         "  [--no-split: matmuls not split]"))
     out.append("")
-    rows = [(l["name"], _short(l["op"]), f"{l['in_features']} -> {l['out_features']}", l["user_columns"],
-             l["item_columns"], l["mixed_columns"], l["action"], l["reason"], _n(l["flops_before"]),
-             _n(l["flops_after"])) for l in data["layers"]]
+    audit = data.get("audit")
+    headers = ["layer", "op", "in -> out", "user", "item", "mixed", "rewrite", "why not", "FLOPs before",
+               "FLOPs after"]
+    align = ["left", "left", "right", "right", "right", "right", "left", "left", "right", "right"]
+    if audit is not None:  # measured next to proved: right after the proof's own columns
+        headers[6:6], align[6:6] = ["measured user", "lost at"], ["right", "left"]
+    rows = []
+    for l in data["layers"]:
+        row = [l["name"], _short(l["op"]), f"{l['in_features']} -> {l['out_features']}", l["user_columns"],
+               l["item_columns"], l["mixed_columns"], l["action"], l["reason"], _n(l["flops_before"]),
+               _n(l["flops_after"])]
+        if audit is not None:
+            row[6:6] = [l["measured_user_columns"], l["lost_at"]]
+        rows.append(row)
     if rows:
-        out.append(tabulate(rows, headers=["layer", "op", "in -> out", "user", "item", "mixed",
-                                           "rewrite", "why not", "FLOPs before", "FLOPs after"],
-                            colalign=("left", "left", "right", "right", "right", "right", "left", "left", "right",
-                                      "right")))
+        out.append(tabulate(rows, headers=headers, colalign=align))
     else:
         out.append("(no Linear / matmul layers)")
     f = data["flops"]
@@ -221,6 +255,13 @@ def format_report(data: Dict[str, Any]) -> str:
     lspeed = f"{f['layers_speedup']:.2f}x" if f["layers_speedup"] is not None else "-"
     out.append(f"  sum of the layer rows: before {_n(f['layers_before'])}, after {_n(f['layers_after'])} ({lspeed})")
     out.append("  before: the pair-shaped model on N pair rows; after: the transformed module on U users, N candidates")
+    if audit is not None:
+        probe = audit["probe"]
+        out.append(f"audit: realised {audit['realised']:.1%} of the attainable layer saving (layer FLOPs after "
+                   f"{_n(f['layers_after'])}, attainable {_n(audit['flops_after_attainable'])}); measured on "
+                   f"{probe['probes']} probes of {probe['users']} users, {probe['pairs']} pairs ({probe['data']} data)")
+        out.append("  layers with user columns measured but not split: "
+                   + (", ".join(audit["layers_short"]) or "none"))
     out.append("split layers: " + (", ".join(data["split_layers"]) or "none"))
     out.append("hoisted to the user batch (U rows): " + (", ".join(data["hoisted"]) or "nothing"))
     if data["broadcasts"]:

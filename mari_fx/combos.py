@@ -1,18 +1,21 @@
 """Linear combinations: ``a + b``, ``a - b``, ``-a``, ``c * a`` of U- and N-row tensors kept as
-:class:`~mari_fx.lower.Combo` terms (products of sums expanded, sums over non-batch dims
-distributed), so a Linear over them folds coefficients into its weight blocks and user x user
-products run at U rows."""
+:class:`~mari_fx.lower.Combo` terms (sums over non-batch dims distributed), so a Linear over them
+folds coefficients into its weight blocks.
+
+Only floating-point arithmetic is rewritten: integer and bool ops (hashed id crosses, masks) are
+computed exactly as the model writes them, in their own dtype.  Products are never expanded:
+``(u - i) * (u - i)`` as ``u*u - 2*u*i + i*i`` cancels catastrophically in fp32 when ``u ~ i``,
+and the contract is fp32 round-off of what the model computes."""
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
-from .example_prop import VALUE_KEY
+from .example_prop import VALUE_KEY, TensorInfo
 from .lower import LAZY_BUILDERS, N, U, Combo, Lowerer, Rows
-from .tags import ROWS_KEY
 
 _LINEAR_OPS = {
     operator.add: (1.0, 1.0), torch.add: (1.0, 1.0), "add": (1.0, 1.0), "__add__": (1.0, 1.0),
@@ -27,48 +30,20 @@ _SUM_OPS = (torch.sum, "sum", torch.ops.aten.sum.dim_IntList)
 
 
 def _as_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
-    return _linear_combo(lw, node) or _product_combo(lw, node) or _reduced_combo(lw, node)
+    return _linear_combo(lw, node) or _reduced_combo(lw, node)
 
 
-def _combo_terms(lw: Lowerer, a: Any) -> Optional[List[Tuple[float, Rows]]]:
-    v = lw._value(a) if isinstance(a, fx.Node) else None
-    if isinstance(v, Combo):
-        return list(v.terms)
-    if isinstance(v, Rows) and v.level in (U, N):
-        return [(1.0, v)]
-    return None
-
-
-def _product_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
-    """``(su + si) * (su + si)`` expanded: user x user products at U rows, the rest at N rows."""
-    if node.target not in _MUL_OPS or node.kwargs or len(node.args) != 2:
-        return None
-    a, b = node.args
-    if not all(isinstance(x, fx.Node) and x.meta.get(VALUE_KEY) == node.meta.get(VALUE_KEY) for x in (a, b)):
-        return None
-    if not any(isinstance(lw._value(x), Combo) for x in (a, b)):
-        return None
-    ta, tb = _combo_terms(lw, a), _combo_terms(lw, b)
-    if ta is None or tb is None:
-        return None
-    products: Dict[frozenset, List] = {}
-    for ca, ra in ta:
-        for cb, rb in tb:
-            key = frozenset((id(ra.node), id(rb.node))) if ra.node is not rb.node else frozenset((id(ra.node),))
-            if key in products:
-                products[key][0] += ca * cb
-                continue
-            level = U if ra.level == U and rb.level == U else N
-            x, y = (ra.node, rb.node) if level == U else (lw._materialize(ra), lw._materialize(rb))
-            prod = lw.graph.call_function(operator.mul, (x, y))
-            prod.meta[ROWS_KEY] = level
-            products[key] = [ca * cb, Rows(prod, level)]
-    return Combo(node, tuple((c, r) for c, r in products.values() if c != 0.0))
+def _floating(*nodes: Any) -> bool:
+    """Every node is a floating-point tensor: the only values whose arithmetic may be regrouped."""
+    return all(isinstance(n, fx.Node) and isinstance(n.meta.get(VALUE_KEY), TensorInfo)
+               and n.meta[VALUE_KEY].dtype.is_floating_point for n in nodes)
 
 
 def _reduced_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     """``combo.sum(dim)`` over a non-batch dim is the combination of the terms' sums."""
     if node.target not in _SUM_OPS or not node.args or not isinstance(lw._value(node.args[0]), Combo):
+        return None
+    if not _floating(node, node.args[0]):
         return None
     src, info = node.args[0], node.args[0].meta.get(VALUE_KEY)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -101,6 +76,8 @@ def _linear_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     else:
         return None
     out_info = node.meta.get(VALUE_KEY)
+    if not _floating(node, *(a for _, a in operands)):
+        return None  # integer / bool arithmetic is computed as written (exact, in its dtype)
     terms: List[Tuple[float, Rows]] = []
     for coeff, a in operands:
         if not isinstance(a, fx.Node) or a.meta.get(VALUE_KEY) != out_info:

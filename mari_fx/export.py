@@ -20,6 +20,7 @@ name, so the module forwards calls instead of being shadowed by the function).
 """
 from __future__ import annotations
 
+import json
 import sys
 import types
 import warnings
@@ -30,10 +31,11 @@ import torch.fx as fx
 
 from .errors import DeclarationError, MariError, RequestError
 from .inputs import USER_INDEX, _request_spec
-from .runtime import check_request
+from .runtime import _spec_text, check_request, check_request_op  # noqa: F401
 from .tags import Side
 
-__all__ = ["ExportError", "assert_request", "dynamic_shapes", "export", "script", "traceable", "widen_request"]
+__all__ = ["ExportError", "ServedProgram", "assert_request", "dynamic_shapes", "export", "load", "script",
+           "traceable", "widen_request"]
 
 # Row-carrying input kinds whose dim 0 is U (user side) or N (item side).  Other
 # kinds (e.g. jagged values whose length is a sum of lengths) get Dim.AUTO.
@@ -91,7 +93,7 @@ def traceable(T: fx.GraphModule, check_requests: bool = True) -> fx.GraphModule:
         >>> from mari_fx.examples import CoarseRanker
         >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
         >>> G = traceable(T)
-        >>> "assert_request" in G.code and "check_request(" not in G.code
+        >>> "mari_fx.check_request" in G.code and "mari_fx_runtime_check_request(" not in G.code
         True
         >>> req = mari_fx.random_request(T, 2, 5)
         >>> torch.equal(G(**req), T(**req))
@@ -104,7 +106,9 @@ def traceable(T: fx.GraphModule, check_requests: bool = True) -> fx.GraphModule:
         if node.op == "call_function" and node.target is check_request:
             if check_requests:
                 user_index, users, items = (fx.node.map_arg(a, env.__getitem__) for a in node.args[:3])
-                env[node] = graph.call_function(assert_request, (user_index, users, items))
+                rest = list(node.args[3:]) + [None] * (9 - len(node.args))
+                env[node] = graph.call_function(torch.ops.mari_fx.check_request.default,
+                                                (user_index, users, items, _spec_text(*rest)))
             continue
         env[node] = graph.node_copy(node, env.__getitem__)
     # GraphModule(root, graph) references T's submodules and parameters (no copy).
@@ -226,6 +230,57 @@ def export(T: fx.GraphModule, example_request: Optional[Mapping[str, torch.Tenso
     except Exception as e:  # torch.export raises many types; all mean "this graph did not export"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.export failed on the transformed module: {type(e).__name__}: {first}") from e
+
+
+class ServedProgram(torch.nn.Module):
+    """An exported program that validates each request as eager ``T`` does before running.
+
+    ``torch.export``'s own input guards run before any operator of the program, so on a
+    bad shape they raise ``AssertionError: Guard failed: ...`` (or ``IndexError`` for a
+    wrong ndim) before the program's ``mari_fx::check_request`` can; this wrapper runs the
+    same check first, so every bad request gets the eager ``RequestError``.
+    """
+
+    def __init__(self, program: "torch.export.ExportedProgram"):
+        super().__init__()
+        node = next((n for n in program.graph.nodes if n.target is torch.ops.mari_fx.check_request.default), None)
+        if node is None:
+            raise DeclarationError("this exported program has no mari_fx request check (exported with "
+                                   "check_requests=False?): use torch.export.load(...).module() directly")
+        s = json.loads(node.args[3])
+        self.program = program.module()
+        self.spec = (s["user_names"], s["item_names"], s["user_shapes"], s["item_shapes"],
+                     None if s["user_dtypes"] is None else [getattr(torch, d) for d in s["user_dtypes"]],
+                     None if s["item_dtypes"] is None else [getattr(torch, d) for d in s["item_dtypes"]])
+
+    def forward(self, **request: Any) -> Any:
+        users, items = self.spec[0], self.spec[1]
+        missing = [k for k in users + items + [USER_INDEX] if k not in request]
+        if missing:
+            raise RequestError(f"the request lacks input(s) {missing}; the program takes {users + items + [USER_INDEX]}")
+        check_request(request[USER_INDEX], [request[k] for k in users], [request[k] for k in items], *self.spec)
+        return self.program(**request)
+
+
+def load(f: Any) -> ServedProgram:
+    """``torch.export.load(f)`` of a program from :func:`export`, as a module that checks each
+    request with the eager messages (:class:`ServedProgram`) before running the program.
+
+    Example:
+        >>> import io, torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> buf = io.BytesIO(); torch.export.save(mari_fx.export(T), buf); _ = buf.seek(0)
+        >>> served = mari_fx.export.load(buf)
+        >>> req = mari_fx.random_request(T, 2, 5)
+        >>> torch.allclose(served(**req), T(**req))
+        True
+        >>> served(**{**req, "item": req["item"][:, :7]})
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.RequestError: item input 'item' has shape [5, 7], expected [N, 8] (dtype float32)
+    """
+    return ServedProgram(torch.export.load(f))
 
 
 class ExportError(MariError):

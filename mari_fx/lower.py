@@ -92,6 +92,9 @@ Value = Union[Rows, Pieces, Combo, Lazy, Blocks, Seq]
 class LowerOptions:
     split_matmuls: bool = True
     check_requests: bool = True
+    # Fold a Linear over a combination (W(q - k) = Wq - Wk). Exact in real arithmetic, but its fp32
+    # rounding scales with |Wq| + |Wk|, not |W(q - k)|: opt-in, like -ffast-math.
+    reassociate: bool = False
 
 
 class Lowerer:
@@ -148,13 +151,23 @@ class Lowerer:
         tensors = [p for p in self.env if isinstance(p.meta.get(VALUE_KEY), TensorInfo)]
         users = [self.env[p] for p in tensors if self.env[p].level == U]
         items = [self.env[p] for p in tensors if self.env[p].level == N]
+        # the example's shape (-1: the row dim) and dtype: checked as metadata on every call
+        infos = {p: p.meta[VALUE_KEY] for p in tensors}
+        by_level = {lvl: [p for p in tensors if self.env[p].level == lvl] for lvl in (U, N)}
         self.graph.call_function(check_request, (
             self.user_index, [v.node for v in users], [v.node for v in items],
-            [v.node.target for v in users], [v.node.target for v in items]))
+            [v.node.target for v in users], [v.node.target for v in items],
+            [[-1] + list(infos[p].shape[1:]) for p in by_level[U]], [[-1] + list(infos[p].shape[1:]) for p in by_level[N]],
+            [infos[p].dtype for p in by_level[U]], [infos[p].dtype for p in by_level[N]]))
 
     # ----------------------------------------------------------------- lowering
     def _lower(self, node: fx.Node) -> Value:
         tag = node.meta[TAG_KEY]
+        read = rules.size_read(node)
+        if read is not None:
+            value = self._lower_size_read(node, *read)
+            if value is not None:
+                return value
         module = self.modules.get(node.target) if node.op == "call_module" else None
         special = _LOWERINGS.get(type(module) if module is not None else node.target) if node.op != "get_attr" else None
         if special is not None:
@@ -173,7 +186,7 @@ class Lowerer:
         return self._emit(node, N, self._materialize)
 
     def _emit(self, node: fx.Node, level: str, convert) -> Rows:
-        new = self.graph.node_copy(node, lambda a: convert(self._value(a)))
+        new = self._copy(node, lambda a: convert(self._value(a)), level)
         self._port_meta(node, new)
         new.meta[ROWS_KEY] = level
         return Rows(new, level, node)
@@ -181,10 +194,37 @@ class Lowerer:
     def _emit_on(self, node: fx.Node, src: fx.Node, part: Any, level: str) -> Rows:
         """``node`` re-emitted with ``src`` replaced by ``part`` (one piece, block or term of it)
         and every other input as it is: how structured values apply an op piece by piece."""
-        new = self.graph.node_copy(node, lambda a: part if a is src else self._as_is(self._value(a)))
+        new = self._copy(node, lambda a: part if a is src else self._as_is(self._value(a)), level)
         self._port_meta(node, new)
         new.meta[ROWS_KEY] = level
         return Rows(new, level)
+
+    def _copy(self, node: fx.Node, arg_transform, level: str) -> fx.Node:
+        """``graph.node_copy``, except that at U rows a batch size in the batch position of a shape
+        (:func:`mari_fx.rules.batch_dim_size_slot`, the predicate the rules use) becomes the
+        number of users; a batch size anywhere else is the value N."""
+        path = rules.batch_dim_size_slot(node) if level == U else None
+        if path is None:
+            return self.graph.node_copy(node, arg_transform)
+        args, kwargs = rules.replace_at(node.args, node.kwargs, path, None)
+        args, kwargs = fx.node.map_arg(args, arg_transform), fx.node.map_arg(kwargs, arg_transform)
+        args, kwargs = rules.replace_at(args, kwargs, path, self._num_users())
+        return self.graph.create_node(node.op, node.target, args, kwargs, node.name, node.type)
+
+    def _lower_size_read(self, node: fx.Node, kind: str, src: fx.Node) -> Optional[Value]:
+        """A size of a batched tensor (:func:`mari_fx.rules.size_read`) at N rows, read off
+        ``user_index`` or the U-row tensor: never a tensor gathered to N rows just for its size."""
+        if kind == "batch":
+            return Rows(self._num_candidates(), N, node)
+        v = self._value(src)
+        if not (isinstance(v, Rows) and v.level == U):
+            return None  # an N-row value has the pair model's shape already
+        if kind == "shape" and all(_reads_feature_dim(u) for u in node.users):
+            return self._emit(node, N, lambda a: a.node)  # only feature sizes are read off it
+        out = self.graph.call_function(batch_shape if kind == "shape" else batch_numel, (v.node, self._num_candidates()))
+        self._port_meta(node, out)
+        out.meta[ROWS_KEY] = N
+        return Rows(out, N, node)
 
     def _value(self, a: fx.Node) -> Value:
         return self.env[a]
@@ -192,8 +232,6 @@ class Lowerer:
     def _as_is(self, v: Value) -> Any:
         if isinstance(v, Seq):
             return tuple(self._as_is(i) for i in v.items)
-        if isinstance(v, Rows) and v.level == N and v.orig is not None and rules.is_batch_size_node(v.orig):
-            return self._num_users()  # a batch size read off N-row data, used at U rows
         if isinstance(v, Pieces) or v.level == N:
             raise MariError(f"internal: an N-row value reached {self._consumer.format_node()}, run at U rows")
         return v.node
@@ -215,8 +253,6 @@ class Lowerer:
             out = self._emit(v.orig, N, self._materialize).node
         elif v.level != U:
             return v.node
-        elif v.orig is not None and rules.is_batch_size_node(v.orig):
-            out = self._num_candidates()
         elif _is_batched_tensor(v) or _row_gather(v) is not None:
             gather = _row_gather(v)  # an extension's gather for a non-tensor value (e.g. a KeyedTensor)
             out = (self.graph.call_function(torch.index_select, (v.node, 0, self.user_index)) if gather is None
@@ -243,6 +279,8 @@ class Lowerer:
     def _weighted_sum(self, terms: List[Tuple[float, Any]], level: str) -> Any:
         out = None
         for coeff, t in terms:
+            # combinations are float-only (see combos); an int coefficient keeps any other dtype exact
+            coeff = int(coeff) if float(coeff).is_integer() else coeff
             if out is None:
                 out = t if coeff == 1.0 else self.graph.call_function(operator.mul, (t, coeff))
             elif coeff in (1.0, -1.0):
@@ -365,6 +403,38 @@ class Lowerer:
 
 
 # --------------------------------------------------------------------------- helpers
+def batch_shape(x: torch.Tensor, n: int) -> List[int]:
+    """The shape ``x`` has in the pair-shaped model: ``x``'s, with the batch size ``n``.
+
+    Example:
+        >>> batch_shape(torch.zeros(2, 3, 4), 7)
+        torch.Size([7, 3, 4])
+    """
+    shape = [n] + list(x.shape[1:])
+    if torch.jit.is_scripting():  # TorchScript's sizes are List[int]
+        return shape
+    return torch.Size(shape)
+
+
+def batch_numel(x: torch.Tensor, n: int) -> int:
+    """``x.numel()`` in the pair-shaped model, where ``x`` has ``n`` rows.
+
+    Example:
+        >>> batch_numel(torch.zeros(2, 3, 4), 7)
+        84
+    """
+    out = n
+    for d in x.shape[1:]:
+        out = out * d
+    return out
+
+
+def _reads_feature_dim(user: fx.Node) -> bool:
+    """``shape[k]`` of a non-batch dim, or the batch size (which reads ``user_index`` instead)."""
+    return (user.target is operator.getitem and TAG_KEY in user.meta
+            and (user.meta[TAG_KEY].side == Side.CONST or rules.is_batch_size_node(user)))
+
+
 def _level_of(tag) -> str:
     if isinstance(tag, SeqTag):
         # A tuple with some USER items is computed at U rows; its non-USER items (e.g. an RNN's
@@ -508,4 +578,4 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
 
 
 # The op lowerings register themselves (order matters: the split before the interactions that chain on matmul).
-from . import pieces, split, combos, interactions  # noqa: E402,F401
+from . import pieces, split, combos, interactions, field_split  # noqa: E402,F401

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .elements import propagate_elements
 from .example_prop import VALUE_KEY, TensorInfo
 from .inputs import RequestSpec
 from .rules import RuleContext, lookup, unknown
@@ -48,4 +49,5 @@ def propagate_tags(gm: fx.GraphModule, spec: RequestSpec) -> fx.GraphModule:
             module = modules.get(node.target) if node.op == "call_module" else None
             rule = lookup(node, module) or unknown
             node.meta[TAG_KEY] = rule(RuleContext(node, module))
+    propagate_elements(gm)  # element maps where user data left the last dim (field layouts)
     return gm

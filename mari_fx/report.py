@@ -14,6 +14,10 @@ Two FLOPs figures are given, and they answer different questions:
 * ``flops.layers_before`` / ``flops.layers_after`` add up the per-layer figures
   (:meth:`~mari_fx.record.LayerRecord.flops`, 2 FLOPs per multiply-add) of the
   Linear / matmul rows of the table.
+
+``audit=True`` adds what a probe batch measures next to what was proved
+(:mod:`mari_fx.audit`): per layer ``measured_user_columns`` and ``lost_at``, and the
+top-level ``audit`` object with ``realised``.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ SCHEMA = "mari_fx.report/1"
 
 def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candidates: int = 1000, seed: int = 0,
                  include_nodes: bool = False, target: Optional[str] = None,
-                 user_inputs: Sequence[str] = ()) -> Dict[str, Any]:
+                 user_inputs: Sequence[str] = (), audit: bool = False,
+                 traced: Optional[fx.GraphModule] = None) -> Dict[str, Any]:
     """The report of ``T`` (made from ``model`` by :func:`mari_fx.transform`) at U users, N candidates.
 
     Args:
@@ -47,6 +52,11 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
         seed: seed of the random ragged request used to measure FLOPs.
         include_nodes: add ``nodes``: every node of ``T`` with the rows it runs at.
         target / user_inputs: echoed into the report (what the command line was given).
+        audit: measure every layer's user columns on a probe batch (:mod:`mari_fx.audit`): adds
+            ``measured_user_columns`` and ``lost_at`` to each layer and the ``audit`` object.
+        traced: for the audit, the GraphModule from :func:`mari_fx.trace` that ``T`` was lowered
+            from (default: ``model`` traced again with ``user_inputs``, or the declarations read
+            off ``T``, and ``T``'s example inputs).
 
     Returns:
         A JSON-ready dict; keys documented in docs/report.md.
@@ -63,6 +73,9 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
         (512000, 106496)
         >>> r["flops"]["before"] > r["flops"]["after"]
         True
+        >>> a = build_report(model, T, candidates=100, audit=True)
+        >>> a["layers"][2]["measured_user_columns"], a["audit"]["realised"], a["audit"]["layers_short"]
+        (32, 1.0, [])
     """
     record: Optional[Record] = getattr(T, "meta", {}).get(RECORD_KEY)
     if record is None:
@@ -106,9 +119,26 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
             "layers_speedup": layers_before / layers_after if layers_after else None,
         },
     }
+    if audit:
+        _add_audit(report, model, T, traced, users, candidates, seed, user_inputs)
     if include_nodes:
         report["nodes"] = _nodes(T)
     return report
+
+
+def _add_audit(report: Dict[str, Any], model: nn.Module, T: fx.GraphModule, traced: Optional[fx.GraphModule],
+               users: int, candidates: int, seed: int, user_inputs: Sequence[str]) -> None:
+    from .audit import measure, retrace
+
+    result = measure(traced if traced is not None else retrace(model, T, user_inputs), T, users=users,
+                     candidates=candidates, seed=seed)
+    for row, layer in zip(report["layers"], result.layers):
+        row["measured_user_columns"] = layer.measured_user_columns
+        row["lost_at"] = layer.lost_at
+        row["flops_attainable"] = layer.flops_attainable
+    summary = result.to_dict()
+    del summary["layers"]  # merged into the layer rows above
+    report["audit"] = summary
 
 
 def _why_not(layer) -> str:
@@ -150,8 +180,10 @@ def _nodes(T: fx.GraphModule) -> List[Dict[str, Any]]:
 
 def report(model: nn.Module, user_inputs: Sequence[str], example_inputs: Sequence[Any] = (),
            example_kwargs: Optional[Dict[str, Any]] = None, *, users: int = 1, candidates: int = 1000,
-           split_matmuls: bool = True, include_nodes: bool = False, target: Optional[str] = None) -> Dict[str, Any]:
-    """Transform ``model`` and build its report in one call (what ``mari-fx report`` does).
+           split_matmuls: bool = True, include_nodes: bool = False, target: Optional[str] = None,
+           audit: bool = False) -> Dict[str, Any]:
+    """Transform ``model`` and build its report in one call (what ``mari-fx report`` does);
+    ``audit=True`` adds the measured audit (see :func:`build_report`).
 
     Example:
         >>> import torch
@@ -160,9 +192,13 @@ def report(model: nn.Module, user_inputs: Sequence[str], example_inputs: Sequenc
         >>> r["split_layers"], r["hoisted"]
         (['fusion.0'], ['user_tower.0', 'user_tower.1', 'user_tower.2', 'user_tower.3'])
     """
-    from .api import transform
+    from .api import trace, transform
 
-    T = transform(model, list(user_inputs), example_inputs, example_kwargs, split_matmuls=split_matmuls)
+    traced = trace(model, list(user_inputs), example_inputs, example_kwargs) if audit else None
+    if traced is not None:
+        T = transform(traced, split_matmuls=split_matmuls)
+    else:
+        T = transform(model, list(user_inputs), example_inputs, example_kwargs, split_matmuls=split_matmuls)
     with torch.no_grad():
         return build_report(model, T, users=users, candidates=candidates, include_nodes=include_nodes,
-                            target=target, user_inputs=user_inputs)
+                            target=target, user_inputs=user_inputs, audit=audit, traced=traced)

@@ -587,26 +587,136 @@ register(*{F.prelu, torch.prelu, "prelu"})(rowwise_in("input"))  # the weight is
 
 
 # --------------------------------------------------------------------------- shapes and sizes
+# In the pair-shaped model the batch size of every batched tensor is the number of pairs N, so
+# a size read off a batched tensor (``x.size(0)``, ``x.shape``, ``x.numel()``, ``len(x)``) is
+# tagged ITEM: it depends on the request's N, whatever side the tensor is on, and a consumer
+# that uses it as a value runs at N rows.  The one exception is the *batch position of a shape*
+# (:func:`batch_dim_size_slot`): there a batch size only says "as many rows as the batch", and
+# the lowering passes the row count the op runs at (U for a USER op).
+
+
+def _is_batched_node(a: Any) -> bool:
+    return (isinstance(a, fx.Node) and TAG_KEY in a.meta and a.meta[TAG_KEY].side != Side.CONST
+            and isinstance(a.meta.get(VALUE_KEY), TensorInfo) and a.meta[VALUE_KEY].ndim >= 1)
+
+
+def size_read(a: Any) -> Optional[Tuple[str, fx.Node]]:
+    """``(kind, t)`` if ``a`` reads the size of a batched tensor ``t``: kind ``"batch"`` for its
+    batch size (``t.size(0)``, ``t.shape[0]``, ``t.shape[-ndim]``, ``len(t)``,
+    ``aten.sym_size.int(t, 0)``), ``"shape"`` for its whole shape (``t.shape``, ``t.size()``),
+    ``"numel"`` for ``t.numel()``; None for anything else (feature sizes included).
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.rules import size_read
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, u, i):
+        ...         return u * u.size(0) + u.shape[1] + i
+        >>> gm = mari_fx.trace(M(), ["u"], (torch.randn(4, 3), torch.randn(4, 3)))
+        >>> [(n.name, size_read(n)[0]) for n in gm.graph.nodes if size_read(n)]
+        [('size', 'batch'), ('getattr_1', 'shape')]
+    """
+    if not isinstance(a, fx.Node) or a.op not in ("call_function", "call_method") or not a.args:
+        return None
+    t, target = a.args[0], a.target
+    if target == "size" and a.op == "call_method" or target is aten.sym_size.int:
+        if not _is_batched_node(t):
+            return None
+        d = a.args[1] if len(a.args) > 1 else a.kwargs.get("dim")
+        if d is None:
+            return ("shape", t)
+        return ("batch", t) if isinstance(d, int) and d % t.meta[VALUE_KEY].ndim == 0 else None
+    if target is builtins.getattr and len(a.args) > 1 and a.args[1] == "shape":
+        return ("shape", t) if _is_batched_node(t) else None
+    if target in ("numel", torch.numel, aten.sym_numel.default):
+        return ("numel", t) if _is_batched_node(t) else None
+    if target is builtins.len:
+        return ("batch", t) if _is_batched_node(t) else None
+    if target is operator.getitem and isinstance(a.args[1], int) and not isinstance(a.args[1], bool):
+        read = size_read(t)
+        if read is not None and read[0] == "shape" and a.args[1] % read[1].meta[VALUE_KEY].ndim == 0:
+            return ("batch", read[1])
+    return None
+
+
 def is_batch_size_node(a: Any) -> bool:
-    """``a`` is ``t.size(0)`` / ``t.shape[0]`` of a batched tensor ``t``."""
-    if not isinstance(a, fx.Node) or TAG_KEY not in a.meta or a.meta[TAG_KEY].side == Side.CONST:
-        return False
-    if (a.op == "call_method" and a.target == "size" or a.target is torch.ops.aten.sym_size.int) and len(a.args) > 1:
-        info = a.args[0].meta.get(VALUE_KEY) if isinstance(a.args[0], fx.Node) else None
-        ndim = info.ndim if isinstance(info, TensorInfo) else None
-        d = a.args[1]
-        return isinstance(d, int) and ndim is not None and d % ndim == 0
-    if a.op == "call_function" and a.target is operator.getitem and a.args[1] == 0:
-        src = a.args[0]
-        return isinstance(src, fx.Node) and (
-            (src.op == "call_function" and src.target is builtins.getattr and src.args[1] == "shape")
-            or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
-        )
-    return False
+    """``a`` is the batch size of a batched tensor (``t.size(0)``, ``t.shape[0]``, ``len(t)``)."""
+    read = size_read(a)
+    return read is not None and read[0] == "batch"
 
 
 def is_batch_size(ctx: RuleContext, a: Any) -> bool:
     return is_batch_size_node(a)
+
+
+# target -> (position, keyword) of its size argument(s); the first size is the batch position.
+_SHAPE_SLOTS: Dict[Any, Tuple[int, str]] = {
+    "view": (1, "size"), "reshape": (1, "shape"), "expand": (1, "size"), torch.reshape: (1, "shape"),
+    "new_zeros": (1, "size"), "new_ones": (1, "size"), "new_empty": (1, "size"), "new_full": (1, "size"),
+    torch.zeros: (0, "size"), torch.ones: (0, "size"), torch.empty: (0, "size"), torch.full: (0, "size"),
+    aten.view.default: (1, "size"), aten.reshape.default: (1, "shape"), aten._unsafe_view.default: (1, "size"),
+    aten.expand.default: (1, "size"), aten.zeros.default: (0, "size"), aten.ones.default: (0, "size"),
+    aten.empty.memory_format: (0, "size"), aten.full.default: (0, "size"), aten.new_zeros.default: (1, "size"),
+    aten.new_ones.default: (1, "size"), aten.new_empty.default: (1, "size"), aten.new_full.default: (1, "size"),
+}
+
+
+def batch_dim_size_slot(node: fx.Node) -> Optional[Tuple[Any, ...]]:
+    """Where ``node`` passes a batch size as the batch dimension of a shape: the path
+    (``("args", i)``, ``("args", i, 0)`` or ``("kwargs", name, 0)``) of its *first* size argument,
+    if that is a batch size (:func:`is_batch_size_node`); else None.
+
+    Rules and lowering share this one predicate: only this argument adapts to the rows the op runs
+    at (the lowering gives U at U rows); a batch size anywhere else is the value N.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.rules import batch_dim_size_slot
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, u, i):
+        ...         return u.view(u.size(0), -1) + u.unsqueeze(1).expand(-1, u.size(0), -1).sum(1) + i
+        >>> gm = mari_fx.trace(M(), ["u"], (torch.randn(4, 3), torch.randn(4, 3)))
+        >>> {n.target: batch_dim_size_slot(n) for n in gm.graph.nodes if n.target in ("view", "expand")}
+        {'view': ('args', 1), 'expand': None}
+    """
+    slot = _SHAPE_SLOTS.get(node.target) if node.op in ("call_function", "call_method") else None
+    if slot is None:
+        return None
+    pos, name = slot
+    if pos < len(node.args):
+        path: Tuple[Any, ...] = ("args", pos)
+        first = node.args[pos]
+    elif name in node.kwargs:
+        path, first = ("kwargs", name), node.kwargs[name]
+    else:
+        return None
+    if isinstance(first, (list, tuple)):
+        if not first:
+            return None
+        path, first = path + (0,), first[0]
+    return path if is_batch_size_node(first) else None
+
+
+def replace_at(args: Tuple[Any, ...], kwargs: Dict[str, Any], path: Tuple[Any, ...], new: Any):
+    """``(args, kwargs)`` with the argument at ``path`` (from :func:`batch_dim_size_slot`) replaced by ``new``."""
+    args, kwargs = list(args), dict(kwargs)
+    holder, key = (args, path[1]) if path[0] == "args" else (kwargs, path[1])
+    if len(path) == 3:
+        seq = list(holder[key])
+        seq[path[2]] = new
+        holder[key] = type(holder[key])(seq) if isinstance(holder[key], tuple) else seq
+    else:
+        holder[key] = new
+    return tuple(args), kwargs
+
+
+def _batch_dim_size_arg(ctx: RuleContext) -> Optional[fx.Node]:
+    path = batch_dim_size_slot(ctx.node)
+    if path is None:
+        return None
+    holder = ctx.args if path[0] == "args" else ctx.kwargs
+    value = holder[path[1]]
+    return value[path[2]] if len(path) == 3 else value
 
 
 def _shape_args(ctx: RuleContext, start: int, name: str) -> List[Any]:
@@ -618,10 +728,15 @@ def _shape_args(ctx: RuleContext, start: int, name: str) -> List[Any]:
     return rest
 
 
-def _side_beside_batch_sizes(ctx: RuleContext) -> Tag:
-    """Row-wise result whose side ignores ``x.size(0)`` arguments: a batch size adapts to the
-    rows the op runs at (the lowering passes U or N), so ``u.view(i.size(0), -1)`` stays USER."""
-    return ctx.result(join_all(ctx.side(n) for n in ctx.inputs() if not is_batch_size_node(n)))
+def _side_beside_batch_size(ctx: RuleContext) -> Side:
+    """Side of a shape op on a batched tensor, not counting a batch size in the batch position:
+    it adapts to the rows the op runs at (the lowering passes U or N), so ``u.view(i.size(0), -1)``
+    stays USER.  A batch size in any other position is the value N (ITEM)."""
+    inputs = ctx.inputs()
+    size = _batch_dim_size_arg(ctx)
+    if size is not None and ctx.side(ctx.arg(0)) != Side.CONST:
+        inputs.remove(size)  # this one occurrence only
+    return join_all(ctx.side(n) for n in inputs)
 
 
 def _keeps_batch(ctx: RuleContext, first: Any) -> bool:
@@ -640,7 +755,7 @@ def _reshape(ctx: RuleContext) -> Tag:
         return elementwise(ctx)
     if not shape or not _keeps_batch(ctx, shape[0]):
         return ctx.refuse("reshape does not keep dim 0 as the batch (first size must be -1 or x.size(0))")
-    return _side_beside_batch_sizes(ctx)
+    return ctx.result(_side_beside_batch_size(ctx))
 
 
 @register("expand")
@@ -650,7 +765,7 @@ def _expand(ctx: RuleContext) -> Tag:
     sizes = _shape_args(ctx, 1, "size")
     if len(sizes) != ctx.ndim(ctx.arg(0)) or not _keeps_batch(ctx, sizes[0]):
         return ctx.refuse("expand changes the batch dimension")
-    return _side_beside_batch_sizes(ctx)
+    return ctx.result(_side_beside_batch_size(ctx))
 
 
 @register("repeat")
@@ -718,16 +833,24 @@ def _transpose(ctx: RuleContext) -> Tag:
 register("t", torch.t)(constant_if_constant(refuse_with("t() swaps the batch dimension")))
 
 
+def _size_tag(ctx: RuleContext) -> Tag:
+    """A size read off a batched tensor is N (ITEM); see :func:`size_read`."""
+    if ctx.input_side() == Side.CONST:
+        return CONST
+    read = size_read(ctx.node)
+    return TensorTag.uniform(Side.ITEM if read is not None else Side.MIXED)
+
+
 @register("size")
 def _size(ctx: RuleContext) -> Tag:
     dim = ctx.arg(1, "dim", None)
     if dim is not None and ctx.norm_dim(dim, ctx.ndim(ctx.arg(0))) != 0:
         return CONST
-    return TensorTag.uniform(ctx.side(ctx.arg(0)))
+    return _size_tag(ctx)
 
 
 register("dim", "ndimension", "is_contiguous", "element_size")(lambda ctx: CONST)
-register("numel", torch.numel)(lambda ctx: TensorTag.uniform(ctx.input_side()))
+register("numel", torch.numel, aten.sym_numel.default)(_size_tag)
 
 
 @register(builtins.getattr)
@@ -736,7 +859,7 @@ def _getattr(ctx: RuleContext) -> Tag:
     if name in ("dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"):
         return CONST
     if name == "shape":
-        return TensorTag.uniform(ctx.side(ctx.arg(0)))
+        return _size_tag(ctx)
     if name == "mT" and (ctx.ndim(ctx.arg(0)) or 0) >= 3:
         return ctx.rowwise()
     tag = ctx.tag(ctx.arg(0))
@@ -954,33 +1077,42 @@ def _narrow(ctx: RuleContext) -> Tag:
 
 
 # --------------------------------------------------------------------------- factories
-@register(torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn, torch.arange)
+_NEW_METHODS = ("new_zeros", "new_ones", "new_empty", "new_full", aten.new_zeros.default, aten.new_ones.default,
+                aten.new_empty.default, aten.new_full.default)
+
+
+@register(torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn, torch.arange, *_NEW_METHODS,
+          aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default)
 def _factory(ctx: RuleContext) -> Tag:
-    sizes = _shape_args(ctx, 0, "size")
-    batched = [a for a in ctx.inputs() if ctx.side(a) != Side.CONST]
-    if not batched:
+    """A factory whose batch-position size is a batch size (``torch.zeros(x.size(0), k)``,
+    ``x.new_zeros(x.size(0), k)``) makes the same row for every pair: USER (U rows, gathered where
+    it meets item data), or the side of ``self`` for ``new_*``.  Any other batch-dependent argument
+    (``arange(x.size(0))``, ``randn(x.size(0), k)``: a value per row; ``zeros(k, x.size(0))``) is
+    the value N: MIXED, computed as the model does."""
+    inputs = ctx.inputs()
+    size = _batch_dim_size_arg(ctx)
+    if size is not None:
+        inputs.remove(size)  # this one occurrence only
+    carrier = ctx.arg(0) if ctx.node.target in _NEW_METHODS else None
+    if isinstance(carrier, fx.Node):
+        inputs.remove(carrier)  # self gives dtype and device only
+    if any(ctx.side(n) != Side.CONST for n in inputs):
+        return ctx.refuse("a factory sized or filled by a batch size outside the batch position "
+                          "(arange/rand of x.size(0), or a size in another dim)")
+    if size is None:
         return ctx.result(Side.CONST)
-    if sizes and is_batch_size(ctx, sizes[0]) and len(batched) == 1:
-        return ctx.rowwise()
-    return ctx.refuse("a factory sized by something other than x.size(0)")
+    # Every row is the same, so one per user is enough whichever tensor the size was read off
+    # (torch.export reads every batch size off one input); new_* runs at the rows of self.
+    carrier_side = ctx.side(carrier)
+    return ctx.result(Side.USER if carrier_side == Side.CONST else carrier_side)
 
 
-register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, "new_zeros", "new_ones")(
-    lambda ctx: ctx.result(ctx.side(ctx.arg(0))) if ctx.node.target not in ("new_zeros", "new_ones")
-    else _factory_method(ctx))
-
-
-def _factory_method(ctx: RuleContext) -> Tag:
-    sizes = _shape_args(ctx, 1, "size")
-    if not any(isinstance(a, fx.Node) for a in sizes):
-        return ctx.result(Side.CONST)
-    if sizes and is_batch_size(ctx, sizes[0]):  # self matters too: it runs at its own rows
-        return ctx.result(join_all(ctx.side(a) for a in [ctx.arg(0), *sizes]))
-    return ctx.refuse("a factory sized by something other than x.size(0)")
+register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)(lambda ctx: ctx.result(ctx.side(ctx.arg(0))))
 
 
 # int arithmetic on sizes, python builtins
-register(builtins.int, builtins.float, builtins.len)(lambda ctx: TensorTag.uniform(ctx.input_side()))
+register(builtins.int, builtins.float)(lambda ctx: TensorTag.uniform(ctx.input_side()))
+register(builtins.len)(_size_tag)
 
 
 # --------------------------------------------------------------------------- sequence models
@@ -1068,7 +1200,7 @@ register(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.defaul
 def _sym_size(ctx: RuleContext) -> Tag:
     if ctx.norm_dim(ctx.arg(1), ctx.ndim(ctx.arg(0))) != 0:
         return CONST
-    return TensorTag.uniform(ctx.side(ctx.arg(0)))
+    return _size_tag(ctx)
 
 
 register(aten.embedding.default)(rowwise_in("indices"))  # (weight, indices)
@@ -1122,3 +1254,18 @@ def _aten_select(ctx: RuleContext) -> Tag:
         col = index % value.shape[-1]
         return ctx.result(tag.slice(col, col + 1).side)
     return ctx.rowwise()
+
+
+# --------------------------------------------------------------------------- more torch.export spellings
+# Comparisons and selections follow their operands; metadata asserts return nothing (no data).
+_MORE_ATEN_ELEMENTWISE = [
+    aten.ne.Scalar, aten.ne.Tensor, aten.ge.Scalar, aten.le.Scalar, aten.gt.Tensor, aten.lt.Tensor, aten.ge.Tensor,
+    aten.le.Tensor, aten.logical_and.default, aten.logical_or.default, aten.logical_not.default,
+    aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Tensor, aten.mul.Scalar, aten.add.Scalar,
+    aten.sub.Scalar, aten.div.Scalar,
+]
+_MORE_ATEN_ELEMENTWISE = [t for t in _MORE_ATEN_ELEMENTWISE if t not in RULES]
+_BINARY_FUNCS += _MORE_ATEN_ELEMENTWISE  # the column-piece lowering applies them piece by piece too
+register(*_MORE_ATEN_ELEMENTWISE)(constant_if_constant(elementwise))
+register(*[t for t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                       aten.sym_constrain_range_for_size.default) if t not in RULES])(lambda ctx: CONST)

@@ -17,7 +17,7 @@ from . import rules
 from .arguments import bind
 from .example_prop import VALUE_KEY, TensorInfo
 from .lower import N, U, Combo, Lowerer, Pieces, Rows, Value, register_lowering
-from .modules import SplitLinear
+from .modules import SplitLinear, SplitSource
 from .record import LayerRecord
 from .tags import ROWS_KEY, TAG_KEY, Side, TensorTag
 
@@ -30,6 +30,7 @@ class _LinearView:
     bias: Optional[torch.Tensor]
     name: str
     why_not: str = ""
+    source: Tuple[Optional[str], Optional[str], bool] = (None, None, False)  # weight path, bias path, transposed
 
 
 def _param(lw: Lowerer, a: Any) -> Optional[torch.Tensor]:
@@ -42,9 +43,14 @@ def _param(lw: Lowerer, a: Any) -> Optional[torch.Tensor]:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def _path(a: Any) -> Optional[str]:
+    return a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None
+
+
 def _linear_view(lw: Lowerer, node: fx.Node, module) -> Optional[_LinearView]:
     if isinstance(module, nn.Linear):
-        return _LinearView(node.args[0], module.weight, module.bias, node.target)
+        return _LinearView(node.args[0], module.weight, module.bias, node.target, source=(
+            f"{node.target}.weight", None if module.bias is None else f"{node.target}.bias", False))
     t, args = node.target, bind(node)  # by name, as the rules read them
     if args is None:
         return None
@@ -52,18 +58,21 @@ def _linear_view(lw: Lowerer, node: fx.Node, module) -> Optional[_LinearView]:
         w, b_arg = _param(lw, args["weight"]), args.get("bias")
         b = _param(lw, b_arg) if b_arg is not None else None
         bad = w is None or (b_arg is not None and b is None)
-        return _LinearView(args["input"], w, b, node.name, "weight or bias is not a parameter" if bad else "")
+        return _LinearView(args["input"], w, b, node.name, "weight or bias is not a parameter" if bad else "",
+                           (_path(args["weight"]), _path(b_arg), False))
     if t in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.ops.aten.matmul.default,
              torch.ops.aten.mm.default):
-        w = _param(lw, args.get("other", args.get("mat2")))
+        w_arg = args.get("other", args.get("mat2"))
+        w = _param(lw, w_arg)
         ok = w is not None and w.dim() == 2
         return _LinearView(args["input"], w.t() if ok else None, None, node.name,
-                           "" if ok else "right operand is not a 2-d parameter")
+                           "" if ok else "right operand is not a 2-d parameter", (_path(w_arg), None, True))
     if t in (torch.addmm, torch.ops.aten.addmm.default):
         b, w = _param(lw, args["input"]), _param(lw, args["mat2"])
         ok = w is not None and b is not None and args.get("beta", 1) == 1 and args.get("alpha", 1) == 1
         return _LinearView(args["mat1"], w.t() if ok else None, b, node.name,
-                           "" if ok else "addmm operands are not parameters (or beta/alpha given)")
+                           "" if ok else "addmm operands are not parameters (or beta/alpha given)",
+                           (_path(args["mat2"]), _path(args["input"]), True))
     return None
 
 
@@ -83,7 +92,7 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
     cols = {s: x_tag.columns(s) if isinstance(x_tag, TensorTag) and x_tag.width else 0 for s in Side}
     if isinstance(x_tag, TensorTag) and not x_tag.is_segmented and x_tag.width:
         cols = {s: (x_tag.width if s == x_tag.side else 0) for s in Side}
-    if isinstance(x_val, Combo) and any(r.level == U for _, r in x_val.terms):
+    if isinstance(x_val, Combo) and any(r.level == U for _, r in x_val.terms) and lw.options.reassociate:
         x_val = Pieces(((N, in_features, x_val),))  # W (sum c t) = sum c (W t): fold like column blocks
     split = isinstance(x_val, Pieces)
     reason = ""
@@ -101,7 +110,7 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
         mixed_columns=cols[Side.MIXED], rows_per_sample=rows_per_sample, action=action, reason=reason)
     if split:
         user, item, bcast = _split_sources(lw, x_val, view.weight)
-        item_width = sum(w.shape[1] for _, w in item + bcast)
+        item_width = sum(w.shape[1] for _, w, _ in item + bcast)
         if not user or item_width > in_features:
             split, reason = False, "splitting would not reduce the work at N rows"
             record = dataclasses.replace(record, action=action if action != "split" else "kept", reason=reason)
@@ -129,6 +138,8 @@ def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List
     pos = 0
     for _, width, part in x.parts:
         w = weight.detach()[:, pos:pos + width]
+        if isinstance(part, Combo) and not self.options.reassociate:
+            part = Rows(self._materialize(part), N)  # W(q - k) as the model computes it: no new rounding
         terms = part.terms if isinstance(part, Combo) else ((1.0, part),)
         for level in (U, N):
             group = [(c, t) for c, t in terms if (t.level == U) == (level == U)]
@@ -139,20 +150,21 @@ def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List
             else:
                 coeff, rows = 1.0, None
                 node = self._weighted_sum([(c, t.node) for c, t in group], level)
-            entry = blocks.setdefault(id(node), [node, level, torch.zeros_like(w), rows])
+            entry = blocks.setdefault(id(node), [node, level, torch.zeros_like(w), rows, []])
             entry[2] = entry[2] + coeff * w
+            entry[4].append((float(coeff), pos, width))  # where the block comes from (mari_fx.refresh)
         pos += width
-    user = [(n, w) for n, lvl, w, _ in blocks.values() if lvl == U]
+    user = [(n, w, terms) for n, lvl, w, _, terms in blocks.values() if lvl == U]
     item, bcast, bcast_shape = [], [], None
-    for n, lvl, w, rows in blocks.values():
+    for n, lvl, w, rows, terms in blocks.values():
         if lvl == U:
             continue
         pre = _before_expand(self, rows)
         if pre is not None and bcast_shape in (None, pre[1]):
             bcast_shape = pre[1]
-            bcast.append((pre[0], w))
+            bcast.append((pre[0], w, terms))
         else:
-            item.append((n, w))
+            item.append((n, w, terms))
     return user, item, bcast
 
 
@@ -174,17 +186,23 @@ def _before_expand(self: Lowerer, rows: Optional[Rows]):
 
 def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, user: List, item: List, bcast: List) -> Rows:
     def weights(sources):
-        return torch.cat([w for _, w in sources], 1).contiguous() if sources else None
+        return torch.cat([w for _, w, _ in sources], 1).contiguous() if sources else None
 
     w_item = weights(item)
     mod = SplitLinear(weights(user), w_item if w_item is not None else view.weight.new_zeros(view.weight.shape[0], 0),
                       None if view.bias is None else view.bias.detach().clone(), weights(bcast))
+    weight, bias, transposed = view.source
+    if weight is not None:  # how to re-derive the blocks from the pair-shaped model (mari_fx.refresh)
+        mod.source = SplitSource(weight, bias, transposed, tuple(tuple(t) for _, _, t in user),
+                                 tuple(tuple(t) for _, _, t in item), tuple(tuple(t) for _, _, t in bcast))
     name = _module_name(self, view.name, node)
+    mod._mari_fx_name = name  # its path in T (to read state dicts relative to T)
     self.gm.add_submodule(name, mod)
     self.modules[name] = mod
-    args = [self._cat([n for n, _ in user], U), self._cat([n for n, _ in item], N) if item else None, self.user_index]
+    args = [self._cat([n for n, _, _ in user], U), self._cat([n for n, _, _ in item], N) if item else None,
+            self.user_index]
     if bcast:
-        args.append(self._cat([n for n, _ in bcast], N))
+        args.append(self._cat([n for n, _, _ in bcast], N))
     out = self.graph.call_module(name, tuple(args))
     self._port_meta(node, out)
     out.meta[ROWS_KEY] = N

@@ -31,30 +31,41 @@ def rows_of(T, name, request):
     return seen["rows"]
 
 
+@pytest.mark.parametrize("reassociate", [False, True])
 @pytest.mark.parametrize("encoder", [False, True])
 @pytest.mark.parametrize("U,N", SHAPES)
-def test_din_target_attention(encoder, U, N):
+def test_din_target_attention(encoder, U, N, reassociate):
     model = DINRanker(encoder=encoder).eval()
     ex = (torch.randint(50, (4, 10)), torch.randint(20, (4,)), torch.randint(50, (4,)))
-    T = mari_fx.transform(model, ["hist", "user_id"], ex)
+    T = mari_fx.transform(model, ["hist", "user_id"], ex, reassociate=reassociate)
     idx = ragged_index(U, N)
     hist, uid, iid = torch.randint(50, (U, 10)), torch.randint(20, (U,)), torch.randint(50, (N,))
     run_request(T, model, [hist, uid], [iid], U, N, idx)
     record = T.meta["mari_fx.record"]
     assert record.split_layers == ("att.0", "top.0")
-    # cat([q, k, q - k, q * k]): k's block and q - k's k-part are folded into one U-row block;
-    # q's block and q - k's q-part into one block applied to q before its expand over the
-    # sequence (once per candidate); only q * k runs at N x S rows
     att = T.get_submodule("att.0")
     assert isinstance(att, SplitLinear)
-    assert (att.weight_user.shape[1], att.weight_item.shape[1], att.weight_broadcast.shape[1]) == (8, 8, 8)
     W = model.att[0].weight
-    torch.testing.assert_close(att.weight_user, W[:, 8:16] - W[:, 16:24])
-    torch.testing.assert_close(att.weight_item, W[:, 24:32])
-    torch.testing.assert_close(att.weight_broadcast, W[:, 0:8] + W[:, 16:24])
     call = next(n for n in T.graph.nodes if n.target == "att.0")
     assert call.args[3].target == "unsqueeze"  # q.unsqueeze(1): [N, 1, D], not the [N, S, D] expand
-    assert not any(n.target in ("sub", torch.sub) or getattr(n.target, "__name__", "") == "sub" for n in T.graph.nodes)
+    has_sub = any(n.target in ("sub", torch.sub) or getattr(n.target, "__name__", "") == "sub" for n in T.graph.nodes)
+    if reassociate:
+        # cat([q, k, q - k, q * k]): k's block and q - k's k-part are folded into one U-row block;
+        # q's block and q - k's q-part into one block applied to q before its expand over the
+        # sequence (once per candidate); only q * k runs at N x S rows
+        assert (att.weight_user.shape[1], att.weight_item.shape[1], att.weight_broadcast.shape[1]) == (8, 8, 8)
+        torch.testing.assert_close(att.weight_user, W[:, 8:16] - W[:, 16:24])
+        torch.testing.assert_close(att.weight_item, W[:, 24:32])
+        torch.testing.assert_close(att.weight_broadcast, W[:, 0:8] + W[:, 16:24])
+        assert not has_sub
+    else:
+        # exact by default: q - k is computed as the model does (at N x S rows), k's own block
+        # runs at U rows and q's block before the expand
+        assert (att.weight_user.shape[1], att.weight_item.shape[1], att.weight_broadcast.shape[1]) == (8, 16, 8)
+        torch.testing.assert_close(att.weight_user, W[:, 8:16])
+        torch.testing.assert_close(att.weight_item, W[:, 16:32])
+        torch.testing.assert_close(att.weight_broadcast, W[:, 0:8])
+        assert has_sub
     if encoder:  # the user-only sequence encoder runs once per user
         request = {"hist": hist, "user_id": uid, "item_id": iid, "user_index": idx}
         assert rows_of(T, "encoder", request) == U
@@ -131,8 +142,15 @@ def test_interaction_layers(kind, U, N):
     at_u = [n for n in T.graph.nodes if n.meta.get(ROWS_KEY) == "U"]
     if kind == "dot":  # the user x user block of e e^T runs once per user
         assert any(n.target is torch.bmm for n in at_u)
-        assert sum(n.target is torch.bmm for n in T.graph.nodes) == 3  # uu at U; ui and ii at N
+        # uu at U; ui and ii at N (the Linear over the pair products re-reads uu pairs at U rows)
+        assert sum(n.target is torch.bmm and n.meta.get(ROWS_KEY) == "N" for n in T.graph.nodes) == 2
     else:  # (s_u + s_i)^2 expanded: s_u * s_u at U rows
         assert any(n.target is operator.mul and n.args[0] is n.args[1] for n in at_u)
-    if kind == "bi":  # the MLP over the bi-interaction vector is split through the expansion
-        assert "mlp.0" in record.split_layers
+    if kind == "bi":
+        # 0.5 * (s * s - sum(e * e)) cancels: by default the MLP runs on it as the model computes it;
+        # reassociate=True folds the user fields' share of sum(e * e) into a U-row block
+        assert "mlp.0" not in record.split_layers
+        T2 = mari_fx.transform(model, ["user_ids"], (torch.randint(100, (4, 4)), torch.randint(100, (4, 2))),
+                               reassociate=True)
+        run_request(T2, model, [torch.randint(100, (U, 4))], [torch.randint(100, (N, 2))], U, N, idx)
+        assert "mlp.0" in T2.meta["mari_fx.record"].split_layers

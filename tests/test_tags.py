@@ -89,6 +89,10 @@ def test_rowwise_ops_on_user_data_stay_user():
 
     gm, out = tagged(fn, ln=nn.LayerNorm(3))
     users = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")][:-1]
+    # u.size(0) is the number of pairs N (item-like); as the batch size of view() it still lets v stay USER
+    (size,) = [n for n in users if n.target == "size"]
+    assert size.meta[TAG_KEY].side == Side.ITEM
+    users.remove(size)
     assert all(n.meta[TAG_KEY].side in (Side.USER, Side.CONST) for n in users), [
         (n.name, str(n.meta[TAG_KEY])) for n in users]
     assert out.meta[TAG_KEY].side == Side.MIXED

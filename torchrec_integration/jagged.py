@@ -15,10 +15,12 @@ from torchrec.distributed.types import LazyAwaitable
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from mari_fx.errors import RequestError
+from mari_fx.runtime import graph_function
 
 Bag = Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]  # values, weights, lengths [B] of one key
 
 
+@graph_function
 def wait(x: Any) -> Any:
     """The value of a sharded module's ``LazyAwaitable`` result (other values as they are)."""
     return LazyAwaitable._wait_async(x)
@@ -102,6 +104,7 @@ def _select_jagged(values: torch.Tensor, weights: Optional[torch.Tensor], length
     return values[pos], (None if weights is None else weights[pos]), sel_len.to(lengths.dtype)
 
 
+@graph_function
 def kjt_select_rows(kjt: KeyedJaggedTensor, index: torch.Tensor) -> KeyedJaggedTensor:
     """Rows ``index`` (int64 [M]) of every key, in that order: a KJT of batch M."""
     keys = kjt.keys()
@@ -120,6 +123,7 @@ def kt_select_rows(kt: KeyedTensor, index: torch.Tensor) -> KeyedTensor:
                        values=kt.values().index_select(0, index), key_dim=kt.key_dim())
 
 
+@graph_function
 def select_rows(value: Any, index: torch.Tensor) -> Any:
     """Rows ``index`` of a KJT, JaggedTensor, KeyedTensor, tensor, or a dict of those.
 
@@ -141,6 +145,7 @@ def select_rows(value: Any, index: torch.Tensor) -> Any:
     return value.index_select(0, index)
 
 
+@graph_function
 def take_rows(value: Any, n: int) -> Any:
     """The first ``n`` rows of a KeyedTensor, JaggedTensor, tensor, or a dict of those."""
     value = wait(value)
@@ -178,6 +183,7 @@ def kjt_first_difference(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> Optional
 
 
 # --------------------------------------------------------------------------- request entry
+@graph_function
 def pair_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTensor], keys: List[str]) -> KeyedJaggedTensor:
     """The pair-shaped graph's KJT: its user-side and item-side keys back in one KJT, in the original key order."""
     if user is None or item is None:
@@ -188,12 +194,14 @@ def pair_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTensor
     return merge([user, item], keys)
 
 
+@graph_function
 def request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTensor], keys: List[str],
                 user_index: torch.Tensor, pad: bool, checked: None = None) -> KeyedJaggedTensor:
     """The KJT a transformed graph feeds its embedding modules, batch N (the candidates).
 
     ``pad=True``: each user key holds the U users' bags followed by N - U empty bags, so
-    user tables look up U rows (their pooled rows ``[:U]`` are the users').
+    user tables look up U rows (their pooled rows ``[:U]`` are the users'); when U > N the
+    batch is U and item keys get the empty bags (their rows ``[:N]`` are the candidates').
     ``pad=False``: user bags are gathered to the N candidates (exactly the pair-shaped KJT).
     ``checked``: the result of :func:`check_request_kjt`, taken so that the check runs first.
     """
@@ -202,10 +210,12 @@ def request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTen
     if item is None:
         return select_keys(user, keys)
     if not pad:
-        user = kjt_select_rows(user, user_index)
-    return merge([user, item], keys, stride=user_index.numel())
+        return merge([kjt_select_rows(user, user_index), item], keys, stride=user_index.numel())
+    # U > N (users without a candidate) needs U rows: item keys then get empty bags past N
+    return merge([user, item], keys, stride=max(user_index.numel(), user.stride()))
 
 
+@graph_function
 def check_request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTensor], user_index: torch.Tensor,
                       arg: str, names: Tuple[str, str], user_keys: List[str], item_keys: List[str]) -> None:
     """Raise :class:`RequestError` unless ``user`` holds exactly the user keys of ``arg`` at U rows

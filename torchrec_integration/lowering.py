@@ -148,7 +148,9 @@ def lower_embedding(lw: Lowerer, node: fx.Node, module: Any) -> Optional[Rows]:
         return Rows(_new_node(lw, "call_function", jagged.take_rows, (call, users), U), U, node)
     if side == Side.MIXED:
         _state(lw).padded_out[node] = users
-    return Rows(call, N, node)
+        return Rows(call, N, node)
+    # item-only: the padded batch is max(U, N) rows (U > N: users without a candidate)
+    return Rows(_new_node(lw, "call_function", jagged.take_rows, (call, lw._num_candidates()), N), N, node)
 
 
 # --------------------------------------------------------------------------- KeyedTensor accessors
@@ -174,7 +176,7 @@ def key_slices(lw: Lowerer, kt: fx.Node, keys: List[str]) -> List[Tuple[str, int
     values = state.values[value.node]
     out = []
     for level, lo, hi in runs:
-        rows = slice(None, users) if users is not None and level == U else slice(None)
+        rows = slice(None) if users is None else slice(None, users) if level == U else slice(None, lw._num_candidates())
         if rows == slice(None) and lo == 0 and hi == info.shape[-1]:
             out.append((level, hi - lo, Rows(values, level)))
             continue
@@ -219,7 +221,7 @@ def _lower_getitem(lw: Lowerer, node: fx.Node, _module: Any):
     # an EmbeddingCollection's dict of JaggedTensors: a user key's first U bags are its users'
     bag = _new_node(lw, "call_function", operator.getitem, (value.node, key), N)
     if base.meta[TAG_KEY].get(key).side != Side.USER:
-        return Rows(bag, N, node)
+        return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, lw._num_candidates()), N), N, node)
     users = _state(lw).padded_out[base]
     return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, users), U), U, node)
 

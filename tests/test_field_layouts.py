@@ -1,0 +1,166 @@
+"""Field layouts: per-feature [B, 1, E] embeddings, field stacks, pairwise interactions, crosses
+and TorchRec's DLRM family -- lossless, and the Linear layers over user elements split."""
+import pytest
+import torch
+import torch.nn as nn
+
+import mari_fx
+from field_models import Case, own_cases, realised, torchrec_cases
+from mari_fx.elements import ELEM_KEY
+from mari_fx.modules import SplitLinear
+from mari_fx.tags import ROWS_KEY
+
+SHAPES = [(1, 1), (1, 300), (3, 300), (3, 5)]
+CASES = {c.name: c for c in own_cases() + torchrec_cases()}
+# Linear layers whose input holds user elements after a reshape / stack / gather: (path, user columns at U rows)
+EXPECTED_SPLITS = {
+    "per_feature_cat1_flatten": {"mlp.0": 24},
+    "per_feature_catlast_view": {"mlp.0": 24},
+    "per_feature_cat1_reshape": {"mlp.0": 24},
+    "field_interactions": {"V": 24, "mlp.0": 27},  # 3 user fields x 8 (+ their 3 pair products)
+    "DLRM": {"over_arch.model.0._mlp.0._linear": 1},  # the user_id . user_hist product
+    "DLRM_DCN": {"linear": 16},  # the low-rank cross's first V over [dense | fields]
+    "DLRM_Projection": {"inter_arch.interaction_branch1.model._mlp.0._linear": 16,
+                        "inter_arch.interaction_branch2.model._mlp.0._linear": 16},
+    "SimpleDeepFMNN": {"inter_arch.deep_fm.dense_module.0": 16},  # through the fx.wrap-ed _get_flatten_input
+}
+_T = {}
+
+
+def transformed(case: Case):
+    if case.name not in _T:
+        model = case.build()
+        _T[case.name] = model, mari_fx.transform(model, case.selectors, case.pairs(2, 6, 1)[0])
+    return _T[case.name]
+
+
+@pytest.mark.parametrize("U,N", SHAPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_lossless(name, U, N):
+    case = CASES[name]
+    model, T = transformed(case)
+    args, idx = case.pairs(U, N, seed=U * 1000 + N)
+    request = mari_fx.pairs_to_request(T, *args, user_index=idx)
+    with torch.no_grad():
+        got, want = T(**request), model(*args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_splits_and_reach(name):
+    case = CASES[name]
+    model, T = transformed(case)
+    layers = {l.name: l for l in T.meta["mari_fx.record"].layers}
+    for path, cols in EXPECTED_SPLITS[name].items():
+        assert layers[path].action == "split" and layers[path].split_user_features == cols, layers[path]
+    split_mods = [m for m in T.modules() if isinstance(m, SplitLinear)]
+    assert sum(m.weight_user.shape[1] for m in split_mods) >= sum(EXPECTED_SPLITS[name].values())
+    # each split layer reads its user columns at U rows (the re-emitted cone) and the rest at N rows
+    calls = {n.target.replace("_split", ""): n for n in T.graph.nodes  # functional linears get a "_split" module
+             if n.op == "call_module" and n.target.replace("_split", "") in EXPECTED_SPLITS[name]}
+    assert set(calls) == set(EXPECTED_SPLITS[name])
+    for n in calls.values():
+        assert n.args[0].meta[ROWS_KEY] == "U" and n.args[1].meta[ROWS_KEY] == "N"
+    args, idx = case.pairs(5, 120, seed=3)
+    assert realised(model, T, args, idx) >= 0.9
+
+
+def test_split_weights_are_the_user_element_columns():
+    """DLRM's over-arch: [dense 8 | 10 pair products], the one user x user product at column 8 + 4."""
+    model, T = transformed(CASES["DLRM"])
+    orig = model.over_arch.model[0]._mlp[0]._linear
+    split = T.get_submodule("over_arch.model.0._mlp.0._linear")
+    # triu pairs of [dense, user_id, item_id, user_hist, item_cat]: (1, 3) is the 5th pair
+    torch.testing.assert_close(split.weight_user, orig.weight[:, [8 + 5]])
+    torch.testing.assert_close(split.weight_item, orig.weight[:, [c for c in range(18) if c != 13]])
+
+
+class BatchFold(nn.Module):
+    """Folds the batch into the rows of a Linear and back: no element map may cross it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, user_ids, item_ids):
+        B = user_ids.shape[0]
+        x = torch.cat([self.emb(user_ids), self.emb(item_ids)], dim=1)  # [B, 3, 4]
+        y = self.lin(x.view(-1, 4)).view(B, -1)
+        z = x.transpose(0, 1).reshape(B, -1)  # crosses rows: must stay mixed
+        return self.head(y + z).squeeze(-1)
+
+
+class Opaque(nn.Module):
+    """A helper that computes (not only moves data) is not traced through."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, user_ids, item_ids):
+        x = _scaled_flat([self.emb(user_ids), self.emb(item_ids)])
+        return self.head(x).squeeze(-1)
+
+
+@torch.fx.wrap
+def _scaled_flat(xs):
+    return torch.cat([x.flatten(1) * 2 for x in xs], dim=1)
+
+
+@pytest.mark.parametrize("cls", [BatchFold, Opaque])
+def test_cross_row_and_computing_helpers_stay_mixed_and_exact(cls):
+    model = cls().eval()
+    ex_idx = torch.tensor([0, 0, 1, 1])
+    T = mari_fx.transform(model, ["user_ids"], (torch.randint(50, (2, 2))[ex_idx], torch.randint(50, (4, 1))))
+    assert T.meta["mari_fx.record"].split_layers == ()
+    idx = torch.tensor([0, 1, 1, 2, 0, 2, 2])
+    u, i = torch.randint(50, (3, 2)), torch.randint(50, (7, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i))
+
+
+def test_element_tags_of_a_field_stack():
+    model, _ = transformed(CASES["field_interactions"])
+    tagged = mari_fx.trace(model, ["user_ids"], CASES["field_interactions"].pairs(2, 6, 1)[0])
+    tags = {n.name: n.meta.get(ELEM_KEY) for n in tagged.graph.nodes}
+    # [B, F=5, E=8] with fields (u0, i0, u1, u2, i1)
+    assert tags["stack"].map[:, 0].tolist() == [1, 2, 1, 1, 2]
+    # 10 field pairs: 3 user x user (u0u1, u0u2, u1u2), 1 item x item, 6 mixed
+    assert sorted(tags["getitem_6"].map.tolist()) == [1, 1, 1, 2, 3, 3, 3, 3, 3, 3]
+    assert str(tags["sum_1"]) == "elements[mixed:8]"  # the FM sum over fields mixes them
+
+
+class ExportedMasked(nn.Module):
+    """Captured through torch.export (``len()``): per-feature embeddings masked by ``ids != 0``
+    (``aten.ne.Scalar``), stacked into [B, 1, 4E] and flattened with ``view(-1, 4E)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.mlp = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, user_ids, item_ids):
+        assert len(user_ids) > 0
+        ids = torch.stack([user_ids[:, 0], item_ids[:, 0], user_ids[:, 1], item_ids[:, 1]], dim=1)
+        e = self.emb(ids) * (ids != 0).unsqueeze(-1).to(torch.float32)  # [B, 4, 8]
+        return self.mlp(torch.cat(e.unbind(1), dim=-1).unsqueeze(1).view(-1, 32)).squeeze(-1)
+
+
+def test_export_fallback_keeps_field_elements():
+    model = ExportedMasked().eval()
+    pairs = own_cases()[0].pairs  # ids of 2 user and 2 item fields (+ unused dense)
+    ex, _ = pairs(2, 6, 1)
+    T = mari_fx.transform(model, ["user_ids"], ex[:2])
+    assert T.meta["mari_fx.record"].capture == "torch.export"
+    assert [(l.name, l.split_user_features) for l in T.meta["mari_fx.record"].layers if l.action == "split"] == [
+        ("linear", 16)]
+    for U, N in [(1, 1), (3, 300)]:
+        args, idx = pairs(U, N, seed=N)
+        with torch.no_grad():
+            torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args[:2], user_index=idx)), model(*args[:2]))
+    args, idx = pairs(5, 120, seed=3)
+    assert realised(model, T, args[:2], idx) >= 0.9
