@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import rules
+from .arguments import bind, nodes_in
 from .example_prop import VALUE_KEY, TensorInfo
 from .tags import TAG_KEY, SeqTag, Side, TensorTag
 
@@ -230,6 +231,15 @@ def _batched(a: Any) -> bool:
         _info(a), TensorInfo) and _info(a).ndim >= 1
 
 
+def _only_data_batched(node: fx.Node, module: Optional[nn.Module], data: Sequence[str]) -> bool:
+    """The argument policy of :func:`mari_fx.rules.rowwise`: only the named data operands may be
+    batched (a batched weight, normalised shape or table couples rows, as in ``F.linear(h, h)``)."""
+    named = bind(node, module)
+    if named is None:
+        return False
+    return not any(_batched(a) for k, v in named.items() if k not in data for a in nodes_in(v))
+
+
 def _rule(node: fx.Node, module: Optional[nn.Module], consts: _Consts) -> Optional[Tuple[Any, str]]:
     t = type(module) if module is not None else node.target
     if t is operator.getitem and isinstance(_info(node.args[0]), tuple):
@@ -399,7 +409,7 @@ def _dims_arg(node: fx.Node, pos: int, name: str, ndim: int, default: Any = None
 def _reduction(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
     x = node.args[0] if node.args else node.kwargs.get("input")
     info = _info(x)
-    if not (_batched(x) and isinstance(info, TensorInfo)):
+    if not (_batched(x) and isinstance(info, TensorInfo)) or not _only_data_batched(node, module, ("input",)):
         return None
     dims = _dims_arg(node, 1, "dim", info.ndim)
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
@@ -417,6 +427,8 @@ def _coupled(dim_pos: int, name: str = "dim", default: Any = None, last: bool = 
         x = node.args[0] if node.args else node.kwargs.get("input")
         info, out = _info(x), _info(node)
         if not (_batched(x) and isinstance(out, TensorInfo) and out.shape == info.shape):
+            return None
+        if not _only_data_batched(node, module, ("input",)):  # e.g. a batched layer_norm weight
             return None
         if last:
             n = _norm_len(node, module)
@@ -452,16 +464,15 @@ def _rowor(m: torch.Tensor) -> torch.Tensor:
 def _linear(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
     """``x @ W.T + b`` with W, b batch-free: each output element ORs its row of x."""
     x = node.args[0] if node.args else node.kwargs.get("input")
-    others = [a for a in node.all_input_nodes if a is not x]
-    if not _batched(x) or any(_batched(a) for a in others) or _info(x).ndim < 2:
-        return None
+    if not _batched(x) or not _only_data_batched(node, module, ("input",)) or _info(x).ndim < 2:
+        return None  # F.linear(h, h): the weight is the input itself
     out = _info(node)
     return _rowor(element_map(x)).expand(out.shape[1:]).clone(), "contraction"
 
 
 def _addmm(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
     b, x, w = node.args[:3]
-    if not _batched(x) or _batched(b) or _batched(w) or node.kwargs:
+    if not _batched(x) or not _only_data_batched(node, module, ("mat1",)) or node.kwargs:
         return None
     return _rowor(element_map(x)).expand(_info(node).shape[1:]).clone(), "contraction"
 

@@ -71,6 +71,8 @@ def _flatten_blocks(lw: Lowerer, node: fx.Node) -> Optional[Pieces]:
 
 def _cat_blocks(lw: Lowerer, node: fx.Node) -> Optional[Blocks]:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(tensors, (list, tuple)):  # torch.cat(x.split(...)): a tuple-valued node
+        return None
     ndim = _ndim(tensors[0]) if tensors else None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if ndim is None or not isinstance(dim, int) or dim % ndim in (0, ndim - 1):

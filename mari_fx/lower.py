@@ -139,7 +139,8 @@ class Lowerer:
                 continue
             self._consumer = node
             if node.op == "output":
-                out = fx.node.map_aggregate(node.args[0], lambda a: self._materialize(self._value(a)))
+                # only nodes: Python constants in the output (``return y, 3``) stay as they are
+                out = fx.node.map_arg(node.args[0], lambda a: self._materialize(self._value(a)))
                 self.graph.output(out)
                 continue
             value = self._lower(node)

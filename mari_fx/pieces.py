@@ -33,21 +33,15 @@ def _lower_getitem(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
         return v.items[index] if isinstance(index, int) else Seq(tuple(v.items[index]))
     if not isinstance(v, Pieces):
         return None
-    plan = rules.normalize_index(index, base.meta[VALUE_KEY].ndim)
-    if plan is None or plan[1] or plan[0][0] != slice(None):
-        return None
-    per_dim = plan[0]
-    if isinstance(index, tuple) and any(i is None for i in index):
-        return None
-    prefix = tuple(per_dim[:-1])
-    last = per_dim[-1]
     width = base.meta[VALUE_KEY].shape[-1]
-    if isinstance(last, slice) and last.step in (None, 1):
+    cols = rules.column_index(index, base.meta[VALUE_KEY].ndim, width)  # the rule's predicate
+    if cols is None:
+        return None
+    prefix, last = cols  # the rest of the index (new axes included) applies to every piece
+    if isinstance(last, slice):
         lo, hi, _ = last.indices(width)
         return lw._select_columns(base, lo, max(lo, hi), prefix)
-    if isinstance(last, int):
-        return lw._select_column(base, last % width, prefix)
-    return None
+    return lw._select_column(base, last % width, prefix)
 
 
 @register_lowering(torch.ops.aten.slice.Tensor)
@@ -62,7 +56,9 @@ def _lower_aten_slice(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     if not isinstance(v, Pieces) or dim % ndim != ndim - 1:
         return None
     lo, hi, _ = slice(start, stop).indices(x.meta[VALUE_KEY].shape[-1])
-    return lw._select_columns(x, lo, max(lo, hi), (slice(None),) * (ndim - 1))
+    if hi <= lo:
+        return None
+    return lw._select_columns(x, lo, hi, (slice(None),) * (ndim - 1))
 
 
 @register_lowering(torch.ops.aten.select.int)
@@ -83,29 +79,38 @@ def _split_bounds(node: fx.Node) -> List[Tuple[int, int]]:
     return bounds
 
 
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    """An argument read exactly as the rules read it (by name, static ints as values)."""
+    return rules.static_int(rules.RuleContext(node).arg(i, name, default))
+
+
 @register_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
-           torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default)
+           torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
+           torch.ops.aten.tensor_split.sections)
 def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
-    x = node.args[0]
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     if not isinstance(lw._value(x), Pieces):
         return None
     ndim = x.meta[VALUE_KEY].ndim
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    if dim % ndim != ndim - 1:
+    dim = _arg(node, 2, "dim", 0)
+    if not isinstance(dim, int) or dim % ndim != ndim - 1:
         return None
     prefix = (slice(None),) * (ndim - 1)
-    return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in _split_bounds(node)))
+    bounds = _split_bounds(node)
+    if any(hi <= lo for lo, hi in bounds):
+        return None  # an empty part: the rule keeps no segments either
+    return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in bounds))
 
 
 @register_lowering(torch.narrow, "narrow", torch.ops.aten.narrow.default)
 def _lower_narrow(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
-    x = node.args[0]
-    if not isinstance(lw._value(x), Pieces):
+    x, dim, start, length = (_arg(node, i, n) for i, n in enumerate(("input", "dim", "start", "length")))
+    if not isinstance(x, fx.Node) or not isinstance(lw._value(x), Pieces):
         return None
     ndim = x.meta[VALUE_KEY].ndim
-    dim, start, length = (list(node.args[1:]) + [node.kwargs.get(k) for k in ("dim", "start", "length")])[:3]
-    if not (isinstance(start, int) and isinstance(length, int)) or dim % ndim != ndim - 1:
+    if not all(isinstance(a, int) for a in (dim, start, length)) or dim % ndim != ndim - 1 or length <= 0:
         return None
+    start %= x.meta[VALUE_KEY].shape[-1]
     return lw._select_columns(x, start, start + length, (slice(None),) * (ndim - 1))
 
 
@@ -119,6 +124,13 @@ def _lower_elementwise(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     return Pieces(tuple(parts))
 
 
-register_lowering(*(rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._UNARY_MODULES + rules._BINARY_FUNCS
-           + rules._BINARY_METHODS + [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout,
-                                      torch.dropout, "dropout"]))(_lower_elementwise)
+register_lowering(*(t for t in rules.PIECEWISE if t != "view"))(_lower_elementwise)
+
+
+@register_lowering("view")
+def _lower_view_dtype(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+    """``x.view(torch.int32)`` of pieces: per piece (the rule keeps segments only when the element
+    size, hence every column boundary, is unchanged)."""
+    if len(node.args) == 2 and isinstance(node.args[1], torch.dtype):
+        return _lower_elementwise(lw, node, _m)
+    return None

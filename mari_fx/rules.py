@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import builtins
 import operator
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .arguments import bind, nodes_in
 from .example_prop import VALUE_KEY, TensorInfo
 from .tags import CONST, NOTE_KEY, TAG_KEY, Segment, SeqTag, Side, Tag, TensorTag, join_all
 
@@ -125,13 +126,33 @@ class RuleContext:
         # call_module nodes have no ``self`` argument; call_method nodes have it first.
         self.args = node.args
         self.kwargs = node.kwargs
+        self._named: Any = _MISSING
 
     # -- inputs
-    def arg(self, i: int, name: Optional[str] = None, default: Any = _MISSING) -> Any:
+    @property
+    def named(self) -> Optional[Dict[str, Any]]:
+        """Every argument by parameter name, defaults filled in (:func:`mari_fx.arguments.bind`);
+        None when the op's signature is unknown."""
+        if self._named is _MISSING:
+            self._named = bind(self.node, self.module)
+        return self._named
+
+    def arg(self, i: int, name: Union[None, str, Tuple[str, ...]] = None, default: Any = _MISSING) -> Any:
+        """Argument ``name`` (or the first of several spellings) read by name whatever way the model
+        passed it; the ``i``-th positional argument where the signature is unknown."""
+        names = (name,) if isinstance(name, str) else tuple(name or ())
+        named = self.named
+        if names and named is not None:
+            for n in names:
+                if n in named:
+                    return named[n]
+            if default is not _MISSING:
+                return default
         if i < len(self.args):
             return self.args[i]
-        if name is not None and name in self.kwargs:
-            return self.kwargs[name]
+        for n in names:
+            if n in self.kwargs:
+                return self.kwargs[n]
         if default is _MISSING:
             raise IndexError(f"{self.node.format_node()} has no argument {name or i}")
         return default
@@ -196,21 +217,76 @@ def _batched(ctx: RuleContext) -> List[fx.Node]:
     return [n for n in ctx.inputs() if ctx.side(n) != Side.CONST]
 
 
-def rowwise(ctx: RuleContext) -> Tag:
-    """Rule for ops where each output row depends only on the same input row.
+def rowwise(ctx: RuleContext, data: Optional[Sequence[str]] = None, min_ndim: int = 0,
+            per_row: Sequence[str] = ()) -> Tag:
+    """Rule for ops where each output row depends only on the same row of the *data* operands.
 
-    Batched operands must share a rank and constants may not add leading
-    dimensions, so that broadcasting never lines the batch up with another axis.
+    ``data`` names the per-row operands (parameter names as :func:`mari_fx.arguments.bind` reads
+    them); None makes every argument a data operand (elementwise ops).  Every other argument
+    holding a node -- weights, tables, shapes, indices, masks -- must be batch-free (CONST), else
+    the op is refused: ``F.linear(h, h)`` contracts over the batch, ``F.embedding(i, h)`` reads
+    rows of a batched table.  Batched data operands must share a rank (>= ``min_ndim``) and
+    batch-free data operands may neither add leading dims nor have a dim 0 of size > 1 at that
+    rank, so that broadcasting never lines the batch up with another axis.  ``per_row`` names
+    operands the op reads row by row without broadcasting them against the data (a
+    ``[batch, seq]`` key padding mask): they may be batched, and the caller checks their shape.
+
+    Register it with the data operands named via :func:`rowwise_in`.
     """
-    batched = [n for n in _batched(ctx) if ctx.ndim(n) is not None]
+    if data is None:
+        operands = ctx.inputs()
+    else:
+        named = ctx.named
+        if named is None:
+            return ctx.refuse(f"the arguments of {describe_target(ctx.node, ctx.module)} could not be read by name")
+        operands = []
+        for name, value in named.items():
+            found = nodes_in(value)
+            if name in data:
+                operands += found
+            elif name in per_row:
+                continue
+            elif any(ctx.side(n) != Side.CONST for n in found):
+                return ctx.refuse(
+                    f"argument '{name}' of {describe_target(ctx.node, ctx.module)} depends on the batch: only "
+                    f"{' / '.join(data)} may (a batched weight, table, shape or index couples rows)")
+    batched = [n for n in operands if ctx.side(n) != Side.CONST and ctx.ndim(n) is not None]
     ranks = {ctx.ndim(n) for n in batched}
     if len(ranks) > 1:
         return ctx.refuse("batched operands of different rank: broadcasting could move the batch dimension")
     if ranks:
         (rank,) = ranks
-        if any((ctx.ndim(n) or 0) > rank for n in ctx.inputs() if ctx.side(n) == Side.CONST):
-            return ctx.refuse("a constant operand adds leading dimensions in front of the batch")
+        if rank < min_ndim:
+            return ctx.refuse(f"{describe_target(ctx.node, ctx.module)} of a {rank}-d batched operand (needs >= "
+                              f"{min_ndim} dims): the batch dimension would be one the op mixes")
+        for n in operands:
+            v = ctx.value(n)
+            if ctx.side(n) != Side.CONST or not isinstance(v, TensorInfo):
+                continue
+            if v.ndim > rank:
+                return ctx.refuse("a constant operand adds leading dimensions in front of the batch")
+            if v.ndim == rank and rank and v.shape[0] != 1:
+                return ctx.refuse("a constant operand has a dim 0 of size > 1 that lines up with the batch")
     return ctx.rowwise()
+
+
+def rowwise_in(*data: str, min_ndim: int = 0) -> Rule:
+    """:func:`rowwise` with the per-row operands named (every other argument must be CONST).
+
+    Example:
+        >>> from mari_fx.rules import RULES, register, rowwise_in
+        >>> def scale_rows(x, weight):   # x per row; weight must not depend on the batch
+        ...     return x * weight
+        >>> rule = register(scale_rows)(rowwise_in("x", min_ndim=2))
+        >>> RULES[scale_rows] is rule
+        True
+        >>> del RULES[scale_rows]
+    """
+
+    def rule(ctx: RuleContext) -> Tag:
+        return rowwise(ctx, data, min_ndim)
+
+    return rule
 
 
 def unknown(ctx: RuleContext) -> Tag:
@@ -225,6 +301,8 @@ def elementwise(ctx: RuleContext) -> Tag:
     tag = rowwise(ctx)
     if tag.side == Side.MIXED and ctx.node.meta.get(NOTE_KEY):
         return tag
+    if (type(ctx.module) if ctx.module is not None else ctx.node.target) not in PIECEWISE:
+        return tag  # the lowering could not apply it piece by piece
     seg = [n for n in ctx.inputs() if ctx.tag(n).is_segmented]
     if len(seg) == 1 and _is_scalar_others(ctx, seg[0]):
         src = ctx.tag(seg[0])
@@ -256,13 +334,14 @@ def reduction(dim_pos: int = 1, dim_name: str = "dim") -> Rule:
     def rule(ctx: RuleContext) -> Tag:
         ndim = ctx.ndim(ctx.arg(0))
         dims = _dims(ctx.arg(dim_pos, dim_name, None))
+        dims = dims and [static_int(d) for d in dims]
         if dims and not all(isinstance(d, int) for d in dims):
             return ctx.refuse("reduction dims are not constants")
         if ndim is not None and ndim <= 1 or not dims:
             return ctx.refuse("reduces over the batch dimension (no dim given, or a 1-d input)")
         if 0 in [ctx.norm_dim(d, ndim) for d in dims]:
             return ctx.refuse("reduces over the batch dimension (dim 0)")
-        return rowwise(ctx)
+        return rowwise(ctx, ("input",))
 
     return rule
 
@@ -330,18 +409,31 @@ _BINARY_FUNCS += [
 ]
 register(*_UNARY_FUNCS, *_UNARY_METHODS, *_UNARY_MODULES)(constant_if_constant(elementwise))
 register(*_BINARY_FUNCS, *_BINARY_METHODS)(constant_if_constant(elementwise))
+_DROPOUTS = [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout, torch.dropout, "dropout"]
+# The ops mari_fx.pieces lowers piece by piece: the only ones whose output may keep column segments
+# (``view`` only as a same-size dtype view), so that a rule never promises pieces the lowering lacks.
+PIECEWISE = frozenset(_UNARY_FUNCS + _UNARY_METHODS + _UNARY_MODULES + _BINARY_FUNCS + _BINARY_METHODS
+                      + _DROPOUTS + ["view"])
 
 
-@register(nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d)
+@register_before(torch.where)
+def _where_indices(ctx: RuleContext) -> Optional[Tag]:
+    """``torch.where(cond)`` alone is ``nonzero(cond, as_tuple=True)``: indices into the whole batch."""
+    if len(ctx.args) + len(ctx.kwargs) == 1 and ctx.input_side() != Side.CONST:
+        return ctx.refuse("torch.where(condition) with one argument returns indices into the whole batch")
+    return None
+
+
+@register(*_DROPOUTS[:4])
 def _dropout_module(ctx: RuleContext) -> Tag:
     if ctx.module.training and ctx.module.p > 0:
         return ctx.refuse("Dropout in training mode is random per row: call model.eval() first")
     return elementwise(ctx)
 
 
-@register(F.dropout, torch.dropout, "dropout")
+@register(*_DROPOUTS[4:])
 def _dropout_fn(ctx: RuleContext) -> Tag:
-    training = ctx.arg(2, "training", True) if ctx.node.target is F.dropout else ctx.arg(2, "train", True)
+    training = ctx.arg(2, ("training", "train"), True)
     if training and ctx.arg(1, "p", 0.5) > 0:
         return ctx.refuse("dropout with training=True is random per row")
     return elementwise(ctx)
@@ -359,15 +451,7 @@ register(torch.max, torch.min, "max", "min")(constant_if_constant(
     lambda ctx: elementwise(ctx) if isinstance(ctx.arg(1, "other", None), fx.Node) else reduction()(ctx)))
 register(torch.topk, "topk")(constant_if_constant(reduction(2, "dim")))
 register(torch.sort, "sort", torch.argsort, "argsort")(constant_if_constant(reduction(1, "dim")))
-register(F.normalize)(constant_if_constant(
-    lambda ctx: reduction(2, "dim")(ctx) if "dim" in ctx.kwargs or len(ctx.args) > 2
-    else _with_default_dim(ctx, 1)))
-
-
-def _with_default_dim(ctx: RuleContext, dim: int) -> Tag:
-    if ctx.norm_dim(dim, ctx.ndim(ctx.arg(0))) == 0:
-        return ctx.refuse("normalises over the batch dimension")
-    return rowwise(ctx)
+register(F.normalize)(constant_if_constant(reduction(2, "dim")))  # dim defaults to 1 (filled in by name)
 
 
 @register(nn.Softmax, nn.LogSoftmax, nn.Softmin)
@@ -381,12 +465,17 @@ def _softmax_module(ctx: RuleContext) -> Tag:
 # --------------------------------------------------------------------------- normalisation
 @register(nn.LayerNorm, nn.RMSNorm, F.layer_norm, F.rms_norm)
 def _layer_norm(ctx: RuleContext) -> Tag:
+    """Row-wise when the normalised trailing dims leave dim 0 alone; the shape, weight and bias
+    must be batch-free (``F.layer_norm(h, h.shape)`` normalises over the batch)."""
     shape = ctx.module.normalized_shape if ctx.module is not None else ctx.arg(1, "normalized_shape")
-    n_norm = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
-    ndim = ctx.ndim(ctx.arg(0))
+    if any(ctx.side(n) != Side.CONST for n in nodes_in(shape)):
+        return ctx.refuse("layer_norm's normalized_shape depends on the batch (e.g. h.shape): it covers dim 0")
+    value = ctx.value(shape) if isinstance(shape, fx.Node) else shape
+    n_norm = len(value) if isinstance(value, (tuple, list, torch.Size)) else 1
+    ndim = ctx.ndim(ctx.arg(0, "input"))
     if ndim is None or n_norm >= ndim:
         return ctx.refuse("normalises over the batch dimension")
-    return rowwise(ctx)
+    return rowwise(ctx, ("input",))
 
 
 @register(nn.modules.batchnorm._BatchNorm)
@@ -394,53 +483,107 @@ def _batch_norm(ctx: RuleContext) -> Tag:
     m = ctx.module
     if m.training or not m.track_running_stats or m.running_mean is None:
         return ctx.refuse(f"{type(m).__name__} in training mode normalises with batch statistics: call model.eval()")
-    return rowwise(ctx)
+    return rowwise(ctx, ("input",), min_ndim=2)
 
 
 @register(F.batch_norm)
 def _batch_norm_fn(ctx: RuleContext) -> Tag:
+    """Also ``aten.batch_norm``: the same parameter names in another order."""
     if ctx.arg(5, "training", False) or ctx.arg(1, "running_mean", None) is None:
         return ctx.refuse("batch_norm with training=True normalises with batch statistics")
-    return rowwise(ctx)
+    return rowwise(ctx, ("input",), min_ndim=2)  # running stats, weight and bias batch-free
 
 
-@register(nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, F.group_norm)
-def _per_sample_norm(ctx: RuleContext) -> Tag:
-    return rowwise(ctx)
+@register(nn.GroupNorm, F.group_norm)
+def _group_norm(ctx: RuleContext) -> Tag:
+    return rowwise(ctx, ("input",), min_ndim=2)  # (N, C, *) only; weight and bias batch-free
+
+
+@register(nn.modules.instancenorm._InstanceNorm)
+def _instance_norm(ctx: RuleContext) -> Tag:
+    # An input without a batch dim ((C, L) for InstanceNorm1d) would make the batch the channels.
+    return rowwise(ctx, ("input",), min_ndim=ctx.module._get_no_batch_dim() + 1)
 
 
 # --------------------------------------------------------------------------- linear algebra
-@register(nn.Linear, F.linear, torch.addmm, nn.Bilinear)
-def _linear(ctx: RuleContext) -> Tag:
-    """Row-wise over the input; a column-segmented input is split in the lowering."""
-    return rowwise(ctx)
+# Row-wise over the input rows only: weights and biases must be batch-free (F.linear(h, h) contracts
+# over the batch); a 1-d batched input would be contracted with the weight.  A column-segmented
+# input is split in the lowering.
+_linear = rowwise_in("input", min_ndim=2)
+register(nn.Linear, F.linear)(_linear)
+register(torch.addmm)(rowwise_in("input", "mat1", min_ndim=2))  # input is the (broadcast) bias
+register(nn.Bilinear, F.bilinear)(rowwise_in("input1", "input2", min_ndim=2))
 
 
 @register(torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__")
 def _matmul(ctx: RuleContext) -> Tag:
-    a, b = ctx.arg(0), ctx.arg(1)
+    a, b = ctx.arg(0, "input"), ctx.arg(1, ("other", "mat2"))
     if ctx.side(b) != Side.CONST and (ctx.ndim(b) or 0) < 3:
         return ctx.refuse("matmul whose right operand is batched and <3-d contracts over the batch dimension")
     if ctx.side(a) != Side.CONST and (ctx.ndim(a) or 0) < 2:
         return ctx.refuse("matmul of a 1-d batched vector contracts over the batch dimension")
-    return rowwise(ctx)
+    return rowwise(ctx, ("input", "other", "mat2"))
 
 
-register(torch.bmm, torch.baddbmm, "bmm", "baddbmm")(rowwise)
+register(torch.bmm, "bmm")(rowwise_in("input", "mat2", min_ndim=3))
+register(torch.baddbmm, "baddbmm")(rowwise_in("input", "batch1", "batch2", min_ndim=3))
 
 
 # --------------------------------------------------------------------------- embeddings
-@register(nn.Embedding, F.embedding)
-def _embedding(ctx: RuleContext) -> Tag:
-    return ctx.result(ctx.side(ctx.arg(0)))
+# Rows of a batch-free table, one per index: row-wise in the index.  A batched table
+# (F.embedding(ids, h)) would read other rows' data.
+register(nn.Embedding, F.embedding)(rowwise_in("input"))
 
 
 @register(nn.EmbeddingBag, F.embedding_bag)
 def _embedding_bag(ctx: RuleContext) -> Tag:
     if ctx.ndim(ctx.arg(0, "input")) != 2 or ctx.arg(1, "offsets", None) is not None:
         return ctx.refuse("EmbeddingBag with a 1-d input and offsets: bags are not rows")
-    weights = ctx.arg(2, "per_sample_weights", None)
-    return ctx.result(ctx.side(ctx.arg(0, "input")).join(ctx.side(weights)))
+    return rowwise(ctx, ("input", "per_sample_weights"))
+
+
+# --------------------------------------------------------------------------- indexing by tensors
+@register(torch.index_select, "index_select")
+def _index_select(ctx: RuleContext) -> Tag:
+    """Along a non-batch dim with a batch-free index: row-wise in the input.  Along dim 0 of a
+    batch-free table with a batched 1-d index: a table lookup, row-wise in the index."""
+    x, index = ctx.arg(0, "input"), ctx.arg(2, "index")
+    dim = ctx.norm_dim(static_int(ctx.arg(1, "dim")), ctx.ndim(x))
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    if dim not in (0, None) and ctx.side(index) == Side.CONST:
+        return rowwise(ctx, ("input",))
+    if dim == 0 and ctx.side(x) == Side.CONST and ctx.ndim(index) == 1:
+        return rowwise(ctx, ("index",))
+    return ctx.refuse("index_select picks rows of the batch dimension (or a batched index picks columns)")
+
+
+@register(torch.gather, "gather")
+def _gather(ctx: RuleContext) -> Tag:
+    """``out[b, j] = x[b, index[b, j]]`` along a non-batch dim: row-wise when input and index are
+    batched alike (gather does not broadcast: a batch-free index would keep its own row count)."""
+    x, index = ctx.arg(0, "input"), ctx.arg(2, "index")
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    if ctx.norm_dim(static_int(ctx.arg(1, "dim")), ctx.ndim(x)) in (0, None):
+        return ctx.refuse("gather along the batch dimension")
+    if ctx.side(x) == Side.CONST or ctx.side(index) == Side.CONST:
+        return ctx.refuse("gather of a batched tensor by a batch-free index (or the reverse) pairs rows by position")
+    return rowwise(ctx, ("input", "index"))
+
+
+@register(torch.take_along_dim, "take_along_dim")
+def _take_along_dim(ctx: RuleContext) -> Tag:
+    x = ctx.arg(0, "input")
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    if ctx.norm_dim(static_int(ctx.arg(2, "dim", None)), ctx.ndim(x)) in (0, None):
+        return ctx.refuse("take_along_dim along the batch dimension (or of the flattened input)")
+    return rowwise(ctx, ("input", "indices"))  # broadcasts like an elementwise op
+
+
+register(nn.PReLU)(rowwise_in("input"))
+register(*{F.prelu, torch.prelu, "prelu"})(rowwise_in("input"))  # the weight is per channel (dim 1): batch-free
 
 
 # --------------------------------------------------------------------------- shapes and sizes
@@ -681,7 +824,7 @@ def _permute(ctx: RuleContext) -> Tag:
 @register(torch.transpose, "transpose", torch.swapaxes, "swapaxes")
 def _transpose(ctx: RuleContext) -> Tag:
     ndim = ctx.ndim(ctx.arg(0))
-    dims = [ctx.norm_dim(ctx.arg(1, "dim0"), ndim), ctx.norm_dim(ctx.arg(2, "dim1"), ndim)]
+    dims = [ctx.norm_dim(ctx.arg(1, ("dim0", "axis0")), ndim), ctx.norm_dim(ctx.arg(2, ("dim1", "axis1")), ndim)]
     if ctx.input_side() != Side.CONST and (0 in dims or None in dims):
         return ctx.refuse("transpose moves the batch dimension")
     return ctx.rowwise()
@@ -719,6 +862,9 @@ def _getattr(ctx: RuleContext) -> Tag:
         return _size_tag(ctx)
     if name == "mT" and (ctx.ndim(ctx.arg(0)) or 0) >= 3:
         return ctx.rowwise()
+    tag = ctx.tag(ctx.arg(0))
+    if name in ("values", "indices") and isinstance(tag, SeqTag) and len(tag.items) == 2:
+        return tag.items[name == "indices"]  # (values, indices) of topk / sort / max(dim)
     return unknown(ctx)
 
 
@@ -745,16 +891,16 @@ def _getitem(ctx: RuleContext) -> Tag:
     plan = normalize_index(index, value.ndim)
     if plan is None:
         return ctx.refuse("indexing with tensors or lists, or with a new axis in front of the batch")
-    per_dim, trailing_new_axis = plan
+    per_dim, _ = plan
     if per_dim[0] != slice(None):
         return ctx.refuse("indexing selects rows of the batch dimension")
-    if isinstance(tag, TensorTag) and tag.is_segmented and not trailing_new_axis:
-        last = per_dim[-1]
-        if isinstance(last, slice) and last.step in (None, 1):
+    cols = column_index(index, value.ndim, value.shape[-1])
+    if isinstance(tag, TensorTag) and tag.is_segmented and cols is not None:
+        last = cols[1]
+        if isinstance(last, slice):
             return tag.slice(*last.indices(value.shape[-1])[:2])
-        if isinstance(last, int):
-            col = last % value.shape[-1]
-            return ctx.result(tag.slice(col, col + 1).side)
+        col = last % value.shape[-1]
+        return ctx.result(tag.slice(col, col + 1).side)
     return ctx.rowwise()
 
 
@@ -765,11 +911,15 @@ def static_int(a: Any) -> Any:
     return a
 
 
-def normalize_index(index: Any, ndim: int) -> Optional[Tuple[List[Any], bool]]:
-    """One entry per input dim of a basic (int/slice/None/...) index, and whether a
-    new axis lands after the last dim.  None for indices the rules do not analyse
-    (tensors, lists, batch-dependent bounds, or a new axis in front of the batch).
-    Batch-free int nodes in the index are replaced by their (static) values."""
+def _new_axis(i: Any) -> bool:
+    return i is None or isinstance(i, bool)  # x[:, True] adds an axis of size 1, like None
+
+
+def expand_index(index: Any, ndim: int) -> Optional[List[Any]]:
+    """A basic (int/slice/None/bool/...) index as a list: the ``...`` expanded, one entry per
+    input dim plus the new axes (None / bools) where they stand.  None for indices the rules
+    do not analyse (tensors, lists, batch-dependent bounds, or a new axis in front of the
+    batch).  Batch-free int nodes in the index are replaced by their (static) values."""
     items = list(index) if isinstance(index, tuple) else [index]
     items = [slice(static_int(i.start), static_int(i.stop), static_int(i.step)) if isinstance(i, slice)
              else static_int(i) for i in items]
@@ -778,7 +928,7 @@ def normalize_index(index: Any, ndim: int) -> Optional[Tuple[List[Any], bool]]:
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
         return None
     n_ellipsis = sum(i is Ellipsis for i in items)
-    consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
+    consuming = sum(1 for i in items if not _new_axis(i) and i is not Ellipsis)
     if n_ellipsis > 1 or consuming > ndim:
         return None
     expanded: List[Any] = []
@@ -786,24 +936,73 @@ def normalize_index(index: Any, ndim: int) -> Optional[Tuple[List[Any], bool]]:
         expanded += [slice(None)] * (ndim - consuming) if i is Ellipsis else [i]
     if not n_ellipsis:
         expanded += [slice(None)] * (ndim - consuming)
-    if not expanded or expanded[0] is None:
+    if not expanded or _new_axis(expanded[0]):
         return None
-    return [i for i in expanded if i is not None], expanded[-1] is None
+    return expanded
+
+
+def normalize_index(index: Any, ndim: int) -> Optional[Tuple[List[Any], bool]]:
+    """One entry per input dim of a basic index (see :func:`expand_index`), and whether a
+    new axis lands after the last dim."""
+    expanded = expand_index(index, ndim)
+    if expanded is None:
+        return None
+    return [i for i in expanded if not _new_axis(i)], _new_axis(expanded[-1])
+
+
+def column_index(index: Any, ndim: int, width: int) -> Optional[Tuple[Tuple[Any, ...], Any]]:
+    """``(prefix, last)`` for a basic index that keeps every row and whose last entry indexes the
+    last input dim (of size ``width``) with a non-empty step-1 slice or an int: ``prefix`` is the rest of the expanded index
+    (new axes included).  Exactly the indices whose column segments the rule keeps and the
+    lowering (:mod:`mari_fx.pieces`) applies piece by piece, with ``last`` shifted per piece.
+
+    Example:
+        >>> from mari_fx.rules import column_index
+        >>> column_index((Ellipsis, None, slice(0, 4)), 2, 12)
+        ((slice(None, None, None), None), slice(0, 4, None))
+        >>> column_index((slice(None), True), 2, 12)         # x[:, True] adds an axis, like None
+        ((slice(None, None, None), True), slice(None, None, None))
+        >>> column_index((slice(None), slice(None), None), 2, 12) is None   # a trailing new axis
+        True
+    """
+    expanded = expand_index(index, ndim)
+    if expanded is None or expanded[0] != slice(None):
+        return None
+    last = expanded[-1]
+    if isinstance(last, slice) and last.step in (None, 1) and len(range(*last.indices(width))) > 0:
+        return tuple(expanded[:-1]), last
+    if isinstance(last, int) and not isinstance(last, bool):
+        return tuple(expanded[:-1]), last
+    return None  # other steps, or no columns at all (an empty [rows, 0] result)
 
 
 # --------------------------------------------------------------------------- cat / stack / split
+def _sequence(ctx: RuleContext, arg: Any) -> Tuple[List[Tag], List[Any]]:
+    """Tags and example values of the tensors in a list argument, or in a tuple-valued node
+    (``torch.cat(x.split(4, -1), -1)``)."""
+    if isinstance(arg, fx.Node):
+        tag, value = ctx.tag(arg), ctx.value(arg)
+        if isinstance(tag, SeqTag) and isinstance(value, tuple) and len(value) == len(tag.items):
+            return list(tag.items), list(value)
+        return [tag], [None]  # unknown: one opaque batched entry
+    return [ctx.tag(t) for t in arg], [ctx.value(t) for t in arg]
+
+
 @register(torch.cat, torch.concat, torch.concatenate)
 def _cat(ctx: RuleContext) -> Tag:
-    tensors = list(ctx.arg(0, "tensors"))
-    ndim = ctx.ndim(tensors[0]) if tensors else None
-    dim = ctx.norm_dim(ctx.arg(1, "dim", 0), ndim)
-    sides = [ctx.side(t) for t in tensors]
+    tensors = ctx.arg(0, "tensors")
+    tags, values = _sequence(ctx, tensors)
+    ndim = values[0].ndim if values and isinstance(values[0], TensorInfo) else None
+    dim = ctx.norm_dim(static_int(ctx.arg(1, "dim", 0)), ndim)
+    sides = [t.side for t in tags]
     if all(s == Side.CONST for s in sides):
         return ctx.result(Side.CONST)
     if dim in (0, None):
         return ctx.refuse("cat along the batch dimension")
     if Side.CONST in sides:
         return ctx.refuse("cat of batched tensors with a batch-free constant")
+    if isinstance(tensors, fx.Node):  # the pieces lowering reads list arguments only
+        return ctx.rowwise()
     if dim == ndim - 1:
         segments: List[Segment] = []
         for t in tensors:
@@ -818,12 +1017,12 @@ def _cat(ctx: RuleContext) -> Tag:
 
 @register(torch.stack)
 def _stack(ctx: RuleContext) -> Tag:
-    tensors = list(ctx.arg(0, "tensors"))
-    ndim = ctx.ndim(tensors[0]) if tensors else None
-    dim = ctx.norm_dim(ctx.arg(1, "dim", 0), None if ndim is None else ndim + 1)
-    if all(ctx.side(t) == Side.CONST for t in tensors):
+    tags, values = _sequence(ctx, ctx.arg(0, "tensors"))
+    ndim = values[0].ndim if values and isinstance(values[0], TensorInfo) else None
+    dim = ctx.norm_dim(static_int(ctx.arg(1, "dim", 0)), None if ndim is None else ndim + 1)
+    if all(t.side == Side.CONST for t in tags):
         return ctx.result(Side.CONST)
-    if dim in (0, None) or any(ctx.side(t) == Side.CONST for t in tensors):
+    if dim in (0, None) or any(t.side == Side.CONST for t in tags):
         return ctx.refuse("stack along the batch dimension, or with a batch-free constant")
     return ctx.rowwise()
 
@@ -834,11 +1033,15 @@ def _split_rule(dim_pos: int) -> Rule:
         if ctx.input_side() == Side.CONST:
             return ctx.result(Side.CONST)
         ndim = ctx.ndim(x)
-        dim = ctx.norm_dim(ctx.arg(dim_pos, "dim", 0), ndim)
+        dim = ctx.norm_dim(static_int(ctx.arg(dim_pos, "dim", 0)), ndim)
         if dim in (0, None):
             return ctx.refuse("split along the batch dimension")
+        tag = rowwise(ctx, ("input", "tensor"))  # split sizes must be batch-free
+        if tag.side == Side.MIXED and ctx.node.meta.get(NOTE_KEY):
+            return tag
         tag = ctx.tag(x)
-        if dim == ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and isinstance(ctx.out, tuple):
+        if (dim == ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and isinstance(ctx.out, tuple)
+                and all(part.shape[-1] > 0 for part in ctx.out)):  # as mari_fx.pieces lowers it
             pos, items = 0, []
             for part in ctx.out:
                 w = part.shape[-1]
@@ -861,15 +1064,16 @@ register(torch.unbind, "unbind")(
 def _narrow(ctx: RuleContext) -> Tag:
     x = ctx.arg(0)
     ndim = ctx.ndim(x)
-    dim = ctx.norm_dim(ctx.arg(1, "dim"), ndim)
+    dim = ctx.norm_dim(static_int(ctx.arg(1, "dim")), ndim)
     if ctx.input_side() == Side.CONST:
         return ctx.result(Side.CONST)
     if dim in (0, None):
         return ctx.refuse("narrow along the batch dimension")
-    tag, start, length = ctx.tag(x), ctx.arg(2, "start"), ctx.arg(3, "length")
-    if dim == ndim - 1 and tag.is_segmented and isinstance(start, int) and isinstance(length, int):
+    tag, start, length = ctx.tag(x), static_int(ctx.arg(2, "start")), static_int(ctx.arg(3, "length"))
+    if dim == ndim - 1 and tag.is_segmented and isinstance(start, int) and isinstance(length, int) and length > 0:
+        start %= ctx.value(x).shape[-1]  # narrow(-1, -3, 2) counts from the end
         return tag.slice(start, start + length)
-    return ctx.rowwise()
+    return rowwise(ctx, ("input",))  # a batched start (tensor) is refused
 
 
 # --------------------------------------------------------------------------- factories
@@ -923,7 +1127,16 @@ def _attention_module(ctx: RuleContext) -> Tag:
         return ctx.refuse(f"{type(m).__name__}(batch_first=False) keeps the batch in dim 1")
     if m.training and any(getattr(d, "p", 0) > 0 for d in m.modules() if isinstance(d, nn.Dropout)):
         return ctx.refuse(f"{type(m).__name__} in training mode applies dropout: call model.eval()")
-    return rowwise(ctx)
+    named = ctx.named
+    if named is None:
+        return ctx.refuse(f"the arguments of {type(m).__name__} could not be read by name")
+    # Sequences are [batch, seq, feature] (an unbatched [seq, feature] input would attend across the
+    # batch); a key padding mask is per sample ([batch, seq]); attention masks are shared by every sample.
+    kpm = [k for k in named if k.endswith("key_padding_mask")]
+    for k in kpm:
+        if ctx.side(named[k]) != Side.CONST and ctx.ndim(named[k]) != 2:
+            return ctx.refuse(f"{type(m).__name__}'s {k} is batched but not [batch, seq]")
+    return rowwise(ctx, [k for k in named if "mask" not in k], min_ndim=3, per_row=kpm)
 
 
 @register(nn.RNN, nn.GRU, nn.LSTM)
@@ -934,7 +1147,7 @@ def _rnn(ctx: RuleContext) -> Tag:
         return ctx.refuse(f"{type(m).__name__}(batch_first=False) keeps the batch in dim 1")
     if len(ctx.inputs()) > 1:
         return ctx.refuse(f"{type(m).__name__} with an initial state (batch in dim 1)")
-    tag = rowwise(ctx)
+    tag = rowwise(ctx, ("input",), min_ndim=3)  # a 2-d input is one unbatched sequence: the batch
     if isinstance(tag, SeqTag) and tag.side != Side.MIXED:
         return SeqTag((tag.items[0], _uniform_like(ctx.out[1], Side.MIXED)))
     return tag
@@ -944,7 +1157,9 @@ def _rnn(ctx: RuleContext) -> Tag:
 def _sdpa(ctx: RuleContext) -> Tag:
     if ctx.arg(4, "dropout_p", 0.0):
         return ctx.refuse("scaled_dot_product_attention with dropout")
-    return rowwise(ctx)
+    # [batch, (heads,) seq, feature]: a 2-d query would attend across the batch; a batched mask
+    # must carry the batch in dim 0 (same rank), a batch-free one broadcasts over it.
+    return rowwise(ctx, ("query", "key", "value", "attn_mask"), min_ndim=3)
 
 
 # --------------------------------------------------------------------------- torch.export (aten) spellings
@@ -955,9 +1170,11 @@ register(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.defau
     constant_if_constant(reduction()))
 register(aten.sum.default, aten.mean.default)(constant_if_constant(refuse_with("reduces over all dims, batch included")))
 register(aten.layer_norm.default, aten.rms_norm.default)(_layer_norm)
-register(aten.linear.default, aten.addmm.default)(_linear)
+register(aten.linear.default)(_linear)
+register(aten.addmm.default)(RULES[torch.addmm])
 register(aten.matmul.default, aten.mm.default)(_matmul)
-register(aten.bmm.default, aten.baddbmm.default)(rowwise)
+register(aten.bmm.default)(RULES[torch.bmm])
+register(aten.baddbmm.default)(RULES[torch.baddbmm])
 register(aten.scaled_dot_product_attention.default)(_sdpa)
 register(aten.view.default, aten.reshape.default, aten._unsafe_view.default)(_reshape)
 register(aten.expand.default)(_expand)
@@ -986,21 +1203,9 @@ def _sym_size(ctx: RuleContext) -> Tag:
     return _size_tag(ctx)
 
 
-@register(aten.embedding.default)
-def _aten_embedding(ctx: RuleContext) -> Tag:
-    return ctx.result(ctx.side(ctx.arg(1)))  # (weight, indices)
-
-
-@register(aten._native_batch_norm_legit_no_training.default)
-def _aten_bn_eval(ctx: RuleContext) -> Tag:
-    return rowwise(ctx)
-
-
-@register(aten.batch_norm.default)
-def _aten_bn(ctx: RuleContext) -> Tag:
-    if ctx.arg(5, "training", False) or ctx.arg(3, "running_mean", None) is None:
-        return ctx.refuse("batch_norm with training=True normalises with batch statistics")
-    return rowwise(ctx)
+register(aten.embedding.default)(rowwise_in("indices"))  # (weight, indices)
+register(aten._native_batch_norm_legit_no_training.default)(rowwise_in("input", min_ndim=2))
+register(aten.batch_norm.default)(_batch_norm_fn)
 
 
 ALL_ROWS = 2 ** 62  # torch.export writes x[:, a:b] as slice(x, 0, 0, INT64_MAX) then slice(.., 1, a, b)
@@ -1031,13 +1236,14 @@ def _aten_slice(ctx: RuleContext) -> Tag:
         return ctx.refuse("slicing selects rows of the batch dimension")
     if d == value.ndim - 1 and isinstance(tag, TensorTag) and tag.is_segmented and step == 1:
         lo, hi, _ = slice(start, stop).indices(value.shape[-1])
-        return tag.slice(lo, max(lo, hi))
+        if hi > lo:  # an empty [rows, 0] slice keeps no segments (nor does its lowering)
+            return tag.slice(lo, hi)
     return ctx.rowwise()
 
 
 @register(aten.select.int)
 def _aten_select(ctx: RuleContext) -> Tag:
-    x, dim, index = ctx.arg(0), ctx.arg(1), ctx.arg(2)
+    x, dim, index = ctx.arg(0, "input"), ctx.arg(1, "dim"), ctx.arg(2, "index")
     value, tag = ctx.value(x), ctx.tag(x)
     if ctx.input_side() == Side.CONST:
         return ctx.result(Side.CONST)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rules
+from .arguments import bind
 from .example_prop import VALUE_KEY, TensorInfo
 from .lower import N, U, Combo, Lowerer, Pieces, Rows, Value, register_lowering
 from .modules import SplitLinear, SplitSource
@@ -50,26 +51,28 @@ def _linear_view(lw: Lowerer, node: fx.Node, module) -> Optional[_LinearView]:
     if isinstance(module, nn.Linear):
         return _LinearView(node.args[0], module.weight, module.bias, node.target, source=(
             f"{node.target}.weight", None if module.bias is None else f"{node.target}.bias", False))
-    t, args = node.target, node.args
+    t, args = node.target, bind(node)  # by name, as the rules read them
+    if args is None:
+        return None
     if t in (F.linear, torch.ops.aten.linear.default):
-        w, b = _param(lw, args[1] if len(args) > 1 else node.kwargs.get("weight")), None
-        b_arg = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        w, b_arg = _param(lw, args["weight"]), args.get("bias")
         b = _param(lw, b_arg) if b_arg is not None else None
         bad = w is None or (b_arg is not None and b is None)
-        return _LinearView(args[0], w, b, node.name, "weight or bias is not a parameter" if bad else "",
-                           (_path(args[1] if len(args) > 1 else node.kwargs.get("weight")), _path(b_arg), False))
+        return _LinearView(args["input"], w, b, node.name, "weight or bias is not a parameter" if bad else "",
+                           (_path(args["weight"]), _path(b_arg), False))
     if t in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.ops.aten.matmul.default,
              torch.ops.aten.mm.default):
-        w = _param(lw, args[1])
+        w_arg = args.get("other", args.get("mat2"))
+        w = _param(lw, w_arg)
         ok = w is not None and w.dim() == 2
-        return _LinearView(args[0], w.t() if ok else None, None, node.name, "" if ok else "right operand is not a 2-d parameter",
-                           (_path(args[1]), None, True))
-    if t is torch.addmm:
-        b, w = _param(lw, args[0]), _param(lw, args[2])
-        ok = w is not None and b is not None and not node.kwargs
-        return _LinearView(args[1], w.t() if ok else None, b, node.name,
+        return _LinearView(args["input"], w.t() if ok else None, None, node.name,
+                           "" if ok else "right operand is not a 2-d parameter", (_path(w_arg), None, True))
+    if t in (torch.addmm, torch.ops.aten.addmm.default):
+        b, w = _param(lw, args["input"]), _param(lw, args["mat2"])
+        ok = w is not None and b is not None and args.get("beta", 1) == 1 and args.get("alpha", 1) == 1
+        return _LinearView(args["mat1"], w.t() if ok else None, b, node.name,
                            "" if ok else "addmm operands are not parameters (or beta/alpha given)",
-                           (_path(args[2]), _path(args[0]), True))
+                           (_path(args["mat2"]), _path(args["input"]), True))
     return None
 
 
