@@ -34,6 +34,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from mari_fx.verify import ragged_index as _ragged_index
+from mari_fx.examples import mlp
+
 LAYOUTS = ("neat", "fragmented")
 USER_INPUTS = ("user_sparse", "user_dense", "user_hist")
 ITEM_INPUTS = ("item_sparse", "item_dense")
@@ -76,15 +79,6 @@ SIZES: Dict[str, Sizes] = {
                   fine_att=(8, 4), fine_tower=(12, 8), fine_fusion=(12, 6), dcn_user_sparse=4,
                   dcn_item_sparse=2, dcn_hist_len=5, dcn_cross=2, dcn_deep=(16, 8)),
 }
-
-
-def mlp(dims: Sequence[int], last_act: bool = True) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if last_act or k < len(dims) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def block_order(user_blocks: Sequence[str], item_blocks: Sequence[str], layout: str) -> List[str]:
@@ -408,12 +402,7 @@ def ragged_index(users: int, candidates: int, seed: int = 0) -> torch.Tensor:
         >>> ragged_index(3, 8).bincount().tolist()
         [3, 2, 3]
     """
-    if users > candidates:
-        raise ValueError(f"{users} users need >= {users} candidates")
-    g = torch.Generator().manual_seed(seed)
-    extra = torch.randint(users, (candidates - users,), generator=g)
-    counts = torch.ones(users, dtype=torch.int64) + torch.bincount(extra, minlength=users)
-    return torch.repeat_interleave(torch.arange(users), counts)
+    return _ragged_index(users, candidates, seed, contiguous=True)
 
 
 def request_inputs(model: _Base, users: int, candidates: int, seed: int = 0):

@@ -20,8 +20,8 @@ from .lower import LowerOptions, lower
 from .propagate import propagate_tags
 from .tags import TAG_KEY
 
-EXAMPLE_KEY = "mari_fx.example"  # GraphModule.meta: the flat, pair-shaped example inputs
-RECORD_KEY = "mari_fx.record"
+from .meta import EXAMPLE_KEY, EXTENSIONS_KEY, RECORD_KEY
+from .registry import Extension, extensions_of, use_extensions
 log = logging.getLogger("mari_fx")
 
 
@@ -52,6 +52,7 @@ def trace(
     example_kwargs: Optional[Mapping[str, Any]] = None,
     *,
     leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
+    extensions: Sequence[Extension] = (),
 ) -> fx.GraphModule:
     """Capture ``model`` and tag every node USER / ITEM / MIXED / CONST, without rewriting.
 
@@ -60,6 +61,8 @@ def trace(
         user_inputs: selectors of the user-side inputs (see :mod:`mari_fx.inputs`).
         example_inputs / example_kwargs: one pair-shaped batch (>= 2 rows) to read shapes from.
         leaf_modules: extra module classes to keep as calls instead of tracing through.
+        extensions: :class:`~mari_fx.registry.Extension` objects (rules, lowerings, input
+            kinds ...) active for this call and wherever the result is used.
 
     Returns:
         A GraphModule whose placeholders are the flat inputs, with ``node.meta["mari_fx.tag"]``
@@ -80,8 +83,15 @@ def trace(
                                "pair-shaped batches): transform the original pair-shaped model instead; "
                                "mari_fx.refresh(T, model) updates T's weights")
     check_inference_mode(model)
+    with use_extensions(extensions):
+        return _trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules, tuple(extensions))
+
+
+def _trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules, extensions) -> fx.GraphModule:
+    """:func:`trace` after its argument checks, with the extensions active."""
     with quiet_capture():
         gm = capture(model, leaf_modules, example_inputs, example_kwargs)
+    gm.meta[EXTENSIONS_KEY] = extensions
     example = bind_example(gm, example_inputs, example_kwargs or {})
     spec, flat = flatten_inputs(gm, user_inputs, example)
     _check_pair_rows(flat)
@@ -197,6 +207,7 @@ def transform(
     check_requests: bool = True,
     verify: bool = False,
     leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
+    extensions: Sequence[Extension] = (),
 ) -> fx.GraphModule:
     """Rewrite a pair-shaped model into a request-shaped one with the same outputs.
 
@@ -214,6 +225,10 @@ def transform(
             with the terms, not with their difference, so it is not the model's round-off.
         check_requests: validate ``user_index`` and row counts on every call.
         verify: run :func:`mari_fx.verify` on a random ragged request before returning.
+        leaf_modules: extra module classes to keep as calls instead of tracing through.
+        extensions: :class:`~mari_fx.registry.Extension` objects (rules, lowerings, input
+            kinds ...) active for this call; ``T`` keeps them (``pairs_to_request``, ``verify``
+            and ``export`` of ``T`` use them too).  See docs/architecture.md.
 
     Returns:
         ``T``, a GraphModule called as ``T(**request)``: user-side inputs at U rows,
@@ -235,6 +250,15 @@ def transform(
         raise DeclarationError("this module is already transformed by mari_fx.transform (it takes requests, not "
                                "pair-shaped batches): transform the original pair-shaped model instead; "
                                "mari_fx.refresh(T, model) updates T's weights")
+    extensions = tuple(dict.fromkeys(extensions_of(model) + tuple(extensions)))
+    with use_extensions(extensions):
+        return _transform(model, user_inputs, example_inputs, example_kwargs, split_matmuls, reassociate,
+                          check_requests, verify, leaf_modules, extensions)
+
+
+def _transform(model, user_inputs, example_inputs, example_kwargs, split_matmuls, reassociate, check_requests,
+               verify, leaf_modules, extensions) -> fx.GraphModule:
+    """:func:`transform` with the extensions active."""
     if is_tagged(model):
         if user_inputs is not None:
             raise DeclarationError("this GraphModule is already tagged by mari_fx.trace: call transform(gm) "
@@ -243,9 +267,11 @@ def transform(
     else:
         if user_inputs is None:
             raise DeclarationError("user_inputs is required unless model comes from mari_fx.trace")
-        tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules)
+        tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules,
+                       extensions=extensions)
     T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests, reassociate))
     T.meta[EXAMPLE_KEY] = tagged.meta.get(EXAMPLE_KEY)
+    T.meta[EXTENSIONS_KEY] = extensions
     if verify:
         from .verify import verify as _verify
 

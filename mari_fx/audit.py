@@ -37,6 +37,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import with_extensions_of_arguments
+from . import registry
 from .errors import DeclarationError
 from .example_prop import VALUE_KEY, TensorInfo
 from .inputs import REQUEST_KEY, USER_INDEX, RequestSpec, batch_ops
@@ -44,7 +46,7 @@ from .record import RECORD_KEY, LayerRecord, Record
 from .rules import describe_target
 from .tags import TAG_KEY, Side, TensorTag
 
-EXAMPLE_KEY = "mari_fx.example"  # as in mari_fx.api (not imported: api imports the lowering)
+from .meta import EXAMPLE_KEY
 
 PROBE_USERS = 48
 MAX_CANDIDATES = 6  # user k gets 1 + k % MAX_CANDIDATES candidates: 168 pairs for 48 users
@@ -173,6 +175,7 @@ def audit(model: Any, user_inputs: Optional[Sequence[Any]] = None, example_input
     return measure(tagged, T, users=users, candidates=candidates, probe_users=probe_users, seed=seed)
 
 
+@with_extensions_of_arguments
 def measure(tagged: fx.GraphModule, T: fx.GraphModule, *, users: int = 1, candidates: int = 1000,
             probe_users: int = PROBE_USERS, seed: int = 0) -> AuditResult:
     """The audit of ``T`` measured on ``tagged``, the traced graph ``T`` was lowered from."""
@@ -320,6 +323,7 @@ def _user_index(probe_users: int, seed: int) -> torch.Tensor:
     return index[torch.randperm(index.numel(), generator=g)]
 
 
+@with_extensions_of_arguments
 def probe_inputs(tagged: fx.GraphModule, user_index: torch.Tensor, seed: int = 0, fresh: bool = True) -> List[Any]:
     """Pair-shaped flat inputs of ``tagged`` (placeholder order) for the users of ``user_index``.
 
@@ -353,21 +357,21 @@ def probe_inputs(tagged: fx.GraphModule, user_index: torch.Tensor, seed: int = 0
     return [by_name[n.target] for n in tagged.graph.nodes if n.op == "placeholder"]
 
 
-_FRESH: List[Tuple[Callable[[Any], bool], Callable[[Any, int, torch.Generator], Any]]] = []
+_FRESH = registry.PROBE_TYPES
 
 
-def register_probe_type(predicate: Callable[[Any], bool], fresh: Callable[[Any, int, torch.Generator], Any]) -> None:
+def register_probe_type(predicate: Callable[[Any], bool], fresh: Callable[[Any, int, torch.Generator], Any],
+                        priority: int = 0) -> None:
     """Teach the probe to draw ``rows`` fresh rows like the example value ``v`` of a non-tensor
     input type: ``fresh(v, rows, generator)``.  Unknown types are resampled from the example."""
-    _FRESH.insert(0, (predicate, fresh))
+    _FRESH.add(predicate, fresh, priority=priority)
 
 
 def _fresh(ex: Any, rows: int, g: torch.Generator) -> Any:
     if isinstance(ex, torch.Tensor):
         return _fresh_tensor(ex, rows, g)
-    for pred, fresh in _FRESH:
-        if pred(ex):
-            return fresh(ex, rows, g)
+    for fresh in _FRESH.matching(ex):
+        return fresh(ex, rows, g)
     ops = batch_ops(ex)
     return ops.take(ex, torch.randint(ops.rows(ex), (rows,), generator=g))
 

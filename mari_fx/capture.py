@@ -4,12 +4,13 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import registry
 from .errors import TraceError
 
 _HINTS = (
@@ -25,24 +26,27 @@ _HINTS = (
 )
 
 
-LEAF_MODULES: List[Type[nn.Module]] = []  # always kept as calls (extensions add theirs)
-SHARED_MODULES: List[Type[nn.Module]] = []  # shared, not deep-copied, by copies of a model
+LEAF_MODULES = registry.LEAF_MODULES  # class -> share: always kept as calls (extensions add theirs)
+
+
+def shared_modules() -> Tuple[Type[nn.Module], ...]:
+    """The leaf classes that copies of a model share instead of deep-copying."""
+    return tuple(e.key for e in LEAF_MODULES.all() if e.value)
 
 
 def register_leaf_module(*classes: Type[nn.Module], share: bool = False) -> None:
     """Always trace instances of ``classes`` as single calls; with ``share=True`` copies
     mari_fx makes of a model (capture, lower) share these modules instead of deep-copying
     them (embedding tables, process groups)."""
-    LEAF_MODULES.extend(classes)
-    if share:
-        SHARED_MODULES.extend(classes)
+    for cls in classes:  # registering a class again updates its sharing
+        LEAF_MODULES.add(cls, share, override=True)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)`` of the module structure only: parameters and buffers, and the
-    submodules of :data:`SHARED_MODULES` classes, are shared with ``model`` (the sharing policy
+    submodules of :func:`shared_modules` classes, are shared with ``model`` (the sharing policy
     of transformed modules, see docs/deploy.md; ``mari_fx.refresh`` re-derives what is not shared)."""
-    shared = tuple(SHARED_MODULES)
+    shared = shared_modules()
     memo = {id(m): m for m in model.modules() if shared and isinstance(m, shared)}
     for t in list(model.parameters()) + list(model.buffers()):
         memo[id(t)] = t
@@ -55,7 +59,7 @@ class MariTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[Type[nn.Module]] = ()):
         super().__init__()
-        self.extra_leaves = tuple(leaf_modules) + tuple(LEAF_MODULES)
+        self.extra_leaves = tuple(leaf_modules) + tuple(LEAF_MODULES.keys())
         self.record_stack_traces = True  # errors about a node quote the model's source line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -132,9 +136,9 @@ def capture(
 
 def state_versions(model: nn.Module) -> Dict[str, Any]:
     """Identity, version counter and requires_grad of every parameter and buffer (cheap: no copies),
-    except inside :data:`SHARED_MODULES` (embedding tables keep their own bookkeeping, e.g. TorchRec's
+    except inside :func:`shared_modules` (embedding tables keep their own bookkeeping, e.g. TorchRec's
     bounds-check counters, and are the extension's to keep stateless)."""
-    shared = tuple(SHARED_MODULES)
+    shared = shared_modules()
     skip = tuple(f"{path}." for path, m in model.named_modules() if shared and isinstance(m, shared))
     return {name: (id(t), t._version, t.requires_grad) for name, t in
             [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
@@ -175,7 +179,7 @@ class guard_state(torch.overrides.TorchFunctionMode):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        shared = tuple(SHARED_MODULES)
+        shared = shared_modules()
         skip = tuple(f"{path}." for path, m in model.named_modules() if shared and isinstance(m, shared))
         self.protected: Dict[int, str] = {}
         for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
@@ -239,7 +243,7 @@ def _refuse_state_assignments(model: nn.Module) -> None:
                     "stateless inference forwards; return the value instead of storing it")
 
 
-ROUTE_KEY = "mari_fx.capture"  # GraphModule.meta: which route captured the graph
+from .meta import ROUTE_KEY  # noqa: F401 (re-exported)
 
 
 def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> fx.GraphModule:

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .example_prop import VALUE_KEY, TensorInfo
-from .lower import LAZY_BUILDERS, N, U, Combo, Lowerer, Rows
+from .lower import LAZY_BUILDERS, N, U, Combo, LoweringContext, Rows
 
 _LINEAR_OPS = {
     operator.add: (1.0, 1.0), torch.add: (1.0, 1.0), "add": (1.0, 1.0), "__add__": (1.0, 1.0),
@@ -29,7 +29,7 @@ _DIV_OPS = (operator.truediv, torch.div, "div", "__truediv__", torch.ops.aten.di
 _SUM_OPS = (torch.sum, "sum", torch.ops.aten.sum.dim_IntList)
 
 
-def _as_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+def _as_combo(lw: LoweringContext, node: fx.Node) -> Optional[Combo]:
     return _linear_combo(lw, node) or _reduced_combo(lw, node)
 
 
@@ -39,42 +39,48 @@ def _floating(*nodes: Any) -> bool:
                and n.meta[VALUE_KEY].dtype.is_floating_point for n in nodes)
 
 
-def _reduced_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+def _reduced_combo(lw: LoweringContext, node: fx.Node) -> Optional[Combo]:
     """``combo.sum(dim)`` over a non-batch dim is the combination of the terms' sums."""
-    if node.target not in _SUM_OPS or not node.args or not isinstance(lw._value(node.args[0]), Combo):
+    if node.target not in _SUM_OPS:
         return None
-    if not _floating(node, node.args[0]):
+    args = lw.args(node)
+    src = args.get("input") if args is not None else None
+    if not isinstance(src, fx.Node) or not isinstance(lw.value(src), Combo) or not _floating(node, src):
         return None
-    src, info = node.args[0], node.args[0].meta.get(VALUE_KEY)
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if args.get("keepdim") or args.get("dtype") is not None:
+        return None  # the terms' sums would need the same: computed as written
+    info, dims = src.meta.get(VALUE_KEY), args.get("dim")
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
     if info is None or not dims or any(not isinstance(d, int) or d % info.ndim == 0 for d in dims):
         return None
-    return Combo(node, tuple((c, lw._emit_on(node, src, t.node, t.level)) for c, t in lw._value(src).terms))
+    return Combo(node, tuple((c, lw.emit_on(node, src, t.node, t.level)) for c, t in lw.value(src).terms))
 
 
-def _linear_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
+def _linear_combo(lw: LoweringContext, node: fx.Node) -> Optional[Combo]:
     """``a + b``, ``a - b``, ``-a``, ``a * 2``, ``a / 2`` of same-shaped U/N-row tensors, as a Combo."""
-    if node.op not in ("call_function", "call_method") or node.kwargs:
+    t = node.target
+    if node.op not in ("call_function", "call_method") or not (
+            t in _LINEAR_OPS or t in _NEG_OPS or t in _MUL_OPS or t in _DIV_OPS):
         return None
-    t, args = node.target, node.args
-    if t in _LINEAR_OPS and len(args) == 2:
+    named = lw.args(node)  # by name: the same reading as the rules
+    if named is None or named.get("alpha", 1) != 1 or named.get("rounding_mode") is not None or named.get("out") is not None:
+        return None
+    a, b = named.get("input"), named.get("other")
+    if t in _LINEAR_OPS:
         ca, cb = _LINEAR_OPS[t]
-        operands = [(ca, args[0]), (cb, args[1])]
-    elif t in _NEG_OPS and len(args) == 1:
-        operands = [(-1.0, args[0])]
-    elif t in _MUL_OPS and len(args) == 2:
-        scalar = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-        tensors = [a for a in args if isinstance(a, fx.Node)]
+        operands = [(ca, a), (cb, b)]
+    elif t in _NEG_OPS:
+        operands = [(-1.0, a)]
+    elif t in _MUL_OPS:
+        scalar = [x for x in (a, b) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        tensors = [x for x in (a, b) if isinstance(x, fx.Node)]
         if len(scalar) != 1 or len(tensors) != 1:
             return None
         operands = [(float(scalar[0]), tensors[0])]
-    elif t in _DIV_OPS and len(args) == 2:
-        if not (isinstance(args[1], (int, float)) and not isinstance(args[1], bool) and args[1] != 0):
-            return None
-        operands = [(1.0 / args[1], args[0])]
     else:
-        return None
+        if not (isinstance(b, (int, float)) and not isinstance(b, bool) and b != 0):
+            return None
+        operands = [(1.0 / b, a)]
     out_info = node.meta.get(VALUE_KEY)
     if not _floating(node, *(a for _, a in operands)):
         return None  # integer / bool arithmetic is computed as written (exact, in its dtype)
@@ -82,7 +88,7 @@ def _linear_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     for coeff, a in operands:
         if not isinstance(a, fx.Node) or a.meta.get(VALUE_KEY) != out_info:
             return None  # broadcasting or a scalar term: not a plain linear combination
-        v = lw._value(a)
+        v = lw.value(a)
         if isinstance(v, Combo):
             terms += [(coeff * c, r) for c, r in v.terms]
         elif isinstance(v, Rows) and v.level in (U, N):
@@ -93,4 +99,4 @@ def _linear_combo(lw: Lowerer, node: fx.Node) -> Optional[Combo]:
     return Combo(node, tuple(terms)) if U in levels else None
 
 
-LAZY_BUILDERS.append(_as_combo)
+LAZY_BUILDERS.add("combinations", _as_combo, priority=20)  # before the field blocks

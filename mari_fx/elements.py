@@ -49,7 +49,7 @@ from .arguments import bind, nodes_in
 from .example_prop import VALUE_KEY, TensorInfo
 from .tags import TAG_KEY, SeqTag, Side, TensorTag
 
-ELEM_KEY = "mari_fx.elements"
+from .meta import ELEM_KEY  # noqa: F401 (re-exported)
 aten = torch.ops.aten
 _MAX_ELEMS = 1 << 20  # per-sample maps larger than this are not built (the tag stays)
 

@@ -19,3 +19,7 @@ class RequestError(MariError, ValueError):
 
 class VerificationError(MariError, AssertionError):
     """A transformed module's output differs from the original model's."""
+
+
+class RegistrationError(MariError, ValueError):
+    """An extension table entry clashes with one already registered (see :mod:`mari_fx.registry`)."""

@@ -13,9 +13,10 @@ from typing import Any, Callable, List, Tuple
 import torch
 import torch.fx as fx
 
+from . import registry
 from .errors import MariError, TraceError
 
-VALUE_KEY = "mari_fx.value"
+from .meta import VALUE_KEY  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,13 @@ class Opaque:
     type_name: str
 
 
-_SUMMARIES: List[Tuple[Callable[[Any], bool], Callable[[Any], Any]]] = []
+_SUMMARIES = registry.SUMMARIES
 
 
-def register_summary(predicate: Callable[[Any], bool], summary: Callable[[Any], Any]) -> None:
+def register_summary(predicate: Callable[[Any], bool], summary: Callable[[Any], Any], priority: int = 0) -> None:
     """Summarize values matching ``predicate`` with ``summary(value)`` (an immutable, data-free
     object the rules can read, e.g. a KeyedTensor's keys and widths) instead of :class:`Opaque`."""
-    _SUMMARIES.insert(0, (predicate, summary))
+    _SUMMARIES.add(predicate, summary, priority=priority)
 
 
 def summarize(value: Any) -> Any:
@@ -56,9 +57,8 @@ def summarize(value: Any) -> Any:
         return tuple(summarize(v) for v in value)
     if isinstance(value, dict):
         return types.MappingProxyType({k: summarize(v) for k, v in value.items()})
-    for predicate, summary in _SUMMARIES:
-        if predicate(value):
-            return summary(value)
+    for summary in _SUMMARIES.matching(value):
+        return summary(value)
     return Opaque(type(value).__name__)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.fx as fx
 
+from .registry import with_extensions_of_arguments
 from .errors import DeclarationError, MariError, RequestError
 from .inputs import USER_INDEX, _request_spec
 from .runtime import _spec_text, check_request, check_request_op  # noqa: F401
@@ -187,6 +188,7 @@ def widen_request(T: fx.GraphModule, request: Mapping[str, torch.Tensor], min_us
     return out
 
 
+@with_extensions_of_arguments
 def export(T: fx.GraphModule, example_request: Optional[Mapping[str, torch.Tensor]] = None, *,
            check_requests: bool = True, dynamic: Optional[Dict[str, Dict[int, Any]]] = None,
            strict: bool = False) -> "torch.export.ExportedProgram":

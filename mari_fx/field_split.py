@@ -25,7 +25,7 @@ import torch.fx as fx
 from . import rules
 from .elements import ELEM_KEY, element_map, has_user
 from .example_prop import VALUE_KEY, TensorInfo
-from .lower import C, N, U, Combo, Lowerer, Pieces, Rows, Seq, Value, register_lowering
+from .lower import C, N, U, Combo, LoweringContext, Pieces, Rows, Seq, Value, register_lowering
 from .modules import SplitLinear
 from .record import LayerRecord
 from .split import _linear_view, _module_name
@@ -36,14 +36,14 @@ class _NoSplit(Exception):
     pass
 
 
-def _lower_field_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
+def _lower_field_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[Value]:
     if not lw.options.split_matmuls:
         return None
     view = _linear_view(lw, node, module)
     if view is None or view.why_not or view.weight is None or not isinstance(view.x, fx.Node):
         return None
     x = view.x
-    xv = lw._value(x)
+    xv = lw.value(x)
     if isinstance(xv, Combo) and any(r.level == U for _, r in xv.terms):
         return None  # the linear-combination split handles it (q - k folds into q and k)
     if isinstance(xv, Rows) and xv.level != N or node.meta[TAG_KEY].side != Side.MIXED:
@@ -66,18 +66,17 @@ def _lower_field_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
         return None
     w = view.weight.detach()
     user_in = _columns(lw, xu, cu, K, U, f"{view.name}_user_cols")
-    item_in = _columns(lw, lw._materialize(xv), ci, K, N, f"{view.name}_item_cols") if ci else None
+    item_in = _columns(lw, lw.materialize(xv), ci, K, N, f"{view.name}_item_cols") if ci else None
     mod = SplitLinear(w[:, cu].contiguous(), w[:, ci].contiguous(),
                       None if view.bias is None else view.bias.detach().clone())
     name = _module_name(lw, view.name, node)
-    lw.gm.add_submodule(name, mod)
-    lw.modules[name] = mod
+    lw.add_submodule(name, mod)
     out = lw.graph.call_module(name, (user_in, item_in, lw.user_index))
-    lw._port_meta(node, out)
+    lw.port_meta(node, out)
     out.meta[ROWS_KEY] = N
     item_cols = int(((flat == int(Side.ITEM)) | (flat == int(Side.CONST))).all(0).logical_and(~user).sum())
     info = x.meta.get(VALUE_KEY)
-    lw.layers.append(LayerRecord(
+    lw.record_layer(LayerRecord(
         name=view.name, op=rules.describe_target(node, module), in_features=K, out_features=w.shape[0],
         user_columns=len(cu), item_columns=item_cols, mixed_columns=len(ci) - item_cols,
         rows_per_sample=flat.shape[0] if isinstance(info, TensorInfo) and info.ndim > 2 else 1,
@@ -85,7 +84,7 @@ def _lower_field_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
     return Rows(out, N, node)
 
 
-def _columns(lw: Lowerer, x: Any, cols: List[int], width: int, level: str, name: str) -> Any:
+def _columns(lw: LoweringContext, x: Any, cols: List[int], width: int, level: str, name: str) -> Any:
     """``x[..., cols]``: a slice when the columns are contiguous, else a gather by a buffer."""
     if cols == list(range(cols[0], cols[-1] + 1)):
         if len(cols) == width:
@@ -108,7 +107,7 @@ _getitem = rules.operator.getitem
 class _UserCone:
     """Re-emits a value's backward cone at U rows, right at its USER and CONST elements."""
 
-    def __init__(self, lw: Lowerer):
+    def __init__(self, lw: LoweringContext):
         self.lw = lw
         self.cache: Dict[fx.Node, Any] = {}
 
@@ -121,15 +120,15 @@ class _UserCone:
 
     def _value(self, a: fx.Node) -> Any:
         lw = self.lw
-        v = lw._value(a)
+        v = lw.value(a)
         if isinstance(v, Rows) and v.level in (U, C):
             return v.node
         if rules.is_batch_size_node(a):
-            return lw._num_users()
+            return lw.num_users()
         info, m = a.meta.get(VALUE_KEY), element_map(a)
         if isinstance(info, TensorInfo) and isinstance(m, torch.Tensor) and bool(((m & 2) != 0).all()):
             # no element of it is read by a user element: any values do
-            out = lw.graph.call_method("new_zeros", (lw.user_index, (lw._num_users(), *info.shape[1:])),
+            out = lw.graph.call_method("new_zeros", (lw.user_index, (lw.num_users(), *info.shape[1:])),
                                        {"dtype": info.dtype})
             out.meta[ROWS_KEY] = U
             return out
@@ -140,7 +139,7 @@ class _UserCone:
         if a.op == "call_module" and isinstance(lw.modules.get(a.target), SplitLinear):
             raise _NoSplit  # the module at this path was rewritten
         new = lw.graph.node_copy(a, self.value)
-        lw._port_meta(a, new)
+        lw.port_meta(a, new)
         new.meta[ROWS_KEY] = U
         return new
 
@@ -148,4 +147,4 @@ class _UserCone:
 register_lowering(*{t for t in (
     torch.nn.Linear, torch.nn.functional.linear, torch.matmul, rules.operator.matmul, torch.mm, "matmul", "mm",
     "__matmul__", torch.addmm, torch.ops.aten.linear.default, torch.ops.aten.matmul.default,
-    torch.ops.aten.mm.default)})(_lower_field_linear)
+    torch.ops.aten.mm.default)}, priority=20)(_lower_field_linear)  # before the gram and piece splits

@@ -48,8 +48,7 @@ import torch.nn.functional as F
 
 from .errors import DeclarationError, MariError, TraceError
 
-EXAMPLE_KEY = "mari_fx.example"  # GraphModule.meta: flat example inputs by placeholder name
-FUNCTIONALIZED_KEY = "mari_fx.functionalized"  # node.meta on rewritten nodes: the source op, for reports
+from .meta import EXAMPLE_KEY, FACT_KEY, FUNCTIONALIZED_KEY  # noqa: F401 (re-exported)
 
 aten = torch.ops.aten
 
@@ -217,7 +216,7 @@ def _index_steps(index: Any, ndim: int) -> Optional[List[_Step]]:
 
 
 def _is_int_node(n: fx.Node) -> bool:
-    return isinstance(n.meta.get("mari_fx.fact"), int)
+    return isinstance(n.meta.get(FACT_KEY), int)
 
 
 def _norm(d: int, ndim: int) -> int:
@@ -805,7 +804,7 @@ class _Recorder(fx.Interpreter):
                              f"{type(e).__name__}: {e}") from e
         self.values[n] = out
         if isinstance(out, (int, float, bool)):
-            n.meta["mari_fx.fact"] = out
+            n.meta[FACT_KEY] = out
         return out
 
 
@@ -862,9 +861,9 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
         recorder.run(*[_clone_example(example[p.target]) for p in placeholders])
     graph = _Rewriter(gm, _Facts(recorder.values)).run()
     for n in gm.graph.nodes:
-        n.meta.pop("mari_fx.fact", None)
+        n.meta.pop(FACT_KEY, None)
     for n in graph.nodes:
-        n.meta.pop("mari_fx.fact", None)
+        n.meta.pop(FACT_KEY, None)
     gm.graph = graph
     gm.recompile()
     return gm

@@ -32,11 +32,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
+from .registry import with_extensions_of_arguments
+from . import registry
 from .errors import DeclarationError, RequestError
 from .tags import Side
 
 USER_INDEX = "user_index"
-REQUEST_KEY = "mari_fx.request"  # GraphModule.meta key holding the RequestSpec
+from .meta import REQUEST_KEY  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- selectors
@@ -166,17 +168,17 @@ def _identifier(text: str) -> str:
 # An input handler turns one original placeholder into flat placeholders.  The
 # TorchRec integration registers one for KeyedJaggedTensor.
 InputHandler = Callable[..., List[InputSpec]]
-_INPUT_HANDLERS: List[Tuple[Callable[[Any], bool], InputHandler]] = []
+_INPUT_HANDLERS = registry.INPUT_KINDS
 
 
-def register_input_kind(predicate: Callable[[Any], bool], handler: InputHandler) -> None:
+def register_input_kind(predicate: Callable[[Any], bool], handler: InputHandler, priority: int = 0) -> None:
     """Teach :func:`flatten_inputs` a new kind of forward argument (e.g. a KJT).
 
     ``handler(gm, placeholder, example, selectors, flat_example, taken)`` must replace
     ``placeholder`` by flat tensor placeholders, fill ``flat_example`` and return
     their specs.
     """
-    _INPUT_HANDLERS.insert(0, (predicate, handler))
+    _INPUT_HANDLERS.add(predicate, handler, priority=priority)
 
 
 def bind_example(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Dict[str, Any]:
@@ -266,10 +268,7 @@ def _check_duplicates(by_arg: Mapping[str, List[Selector]]) -> None:
 
 
 def _handler_for(value: Any) -> Optional[InputHandler]:
-    for pred, handler in _INPUT_HANDLERS:
-        if pred(value):
-            return handler
-    return None
+    return next(iter(_INPUT_HANDLERS.matching(value)), None)
 
 
 def _new_placeholder(gm: fx.GraphModule, before: fx.Node, name: str, taken: set) -> fx.Node:
@@ -404,18 +403,18 @@ def _tensor_first_difference(a: torch.Tensor, b: torch.Tensor) -> Optional[Tuple
 
 _TENSOR_OPS = BatchOps(lambda t: t.shape[0] if t.dim() else None, lambda t, i: t.index_select(0, i),
                        _tensor_first_difference)
-_BATCH_OPS: List[Tuple[Callable[[Any], bool], BatchOps]] = []
+_BATCH_OPS = registry.BATCH_TYPES
 
 
-def register_batch_type(predicate: Callable[[Any], bool], ops: BatchOps) -> None:
+def register_batch_type(predicate: Callable[[Any], bool], ops: BatchOps, priority: int = 0) -> None:
     """Teach the request helpers (pairs_to_request, request_to_pairs, random_request, verify)
     a flat input value type other than a tensor."""
-    _BATCH_OPS.insert(0, (predicate, ops))
+    _BATCH_OPS.add(predicate, ops, priority=priority)
 
 
 def batch_ops(value: Any) -> BatchOps:
     """The :class:`BatchOps` of ``value`` (tensor ops unless an extension registered its type)."""
-    return next((ops for pred, ops in _BATCH_OPS if pred(value)), _TENSOR_OPS)
+    return next(iter(_BATCH_OPS.matching(value)), _TENSOR_OPS)
 
 
 @dataclass(frozen=True)
@@ -428,12 +427,12 @@ class RequestKind:
     assemble: Callable[[List[Tuple[InputSpec, Any]]], Any]
 
 
-_REQUEST_KINDS: Dict[str, RequestKind] = {}
+_REQUEST_KINDS = registry.REQUEST_KINDS
 
 
 def register_request_kind(kind: str, request_kind: RequestKind) -> None:
     """Register the :class:`RequestKind` of ``InputSpec.kind == kind``."""
-    _REQUEST_KINDS[kind] = request_kind
+    _REQUEST_KINDS.add(kind, request_kind, override=True)  # re-registering a kind replaces it
 
 
 # --------------------------------------------------------------------------- requests
@@ -476,6 +475,7 @@ def check_user_index(user_index: Any, n: Optional[int] = None) -> torch.Tensor:
     return user_index
 
 
+@with_extensions_of_arguments
 def pairs_to_request(spec_or_module: Any, *args: Any, user_index: torch.Tensor, **kwargs: Any) -> Dict[str, torch.Tensor]:
     """Build a transformed module's request from pair-shaped inputs.
 
@@ -525,6 +525,7 @@ def pairs_to_request(spec_or_module: Any, *args: Any, user_index: torch.Tensor, 
     return request
 
 
+@with_extensions_of_arguments
 def request_to_pairs(spec_or_module: Any, request: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """Inverse of :func:`pairs_to_request`: the pair-shaped forward arguments, by name.
 

@@ -12,23 +12,23 @@ import torch.nn.functional as F
 
 from . import rules
 from .example_prop import VALUE_KEY
-from .lower import Lowerer, Pieces, Seq, Value, register_lowering
+from .lower import LoweringContext, Pieces, Seq, Value, register_lowering
 from .tags import TAG_KEY
 
 @register_lowering(torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
-def _lower_cat(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+def _lower_cat(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     if not node.meta[TAG_KEY].has_user_columns:
         return None
     parts: List = []
-    for t in node.args[0] if node.args else node.kwargs["tensors"]:
-        parts += lw._parts_of(t)
+    for t in lw.arg(node, 0, "tensors"):
+        parts += lw.parts_of(t)
     return Pieces(tuple(parts))
 
 
 @register_lowering(operator.getitem)
-def _lower_getitem(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+def _lower_getitem(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     base, index = node.args
-    v = lw._value(base)
+    v = lw.value(base)
     if isinstance(v, Seq):
         return v.items[index] if isinstance(index, int) else Seq(tuple(v.items[index]))
     if not isinstance(v, Pieces):
@@ -40,14 +40,14 @@ def _lower_getitem(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     prefix, last = cols  # the rest of the index (new axes included) applies to every piece
     if isinstance(last, slice):
         lo, hi, _ = last.indices(width)
-        return lw._select_columns(base, lo, max(lo, hi), prefix)
-    return lw._select_column(base, last % width, prefix)
+        return lw.select_columns(base, lo, max(lo, hi), prefix)
+    return lw.select_column(base, last % width, prefix)
 
 
 @register_lowering(torch.ops.aten.slice.Tensor)
-def _lower_aten_slice(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+def _lower_aten_slice(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     x, dim, start, stop, step = rules.aten_slice_args(node)
-    v = lw._value(x)
+    v = lw.value(x)
     ndim = x.meta[VALUE_KEY].ndim
     if any(isinstance(a, fx.Node) for a in (start, stop, step)) or step != 1:
         return None
@@ -58,16 +58,16 @@ def _lower_aten_slice(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     lo, hi, _ = slice(start, stop).indices(x.meta[VALUE_KEY].shape[-1])
     if hi <= lo:
         return None
-    return lw._select_columns(x, lo, hi, (slice(None),) * (ndim - 1))
+    return lw.select_columns(x, lo, hi, (slice(None),) * (ndim - 1))
 
 
 @register_lowering(torch.ops.aten.select.int)
-def _lower_aten_select(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
-    x, dim, index = node.args[:3]
+def _lower_aten_select(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
+    x, dim, index = (lw.arg(node, i, n) for i, n in enumerate(("input", "dim", "index")))
     ndim = x.meta[VALUE_KEY].ndim
-    if not isinstance(lw._value(x), Pieces) or not isinstance(index, int) or dim % ndim != ndim - 1:
+    if not isinstance(lw.value(x), Pieces) or not isinstance(index, int) or dim % ndim != ndim - 1:
         return None
-    return lw._select_column(x, index % x.meta[VALUE_KEY].shape[-1], (slice(None),) * (ndim - 1))
+    return lw.select_column(x, index % x.meta[VALUE_KEY].shape[-1], (slice(None),) * (ndim - 1))
 
 
 def _split_bounds(node: fx.Node) -> List[Tuple[int, int]]:
@@ -87,9 +87,9 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
 @register_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
            torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
            torch.ops.aten.tensor_split.sections)
-def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
-    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-    if not isinstance(lw._value(x), Pieces):
+def _lower_split(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
+    x = lw.arg(node, 0, ("input", "tensor"))
+    if not isinstance(x, fx.Node) or not isinstance(lw.value(x), Pieces):
         return None
     ndim = x.meta[VALUE_KEY].ndim
     dim = _arg(node, 2, "dim", 0)
@@ -99,28 +99,28 @@ def _lower_split(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
     bounds = _split_bounds(node)
     if any(hi <= lo for lo, hi in bounds):
         return None  # an empty part: the rule keeps no segments either
-    return Seq(tuple(lw._select_columns(x, lo, hi, prefix) for lo, hi in bounds))
+    return Seq(tuple(lw.select_columns(x, lo, hi, prefix) for lo, hi in bounds))
 
 
 @register_lowering(torch.narrow, "narrow", torch.ops.aten.narrow.default)
-def _lower_narrow(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+def _lower_narrow(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     x, dim, start, length = (_arg(node, i, n) for i, n in enumerate(("input", "dim", "start", "length")))
-    if not isinstance(x, fx.Node) or not isinstance(lw._value(x), Pieces):
+    if not isinstance(x, fx.Node) or not isinstance(lw.value(x), Pieces):
         return None
     ndim = x.meta[VALUE_KEY].ndim
     if not all(isinstance(a, int) for a in (dim, start, length)) or dim % ndim != ndim - 1 or length <= 0:
         return None
     start %= x.meta[VALUE_KEY].shape[-1]
-    return lw._select_columns(x, start, start + length, (slice(None),) * (ndim - 1))
+    return lw.select_columns(x, start, start + length, (slice(None),) * (ndim - 1))
 
 
-def _lower_elementwise(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+def _lower_elementwise(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     if not node.meta[TAG_KEY].has_user_columns:
         return None
-    (src,) = [a for a in node.all_input_nodes if isinstance(lw._value(a), Pieces)]
+    (src,) = [a for a in node.all_input_nodes if isinstance(lw.value(a), Pieces)]
     parts = []
-    for level, width, rows in lw._parts_of(src):
-        parts.append((level, width, lw._emit_on(node, src, lw._node_of(rows), level)))
+    for level, width, rows in lw.parts_of(src):
+        parts.append((level, width, lw.emit_on(node, src, lw.node_of(rows), level)))
     return Pieces(tuple(parts))
 
 
@@ -128,7 +128,7 @@ register_lowering(*(t for t in rules.PIECEWISE if t != "view"))(_lower_elementwi
 
 
 @register_lowering("view")
-def _lower_view_dtype(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
+def _lower_view_dtype(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     """``x.view(torch.int32)`` of pieces: per piece (the rule keeps segments only when the element
     size, hence every column boundary, is unchanged)."""
     if len(node.args) == 2 and isinstance(node.args[1], torch.dtype):

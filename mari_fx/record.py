@@ -11,7 +11,7 @@ from typing import Any, Dict, Tuple
 
 from .inputs import InputSpec
 
-RECORD_KEY = "mari_fx.record"
+from .meta import RECORD_KEY  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,10 @@ class Record:
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
-        d["inputs"] = [
-            {"name": s.name, "source": s.source, "side": str(s.side), "kind": s.kind} for s in self.inputs
-        ]
+        d["inputs"] = [input_spec_dict(s) for s in self.inputs]
         return d
+
+
+def input_spec_dict(s: InputSpec) -> Dict[str, Any]:
+    """One declared input as the JSON report and ``Record.to_dict()`` write it."""
+    return {"name": s.name, "source": s.source, "side": str(s.side), "kind": s.kind}

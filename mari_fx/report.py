@@ -31,7 +31,7 @@ import torch.nn as nn
 from .errors import DeclarationError
 from .flops import count_flops
 from .inputs import request_to_pairs
-from .record import RECORD_KEY, Record
+from .record import RECORD_KEY, Record, input_spec_dict
 from .rules import describe_target
 from .tags import ROWS_KEY, TAG_KEY
 
@@ -103,7 +103,7 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
         "users": users,
         "candidates": candidates,
         "split_matmuls": record.split_matmuls,
-        "inputs": [{"name": s.name, "source": s.source, "side": str(s.side), "kind": s.kind} for s in record.inputs],
+        "inputs": [input_spec_dict(s) for s in record.inputs],
         "layers": layers,
         "split_layers": list(record.split_layers),
         "hoisted": list(record.hoisted),

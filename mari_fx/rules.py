@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import registry as _registry
 from .arguments import bind, nodes_in
 from .example_prop import VALUE_KEY, TensorInfo
 from .tags import CONST, NOTE_KEY, TAG_KEY, Segment, SeqTag, Side, Tag, TensorTag, join_all
@@ -41,11 +42,14 @@ Target = Union[Callable, str, type]
 Rule = Callable[["RuleContext"], Tag]
 _MISSING = object()
 
-RULES: Dict[Target, Rule] = {}
+RULES = _registry.RULES  # the core table; extensions add theirs (mari_fx.registry)
+PRIORITY_BEFORE = 10  # register_before's priority: tried before the op's own rule
 
 
-def register(*targets: Target) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for each target; a target registered twice is an error.
+def register(*targets: Target, priority: int = 0, override: bool = False) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for each target in the core table; a second rule for a target at the
+    same priority is an error (:class:`~mari_fx.errors.RegistrationError`, a ValueError) unless
+    ``override=True``.  See :mod:`mari_fx.registry` for the policy and for extension objects.
 
     Example:
         >>> import torch
@@ -59,31 +63,17 @@ def register(*targets: Target) -> Callable[[Rule], Rule]:
 
     def deco(rule: Rule) -> Rule:
         for t in targets:
-            if t in RULES:
-                raise ValueError(f"a mari_fx rule for {target_name(t)} is already registered")
-            RULES[t] = rule
+            RULES.add(t, rule, priority=priority, override=override)
         return rule
 
     return deco
 
 
 def register_before(*targets: Target) -> Callable[[Callable[["RuleContext"], Optional[Tag]]], Callable]:
-    """Put ``rule`` in front of each target's current rule (or :func:`unknown`): it returns a
-    Tag, or None to defer.  For extensions that teach an op with a rule (``operator.getitem``)
+    """Put ``rule`` in front of each target's own rule (or :func:`unknown`): it returns a Tag,
+    or None to defer.  For extensions that teach an op with a rule (``operator.getitem``)
     about a new value type, e.g. indexing a KeyedTensor by key."""
-
-    def deco(rule: Callable[["RuleContext"], Optional[Tag]]) -> Callable:
-        for t in targets:
-            prev = RULES.get(t)
-
-            def chained(ctx: "RuleContext", rule=rule, prev=prev) -> Tag:
-                tag = rule(ctx)
-                return tag if tag is not None else (prev or unknown)(ctx)
-
-            RULES[t] = chained
-        return rule
-
-    return deco
+    return register(*targets, priority=PRIORITY_BEFORE)
 
 
 def target_name(target: Any) -> str:
@@ -101,13 +91,24 @@ def target_name(target: Any) -> str:
 
 
 def lookup(node: fx.Node, module: Optional[nn.Module] = None) -> Optional[Rule]:
-    """The rule for ``node``'s target (module classes are matched along the MRO)."""
-    if node.op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in RULES:
-                return RULES[cls]
+    """The rule for ``node``'s target: its entries tried in order (module classes matched along
+    the MRO, see :mod:`mari_fx.registry`), a rule returning None deferring to the next."""
+    key = type(module) if node.op == "call_module" else node.target
+    try:
+        found = RULES.values(key)
+    except TypeError:  # an unhashable target: no rule
         return None
-    return RULES.get(node.target)
+    if len(found) <= 1:
+        return found[0] if found else None
+
+    def chained(ctx: "RuleContext") -> Tag:
+        for rule in found:
+            tag = rule(ctx)
+            if tag is not None:
+                return tag
+        return unknown(ctx)
+
+    return chained
 
 
 def describe_target(node: fx.Node, module: Optional[nn.Module] = None) -> str:

@@ -14,9 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rules
-from .arguments import bind
 from .example_prop import VALUE_KEY, TensorInfo
-from .lower import N, U, Combo, Lowerer, Pieces, Rows, Value, register_lowering
+from .lower import N, U, Combo, LoweringContext, Pieces, Rows, Value, register_lowering
 from .modules import SplitLinear, SplitSource
 from .record import LayerRecord
 from .tags import ROWS_KEY, TAG_KEY, Side, TensorTag
@@ -33,7 +32,7 @@ class _LinearView:
     source: Tuple[Optional[str], Optional[str], bool] = (None, None, False)  # weight path, bias path, transposed
 
 
-def _param(lw: Lowerer, a: Any) -> Optional[torch.Tensor]:
+def _param(lw: LoweringContext, a: Any) -> Optional[torch.Tensor]:
     """The tensor a ``get_attr`` node reads (parameter, buffer or constant), else None."""
     if not (isinstance(a, fx.Node) and a.op == "get_attr"):
         return None
@@ -47,11 +46,11 @@ def _path(a: Any) -> Optional[str]:
     return a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None
 
 
-def _linear_view(lw: Lowerer, node: fx.Node, module) -> Optional[_LinearView]:
+def _linear_view(lw: LoweringContext, node: fx.Node, module) -> Optional[_LinearView]:
     if isinstance(module, nn.Linear):
-        return _LinearView(node.args[0], module.weight, module.bias, node.target, source=(
+        return _LinearView(lw.arg(node, 0, "input"), module.weight, module.bias, node.target, source=(
             f"{node.target}.weight", None if module.bias is None else f"{node.target}.bias", False))
-    t, args = node.target, bind(node)  # by name, as the rules read them
+    t, args = node.target, lw.args(node)  # by name, as the rules read them
     if args is None:
         return None
     if t in (F.linear, torch.ops.aten.linear.default):
@@ -76,11 +75,11 @@ def _linear_view(lw: Lowerer, node: fx.Node, module) -> Optional[_LinearView]:
     return None
 
 
-def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
+def _lower_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[Value]:
     view = _linear_view(lw, node, module)
     if view is None:
         return None
-    x_tag, x_val = view.x.meta[TAG_KEY], lw._value(view.x)
+    x_tag, x_val = view.x.meta[TAG_KEY], lw.value(view.x)
     info = view.x.meta.get(VALUE_KEY)
     rows_per_sample = 1
     if isinstance(info, TensorInfo):
@@ -115,17 +114,17 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
             split, reason = False, "splitting would not reduce the work at N rows"
             record = dataclasses.replace(record, action=action if action != "split" else "kept", reason=reason)
     if not split:
-        lw.layers.append(record)
+        lw.record_layer(record)
         return None
     out = _split_linear(lw, node, view, user, item, bcast)
     mod = lw.modules[out.node.target]
-    lw.layers.append(dataclasses.replace(
+    lw.record_layer(dataclasses.replace(
         record, split_user_features=mod.weight_user.shape[1], split_item_features=mod.weight_item.shape[1],
         split_broadcast_features=0 if mod.weight_broadcast is None else mod.weight_broadcast.shape[1]))
     return out
 
 
-def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List, List, List]:
+def _split_sources(self: LoweringContext, x: Pieces, weight: torch.Tensor) -> Tuple[List, List, List]:
     """``(node, weight block)`` lists at U rows, at N rows, and at N rows before a broadcast,
     whose products sum to ``x @ weight.T``.
 
@@ -139,7 +138,7 @@ def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List
     for _, width, part in x.parts:
         w = weight.detach()[:, pos:pos + width]
         if isinstance(part, Combo) and not self.options.reassociate:
-            part = Rows(self._materialize(part), N)  # W(q - k) as the model computes it: no new rounding
+            part = Rows(self.materialize(part), N)  # W(q - k) as the model computes it: no new rounding
         terms = part.terms if isinstance(part, Combo) else ((1.0, part),)
         for level in (U, N):
             group = [(c, t) for c, t in terms if (t.level == U) == (level == U)]
@@ -149,7 +148,7 @@ def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List
                 (coeff, rows), node = group[0], group[0][1].node
             else:
                 coeff, rows = 1.0, None
-                node = self._weighted_sum([(c, t.node) for c, t in group], level)
+                node = self.weighted_sum([(c, t.node) for c, t in group], level)
             entry = blocks.setdefault(id(node), [node, level, torch.zeros_like(w), rows, []])
             entry[2] = entry[2] + coeff * w
             entry[4].append((float(coeff), pos, width))  # where the block comes from (mari_fx.refresh)
@@ -168,13 +167,13 @@ def _split_sources(self: Lowerer, x: Pieces, weight: torch.Tensor) -> Tuple[List
     return user, item, bcast
 
 
-def _before_expand(self: Lowerer, rows: Optional[Rows]):
+def _before_expand(self: LoweringContext, rows: Optional[Rows]):
     """``(node, shape)`` of the N-row tensor that ``rows`` expands along size-1 middle dims."""
     orig = rows.orig if isinstance(rows, Rows) else None
     if orig is None or orig.target not in ("expand", torch.ops.aten.expand.default):
         return None
     src = orig.args[0]
-    v = self._value(src) if isinstance(src, fx.Node) else None
+    v = self.value(src) if isinstance(src, fx.Node) else None
     s_in, s_out = src.meta.get(VALUE_KEY), orig.meta.get(VALUE_KEY)
     if not (isinstance(v, Rows) and v.level == N and isinstance(s_in, TensorInfo) and isinstance(s_out, TensorInfo)):
         return None
@@ -184,7 +183,7 @@ def _before_expand(self: Lowerer, rows: Optional[Rows]):
     return v.node, a[1:]
 
 
-def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, user: List, item: List, bcast: List) -> Rows:
+def _split_linear(self: LoweringContext, node: fx.Node, view: _LinearView, user: List, item: List, bcast: List) -> Rows:
     def weights(sources):
         return torch.cat([w for _, w, _ in sources], 1).contiguous() if sources else None
 
@@ -197,21 +196,20 @@ def _split_linear(self: Lowerer, node: fx.Node, view: _LinearView, user: List, i
                                  tuple(tuple(t) for _, _, t in item), tuple(tuple(t) for _, _, t in bcast))
     name = _module_name(self, view.name, node)
     mod._mari_fx_name = name  # its path in T (to read state dicts relative to T)
-    self.gm.add_submodule(name, mod)
-    self.modules[name] = mod
-    args = [self._cat([n for n, _, _ in user], U), self._cat([n for n, _, _ in item], N) if item else None,
+    self.add_submodule(name, mod)
+    args = [self.cat([n for n, _, _ in user], U), self.cat([n for n, _, _ in item], N) if item else None,
             self.user_index]
     if bcast:
-        args.append(self._cat([n for n, _, _ in bcast], N))
+        args.append(self.cat([n for n, _, _ in bcast], N))
     out = self.graph.call_module(name, tuple(args))
-    self._port_meta(node, out)
+    self.port_meta(node, out)
     out.meta[ROWS_KEY] = N
     return Rows(out, N, node)
 
 
-def _module_name(self: Lowerer, base: str, node: fx.Node) -> str:
+def _module_name(self: LoweringContext, base: str, node: fx.Node) -> str:
     """Reuse the Linear's own path when it is called once; else a fresh sibling name."""
-    if node.op == "call_module" and self.call_counts.get(base) == 1:
+    if node.op == "call_module" and self.call_count(base) == 1:
         return base
     name, k = f"{base}_split".replace(".", "_") if node.op != "call_module" else f"{base}_split", 0
     while _has_attr_path(self.gm, name):

@@ -23,9 +23,7 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple, Union
 
-TAG_KEY = "mari_fx.tag"
-NOTE_KEY = "mari_fx.note"  # why a node was tagged MIXED although no item data reached it
-ROWS_KEY = "mari_fx.rows"  # on transformed graphs: "U", "N" or "C" (batch-free)
+from .meta import NOTE_KEY, ROWS_KEY, TAG_KEY  # noqa: F401 (re-exported)
 
 
 class Side(enum.IntEnum):
@@ -152,12 +150,3 @@ Tag = Union[TensorTag, SeqTag]
 CONST = TensorTag.uniform(Side.CONST)
 MIXED = TensorTag.uniform(Side.MIXED)
 
-
-def tag_of(node) -> Tag:
-    """The tag a propagation pass stored on ``node`` (raises if there is none)."""
-    try:
-        return node.meta[TAG_KEY]
-    except KeyError:
-        raise KeyError(
-            f"node {node.format_node()} has no {TAG_KEY!r}: run mari_fx.trace() first"
-        ) from None

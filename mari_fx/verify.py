@@ -7,10 +7,40 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, keystr, tree_flatten_with_path
 
-from .errors import VerificationError
+from .meta import EXAMPLE_KEY, REQUEST_KEY
+from .registry import with_extensions_of_arguments
+from .errors import DeclarationError, RequestError, VerificationError
 from .inputs import USER_INDEX, Side, _request_spec, batch_ops, pairs_to_request, request_to_pairs
 
 
+def ragged_index(users: int, candidates: int, seed: int = 0, contiguous: bool = False) -> torch.Tensor:
+    """A ragged ``user_index``: every user has >= 1 candidate, lists of different lengths;
+    shuffled, or each user's candidates next to each other (``contiguous=True``, as a
+    serving batch lays them out).
+
+    Example:
+        >>> ragged_index(3, 8, contiguous=True).bincount().tolist()
+        [3, 2, 3]
+        >>> sorted(ragged_index(3, 8).tolist()) == ragged_index(3, 8, contiguous=True).tolist()
+        True
+    """
+    return _ragged_index(users, candidates, torch.Generator().manual_seed(seed), contiguous)
+
+
+def _ragged_index(users: int, candidates: int, g: torch.Generator, contiguous: bool = False) -> torch.Tensor:
+    """:func:`ragged_index` drawing from generator ``g``."""
+    if candidates < users:
+        raise RequestError(f"{users} users need >= {users} candidates (num_candidates >= num_users), "
+                           f"got {candidates}")
+    extra = torch.randint(users, (candidates - users,), generator=g)
+    if contiguous:
+        counts = torch.ones(users, dtype=torch.int64) + torch.bincount(extra, minlength=users)
+        return torch.repeat_interleave(torch.arange(users), counts)
+    idx = torch.cat([torch.arange(users), extra])
+    return idx[torch.randperm(candidates, generator=g)]
+
+
+@with_extensions_of_arguments
 def random_request(T: fx.GraphModule, num_users: int = 3, num_candidates: int = 7, seed: int = 0) -> Dict[str, torch.Tensor]:
     """A ragged request drawn from the example rows ``T`` was traced with.
 
@@ -25,14 +55,11 @@ def random_request(T: fx.GraphModule, num_users: int = 3, num_candidates: int = 
         >>> req["user"].shape[0], req["item"].shape[0], int(req["user_index"].max())
         (2, 5, 1)
     """
-    if num_candidates < num_users:
-        raise ValueError(f"num_candidates ({num_candidates}) must be >= num_users ({num_users})")
-    example = T.meta.get("mari_fx.example")
+    example = T.meta.get(EXAMPLE_KEY)
     if not example:
-        raise ValueError("T carries no example inputs: pass pair-shaped inputs and user_index to verify()")
+        raise DeclarationError("T carries no example inputs: pass pair-shaped inputs and user_index to verify()")
     g = torch.Generator().manual_seed(seed)
-    idx = torch.cat([torch.arange(num_users), torch.randint(num_users, (num_candidates - num_users,), generator=g)])
-    idx = idx[torch.randperm(num_candidates, generator=g)]
+    idx = _ragged_index(num_users, num_candidates, g)
     spec = _request_spec(T)
     request = {}
     for s in spec.inputs:
@@ -43,6 +70,7 @@ def random_request(T: fx.GraphModule, num_users: int = 3, num_candidates: int = 
     return request
 
 
+@with_extensions_of_arguments
 def verify(model: Any, T: fx.GraphModule, *args: Any, user_index: Optional[torch.Tensor] = None,
            request: Optional[Dict[str, torch.Tensor]] = None, num_users: int = 3, num_candidates: int = 7,
            seed: int = 0, rtol: Optional[float] = None, atol: Optional[float] = None, **kwargs: Any) -> float:
@@ -61,11 +89,11 @@ def verify(model: Any, T: fx.GraphModule, *args: Any, user_index: Optional[torch
     """
     if args or kwargs:
         if user_index is None:
-            raise ValueError("pair-shaped inputs need user_index")
+            raise RequestError("pair-shaped inputs need user_index: verify(model, T, *pairs, user_index=idx)")
         request = pairs_to_request(T, *args, user_index=user_index, **kwargs)
     elif request is None:
         request = random_request(T, num_users, num_candidates, seed)
-    if isinstance(model, fx.GraphModule) and "mari_fx.request" in model.meta:
+    if isinstance(model, fx.GraphModule) and REQUEST_KEY in model.meta:
         pairs = {s.name: (batch_ops(request[s.name]).take(request[s.name], request[USER_INDEX])
                           if s.side == Side.USER else request[s.name]) for s in _request_spec(model).inputs}
     else:
@@ -73,6 +101,22 @@ def verify(model: Any, T: fx.GraphModule, *args: Any, user_index: Optional[torch
     with torch.no_grad():
         expected = model(**pairs)
         got = T(**request)
+    return compare_outputs(expected, got, rtol=rtol, atol=atol)
+
+
+def compare_outputs(expected: Any, got: Any, rtol: Optional[float] = None, atol: Optional[float] = None) -> float:
+    """Check ``got`` against ``expected`` leaf by leaf (``torch.testing.assert_close``); raise
+    :class:`VerificationError` naming the first leaf that differs.  Returns the max abs difference.
+
+    Example:
+        >>> compare_outputs({"a": torch.ones(2)}, {"a": torch.ones(2)})
+        0.0
+        >>> compare_outputs({"a": torch.ones(2)}, {"a": torch.zeros(2)})
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.VerificationError: output['a'] differs from the original model:
+        ...
+    """
     exp_leaves, exp_struct = tree_flatten_with_path(expected)
     got_leaves, got_struct = tree_flatten(got)
     if exp_struct != got_struct:

@@ -13,7 +13,7 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from conftest import ragged_index
+from helpers import mlp, ragged_index
 
 E = 8  # embedding dim of every field
 V = 50  # ids per field
@@ -25,15 +25,6 @@ class Case:
     build: Callable[[], nn.Module]
     selectors: Sequence[str]
     pairs: Callable[[int, int, int], Tuple[tuple, torch.Tensor]]
-
-
-def mlp(sizes: Sequence[int], last_act: bool = True) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if last_act or i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 # --------------------------------------------------------------------------- own CTR models

@@ -6,7 +6,7 @@ import torch.nn as nn
 import mari_fx
 from mari_fx.modules import SplitLinear
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 
 class UsesLen(nn.Module):

@@ -8,7 +8,7 @@ from mari_fx.examples import CoarseRanker, DictRanker, PackedRanker
 from mari_fx.modules import SplitLinear
 from mari_fx.tags import ROWS_KEY
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 SHAPES = [(1, 1), (1, 7), (3, 7), (3, 3), (2, 50)]
 

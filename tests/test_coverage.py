@@ -9,7 +9,7 @@ import mari_fx
 from mari_fx.examples import DCNRanker, DINRanker, MMoERanker
 from mari_fx.modules import SplitLinear
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 SHAPES = [(1, 1), (1, 9), (3, 9)]
 

@@ -15,7 +15,7 @@ from mari_fx.examples import CoarseRanker, DictRanker, PackedRanker
 from mari_fx.export import ExportError, assert_request, traceable, widen_request
 from mari_fx.runtime import check_request
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(1, 1), (1, 7), (1, 1000), (3, 7), (3, 1000)]  # (U, N), N >= U

@@ -5,7 +5,7 @@ import torch
 import mari_fx
 from mari_fx.examples import CoarseRanker
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 
 def analytic(model, U, N, split=True):

@@ -14,7 +14,7 @@ from mari_fx.errors import DeclarationError, RequestError, TraceError
 from mari_fx.functionalize import mutation_kind
 from mari_fx.tags import ROWS_KEY
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 UN = [(U, N) for U in (1, 2, 3, 4) for N in (1, 2, 5, 7) if N >= U]
 DU, DI = 6, 4

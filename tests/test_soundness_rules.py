@@ -10,7 +10,7 @@ import mari_fx
 from mari_fx.arguments import bind
 from mari_fx.tags import NOTE_KEY, ROWS_KEY, TAG_KEY, Side
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 # U users, N >= U candidates, every user with >= 1 candidate (ragged lists)
 SIZES = [(u, n) for u in (1, 2, 3, 4) for n in (1, 2, 5, 7) if n >= u]

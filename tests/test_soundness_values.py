@@ -9,7 +9,7 @@ from mari_fx.tags import ROWS_KEY
 
 aten = torch.ops.aten
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 SHAPES = [(U, N) for U in (1, 2, 3, 4) for N in (1, 2, 5, 7) if N >= U]
 

@@ -10,7 +10,7 @@ import mari_fx
 from mari_fx.rules import RULES, register, rowwise
 from mari_fx.tags import NOTE_KEY, TAG_KEY, Segment, Side, TensorTag
 
-from conftest import ragged_index
+from helpers import ragged_index
 
 
 def mystery(x):

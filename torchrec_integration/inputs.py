@@ -16,11 +16,11 @@ import torch.fx as fx
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mari_fx.errors import DeclarationError
-from mari_fx.inputs import (Arg, BatchOps, Columns, InputSpec, Key, RequestKind, _new_placeholder,
-                            register_batch_type, register_input_kind, register_request_kind)
+from mari_fx.inputs import Arg, BatchOps, Columns, InputSpec, Key, RequestKind, _new_placeholder
 from mari_fx.tags import Side
 
 from . import jagged
+from .extension import EXTENSION
 
 KIND = "kjt"
 
@@ -128,7 +128,7 @@ def _assemble(parts: List[Tuple[KJTInputSpec, KeyedJaggedTensor]]) -> KeyedJagge
 
 
 def register() -> None:
-    register_input_kind(lambda v: isinstance(v, KeyedJaggedTensor), _kjt_input)
-    register_request_kind(KIND, RequestKind(_extract, _assemble))
-    register_batch_type(lambda v: isinstance(v, KeyedJaggedTensor),
-                        BatchOps(lambda v: v.stride(), jagged.kjt_select_rows, jagged.kjt_first_difference))
+    EXTENSION.input_kind(lambda v: isinstance(v, KeyedJaggedTensor), _kjt_input)
+    EXTENSION.request_kind(KIND, RequestKind(_extract, _assemble))
+    EXTENSION.batch_type(lambda v: isinstance(v, KeyedJaggedTensor),
+                         BatchOps(lambda v: v.stride(), jagged.kjt_select_rows, jagged.kjt_first_difference))

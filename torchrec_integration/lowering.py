@@ -25,14 +25,16 @@ from torchrec.sparse import jagged_tensor as jt_mod
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from mari_fx.example_prop import VALUE_KEY
-from mari_fx.lower import C, N, U, Lowerer, Rows, Seq, register_lowering
+from mari_fx.lower import C, N, U, LoweringContext, Rows, Seq
+from mari_fx.registry import Registry
 from mari_fx.tags import ROWS_KEY, TAG_KEY, SeqTag, Side
 
 from . import jagged
+from .extension import EXTENSION
 from .rules import POOLED, REGROUPS, KeyedTag, source_of
 from .summaries import KeyedTensorInfo
 
-EMBEDDING_KINDS: Dict[type, str] = {}  # embedding module class -> POOLED / SEQUENCE (see registry)
+EMBEDDING_KINDS = Registry("torchrec.embedding_kinds", "embedding module class -> POOLED / SEQUENCE (see registry)")
 _KEY_STRUCTURE = ("keys", "length_per_key", "offset_per_key", "key_dim")
 
 
@@ -53,13 +55,11 @@ class _State:
     values: Dict[fx.Node, fx.Node]  # new KeyedTensor node -> its values() node
 
 
-def _state(lw: Lowerer) -> _State:
-    if not hasattr(lw, "_torchrec_state"):
-        lw._torchrec_state = _State({}, {}, {})
-    return lw._torchrec_state
+def _state(lw: LoweringContext) -> _State:
+    return lw.state("torchrec", lambda: _State({}, {}, {}))
 
 
-def _new_node(lw: Lowerer, kind: str, target: Any, args: tuple, level: str) -> fx.Node:
+def _new_node(lw: LoweringContext, kind: str, target: Any, args: tuple, level: str) -> fx.Node:
     node = lw.graph.create_node(kind, target, args)
     node.meta[ROWS_KEY] = level
     return node
@@ -90,24 +90,24 @@ def _kt_use_lowered(use: fx.Node, kt: fx.Node) -> bool:
     return use.op == "call_function" and use.target is jt_mod._all_keys_used_once
 
 
-def takes_padding(lw: Lowerer, node: fx.Node) -> bool:
+def takes_padding(lw: LoweringContext, node: fx.Node) -> bool:
     """An embedding module call whose consumers all cope with user rows valid in ``[:U]`` only."""
-    if node.op != "call_module" or type(lw.modules.get(node.target)) not in EMBEDDING_KINDS:
+    if node.op != "call_module" or EMBEDDING_KINDS.first(type(lw.modules.get(node.target))) is None:
         return False
     tag = node.meta[TAG_KEY]
     if tag.side != Side.MIXED:
         return True  # user-only: cut to U rows right away; item-only: exact
-    if EMBEDDING_KINDS[type(lw.modules[node.target])] == POOLED:
+    if EMBEDDING_KINDS.first(type(lw.modules[node.target])) == POOLED:
         return all(_kt_use_lowered(u, node) for u in node.users)
     return _only_keyed_reads(node)
 
 
 # --------------------------------------------------------------------------- the request's KJT
-@register_lowering(jagged.pair_kjt)
-def _lower_pair_kjt(lw: Lowerer, node: fx.Node, _module: Any) -> Rows:
+@EXTENSION.lowering(jagged.pair_kjt)
+def _lower_pair_kjt(lw: LoweringContext, node: fx.Node, _module: Any) -> Rows:
     user, item, keys = node.args[:3]
-    u = lw._value(user).node if user is not None else None
-    i = lw._value(item).node if item is not None else None
+    u = lw.value(user).node if user is not None else None
+    i = lw.value(item).node if item is not None else None
     checked = None
     if lw.options.check_requests:
         spec = {s.name: s for s in lw.spec.inputs}
@@ -133,7 +133,7 @@ def _lower_pair_kjt(lw: Lowerer, node: fx.Node, _module: Any) -> Rows:
 
 
 # --------------------------------------------------------------------------- embedding modules
-def lower_embedding(lw: Lowerer, node: fx.Node, module: Any) -> Optional[Rows]:
+def lower_embedding(lw: LoweringContext, node: fx.Node, module: Any) -> Optional[Rows]:
     """Call the module once on the padded KJT; cut user-only results to their U rows."""
     src = node.args[0] if node.args else next(iter(node.kwargs.values()))
     pad = _state(lw).padded.get(src)
@@ -141,7 +141,7 @@ def lower_embedding(lw: Lowerer, node: fx.Node, module: Any) -> Optional[Rows]:
         return None
     padded, users = pad
     call = lw.graph.call_module(node.target, (padded,))
-    lw._port_meta(node, call)
+    lw.port_meta(node, call)
     call.meta[ROWS_KEY] = N
     side = node.meta[TAG_KEY].side
     if side == Side.USER:
@@ -150,16 +150,16 @@ def lower_embedding(lw: Lowerer, node: fx.Node, module: Any) -> Optional[Rows]:
         _state(lw).padded_out[node] = users
         return Rows(call, N, node)
     # item-only: the padded batch is max(U, N) rows (U > N: users without a candidate)
-    return Rows(_new_node(lw, "call_function", jagged.take_rows, (call, lw._num_candidates()), N), N, node)
+    return Rows(_new_node(lw, "call_function", jagged.take_rows, (call, lw.num_candidates()), N), N, node)
 
 
 # --------------------------------------------------------------------------- KeyedTensor accessors
-def key_slices(lw: Lowerer, kt: fx.Node, keys: List[str]) -> List[Tuple[str, int, Rows]]:
+def key_slices(lw: LoweringContext, kt: fx.Node, keys: List[str]) -> List[Tuple[str, int, Rows]]:
     """Column pieces ``(level, width, Rows)`` of ``keys`` of a lowered KeyedTensor, adjacent
     columns of one level merged: user keys of a padded result at rows ``[:U]``."""
     info: KeyedTensorInfo = kt.meta[VALUE_KEY]
     tag = kt.meta[TAG_KEY]
-    value = lw._value(kt)
+    value = lw.value(kt)
     state = _state(lw)
     users = state.padded_out.get(kt)
     runs: List[List[Any]] = []  # [level, lo, hi]
@@ -176,7 +176,7 @@ def key_slices(lw: Lowerer, kt: fx.Node, keys: List[str]) -> List[Tuple[str, int
     values = state.values[value.node]
     out = []
     for level, lo, hi in runs:
-        rows = slice(None) if users is None else slice(None, users) if level == U else slice(None, lw._num_candidates())
+        rows = slice(None) if users is None else slice(None, users) if level == U else slice(None, lw.num_candidates())
         if rows == slice(None) and lo == 0 and hi == info.shape[-1]:
             out.append((level, hi - lo, Rows(values, level)))
             continue
@@ -185,20 +185,20 @@ def key_slices(lw: Lowerer, kt: fx.Node, keys: List[str]) -> List[Tuple[str, int
     return out
 
 
-def _padded(lw: Lowerer, base: Any) -> bool:
+def _padded(lw: LoweringContext, base: Any) -> bool:
     return isinstance(base, fx.Node) and base in _state(lw).padded_out
 
 
-@register_lowering("values")
-def _lower_values(lw: Lowerer, node: fx.Node, _module: Any):
+@EXTENSION.lowering("values")
+def _lower_values(lw: LoweringContext, node: fx.Node, _module: Any):
     base = node.args[0]
     if not _padded(lw, base):
         return None
-    return lw._from_parts(key_slices(lw, base, list(base.meta[VALUE_KEY].keys)))
+    return lw.from_parts(key_slices(lw, base, list(base.meta[VALUE_KEY].keys)))
 
 
-@register_lowering("to_dict")
-def _lower_to_dict(lw: Lowerer, node: fx.Node, _module: Any):
+@EXTENSION.lowering("to_dict")
+def _lower_to_dict(lw: LoweringContext, node: fx.Node, _module: Any):
     base = node.args[0]
     if not _padded(lw, base):
         return None
@@ -206,12 +206,12 @@ def _lower_to_dict(lw: Lowerer, node: fx.Node, _module: Any):
     return KeyedSeq(tuple(key_slices(lw, base, [k])[0][2] for k in keys), keys)
 
 
-@register_lowering(operator.getitem)
-def _lower_getitem(lw: Lowerer, node: fx.Node, _module: Any):
+@EXTENSION.lowering(operator.getitem, priority=10)  # before the core's column pieces
+def _lower_getitem(lw: LoweringContext, node: fx.Node, _module: Any):
     base, key = node.args
     if not isinstance(key, str):
         return None
-    value = lw._value(base)
+    value = lw.value(base)
     if isinstance(value, KeyedSeq):
         return value.get(key)
     if not _padded(lw, base):
@@ -221,12 +221,12 @@ def _lower_getitem(lw: Lowerer, node: fx.Node, _module: Any):
     # an EmbeddingCollection's dict of JaggedTensors: a user key's first U bags are its users'
     bag = _new_node(lw, "call_function", operator.getitem, (value.node, key), N)
     if base.meta[TAG_KEY].get(key).side != Side.USER:
-        return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, lw._num_candidates()), N), N, node)
+        return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, lw.num_candidates()), N), N, node)
     users = _state(lw).padded_out[base]
     return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, users), U), U, node)
 
 
-def _regroup_parts(lw: Lowerer, keyed_tensors: List[fx.Node], group: List[str]):
+def _regroup_parts(lw: LoweringContext, keyed_tensors: List[fx.Node], group: List[str]):
     parts, run_src, run_keys = [], None, []
     for key in group + [None]:
         src = source_of(lambda kt: kt.meta[VALUE_KEY], keyed_tensors, key) if key is not None else None
@@ -236,11 +236,11 @@ def _regroup_parts(lw: Lowerer, keyed_tensors: List[fx.Node], group: List[str]):
         run_src = src
         if key is not None:
             run_keys.append(key)
-    return lw._from_parts(parts)
+    return lw.from_parts(parts)
 
 
-@register_lowering(*REGROUPS, KeyedTensor.regroup_as_dict)
-def _lower_regroup(lw: Lowerer, node: fx.Node, _module: Any):
+@EXTENSION.lowering(*REGROUPS, KeyedTensor.regroup_as_dict)
+def _lower_regroup(lw: LoweringContext, node: fx.Node, _module: Any):
     keyed_tensors, groups = node.args[0], node.args[1]
     if not isinstance(node.meta[TAG_KEY], KeyedTag if node.target is KeyedTensor.regroup_as_dict else SeqTag):
         return None  # the rule found no KeyedTensor layout: computed as in the pair model

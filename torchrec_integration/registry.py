@@ -16,11 +16,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.quant import embedding_modules as quant
 
-from mari_fx.capture import register_leaf_module
-from mari_fx.lower import register_lowering, register_row_gather
-from mari_fx.rules import register as register_rule
+from mari_fx.registry import install
 
 from . import inputs, jagged, lowering, summaries
+from .extension import EXTENSION
 from .rules import POOLED, SEQUENCE, embedding_rule
 
 DEFAULT_EMBEDDING_MODULES = {
@@ -51,15 +50,17 @@ def register_embedding_module(cls: Type[nn.Module], kind: str = POOLED) -> None:
         >>> tri.register_embedding_module(MyEBC)
         >>> tri.lowering.EMBEDDING_KINDS[MyEBC]
         'pooled'
+        >>> tri.EXTENSION.table("rules")[MyEBC] is tri.rules.embedding_rule
+        True
     """
     if kind not in (POOLED, SEQUENCE):
         raise ValueError(f"kind must be {POOLED!r} or {SEQUENCE!r}, got {kind!r}")
-    if cls in lowering.EMBEDDING_KINDS:
+    if cls in lowering.EMBEDDING_KINDS.keys():
         return
-    lowering.EMBEDDING_KINDS[cls] = kind
-    register_leaf_module(cls, share=True)
-    register_rule(cls)(embedding_rule)
-    register_lowering(cls)(lowering.lower_embedding)
+    lowering.EMBEDDING_KINDS.add(cls, kind)
+    EXTENSION.leaf_module(cls, share=True)
+    EXTENSION.rule(cls)(embedding_rule)
+    EXTENSION.lowering(cls)(lowering.lower_embedding)
 
 
 def _gathered(info) -> bool:
@@ -70,9 +71,12 @@ def _gathered(info) -> bool:
 
 
 def register_all() -> None:
-    summaries.register()
-    inputs.register()
-    for cls, kind in DEFAULT_EMBEDDING_MODULES.items():
-        register_embedding_module(cls, kind)
-    register_leaf_module(ShardedModule, share=True)  # any other sharded module: one call, never copied
-    register_row_gather(_gathered, jagged.select_rows)
+    """Fill :data:`EXTENSION` (once) and install it: what ``import torchrec_integration`` does."""
+    if not EXTENSION.table("leaf_modules").keys():
+        summaries.register()
+        inputs.register()
+        for cls, kind in DEFAULT_EMBEDDING_MODULES.items():
+            register_embedding_module(cls, kind)
+        EXTENSION.leaf_module(ShardedModule, share=True)  # any other sharded module: one call, never copied
+        EXTENSION.row_gather(_gathered, jagged.select_rows)
+    install(EXTENSION)

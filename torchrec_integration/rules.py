@@ -18,10 +18,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from torchrec.sparse import jagged_tensor as jt_mod
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from mari_fx.rules import RuleContext, register, register_before, unknown
+from mari_fx.rules import PRIORITY_BEFORE, RuleContext, unknown
 from mari_fx.tags import CONST, Segment, SeqTag, Side, Tag, TensorTag, join_all
 
 from . import jagged
+from .extension import EXTENSION
 from .summaries import JaggedTensorInfo, KeyedTensorInfo, KJTInfo
 
 _KJT_OUTSIDE = "a KeyedJaggedTensor read outside an embedding module is computed at N rows"
@@ -73,7 +74,7 @@ def key_tag(ctx: RuleContext, node: Any, key: str) -> TensorTag:
 
 
 # --------------------------------------------------------------------------- the request's KJT
-@register(jagged.pair_kjt)
+@EXTENSION.rule(jagged.pair_kjt)
 def _pair_kjt(ctx: RuleContext) -> Tag:
     tags: Dict[str, TensorTag] = {}
     for part in ctx.args[:2]:
@@ -99,7 +100,7 @@ def embedding_rule(ctx: RuleContext) -> Tag:
 
 
 # --------------------------------------------------------------------------- KeyedTensor / dict accessors
-@register_before("values")
+@EXTENSION.rule("values", priority=PRIORITY_BEFORE)
 def _values(ctx: RuleContext) -> Optional[Tag]:
     base = ctx.arg(0)
     if isinstance(ctx.value(base), KeyedTensorInfo):
@@ -112,7 +113,7 @@ def _values(ctx: RuleContext) -> Optional[Tag]:
     return None
 
 
-@register_before("to_dict")
+@EXTENSION.rule("to_dict", priority=PRIORITY_BEFORE)
 def _to_dict(ctx: RuleContext) -> Optional[Tag]:
     base = ctx.arg(0)
     info = ctx.value(base)
@@ -124,7 +125,7 @@ def _to_dict(ctx: RuleContext) -> Optional[Tag]:
     return None
 
 
-@register_before(operator.getitem)
+@EXTENSION.rule(operator.getitem, priority=PRIORITY_BEFORE)
 def _getitem(ctx: RuleContext) -> Optional[Tag]:
     base, key = ctx.arg(0), ctx.arg(1)
     tag = ctx.tag(base)
@@ -135,7 +136,7 @@ def _getitem(ctx: RuleContext) -> Optional[Tag]:
     return None
 
 
-@register_before("keys", "length_per_key", "offset_per_key", "key_dim", jt_mod._all_keys_used_once)
+@EXTENSION.rule("keys", "length_per_key", "offset_per_key", "key_dim", jt_mod._all_keys_used_once, priority=PRIORITY_BEFORE)
 def _key_structure(ctx: RuleContext) -> Optional[Tag]:
     """Key names and widths: the same for every request."""
     if any(isinstance(ctx.value(n), (KeyedTensorInfo, KJTInfo)) or isinstance(ctx.tag(n), KeyedTag)
@@ -171,14 +172,14 @@ def _all_keyed(ctx: RuleContext, keyed_tensors: Any) -> bool:
 REGROUPS = (jt_mod._regroup_keyed_tensors, jt_mod._fbgemm_permute_pooled_embs, KeyedTensor.regroup)
 
 
-@register(*REGROUPS)
+@EXTENSION.rule(*REGROUPS)
 def _regroup(ctx: RuleContext) -> Tag:
     keyed_tensors, groups = ctx.arg(0, "keyed_tensors"), ctx.arg(1, "groups")
     tags = _group_tags(ctx, keyed_tensors, groups) if _all_keyed(ctx, keyed_tensors) else None
     return unknown(ctx) if tags is None else SeqTag(tuple(tags))
 
 
-@register(KeyedTensor.regroup_as_dict)
+@EXTENSION.rule(KeyedTensor.regroup_as_dict)
 def _regroup_as_dict(ctx: RuleContext) -> Tag:
     keyed_tensors, groups, keys = ctx.arg(0, "keyed_tensors"), ctx.arg(1, "groups"), ctx.arg(2, "keys")
     tags = _group_tags(ctx, keyed_tensors, groups) if _all_keyed(ctx, keyed_tensors) else None
@@ -186,7 +187,7 @@ def _regroup_as_dict(ctx: RuleContext) -> Tag:
 
 
 # --------------------------------------------------------------------------- JaggedTensor (sequence embeddings)
-@register_before("to_padded_dense")
+@EXTENSION.rule("to_padded_dense", priority=PRIORITY_BEFORE)
 def _to_padded_dense(ctx: RuleContext) -> Optional[Tag]:
     """``jt.to_padded_dense(L)``: one [L, D] block per bag, so row b depends on bag b only."""
     if isinstance(ctx.value(ctx.arg(0)), JaggedTensorInfo):

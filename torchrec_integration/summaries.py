@@ -14,7 +14,9 @@ import torch
 from torchrec.distributed.types import LazyAwaitable
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from mari_fx.example_prop import register_summary, summarize
+from mari_fx.example_prop import summarize
+
+from .extension import EXTENSION
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ def _jt(v: JaggedTensor) -> JaggedTensorInfo:
 
 
 def register() -> None:
-    register_summary(lambda v: isinstance(v, KeyedJaggedTensor), _kjt)
-    register_summary(lambda v: isinstance(v, KeyedTensor), _kt)
-    register_summary(lambda v: isinstance(v, JaggedTensor), _jt)
+    EXTENSION.summary(lambda v: isinstance(v, KeyedJaggedTensor), _kjt)
+    EXTENSION.summary(lambda v: isinstance(v, KeyedTensor), _kt)
+    EXTENSION.summary(lambda v: isinstance(v, JaggedTensor), _jt)
     # a sharded module returns a LazyAwaitable: summarize what it resolves to
-    register_summary(lambda v: isinstance(v, LazyAwaitable), lambda v: summarize(LazyAwaitable._wait_async(v)))
+    EXTENSION.summary(lambda v: isinstance(v, LazyAwaitable), lambda v: summarize(LazyAwaitable._wait_async(v)))

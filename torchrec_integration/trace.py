@@ -27,6 +27,6 @@ def symbolic_trace(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = N
     """
     if isinstance(model, DistributedModelParallel):
         model = model.module
-    leaves = tuple(EMBEDDING_KINDS) + (ShardedModule,)
+    leaves = tuple(EMBEDDING_KINDS.keys()) + (ShardedModule,)
     names = sorted({type(m).__name__ for m in model.modules() if isinstance(m, leaves)})
     return torchrec.fx.symbolic_trace(model, concrete_args=concrete_args, leaf_modules=names)

@@ -1,0 +1,37 @@
+"""Every ``meta`` key mari_fx writes, in one place (namespaced ``"mari_fx.*"``; values immutable).
+
+The modules that used to define these re-export them (``mari_fx.tags.TAG_KEY`` ...), so
+either import works.
+
+Per node (``node.meta``):
+
+* :data:`VALUE_KEY` -- the example run's summary of the node's value (``TensorInfo`` ...);
+* :data:`TAG_KEY` -- the node's tag (``TensorTag`` / ``SeqTag``): which side it depends on;
+* :data:`NOTE_KEY` -- why a node was tagged MIXED although no item data reached it;
+* :data:`ELEM_KEY` -- element maps where user data left the last dim (field layouts);
+* :data:`FACT_KEY` -- a fact functionalize proved about a node (e.g. a static int);
+* :data:`FUNCTIONALIZED_KEY` -- on rewritten nodes: the in-place op they replace;
+* :data:`ROWS_KEY` -- on transformed graphs: ``"U"``, ``"N"`` or ``"C"`` (batch-free).
+
+Per module (``GraphModule.meta``):
+
+* :data:`EXAMPLE_KEY` -- the flat, pair-shaped example inputs by placeholder name;
+* :data:`REQUEST_KEY` -- the :class:`~mari_fx.inputs.RequestSpec`;
+* :data:`RECORD_KEY` -- the :class:`~mari_fx.record.Record` of what was split, hoisted, refused;
+* :data:`ROUTE_KEY` -- which capture route made the graph;
+* :data:`EXTENSIONS_KEY` -- the :class:`~mari_fx.registry.Extension` objects it was made with.
+"""
+
+VALUE_KEY = "mari_fx.value"
+TAG_KEY = "mari_fx.tag"
+NOTE_KEY = "mari_fx.note"
+ELEM_KEY = "mari_fx.elements"
+FACT_KEY = "mari_fx.fact"
+FUNCTIONALIZED_KEY = "mari_fx.functionalized"
+ROWS_KEY = "mari_fx.rows"
+
+EXAMPLE_KEY = "mari_fx.example"
+REQUEST_KEY = "mari_fx.request"
+RECORD_KEY = "mari_fx.record"
+ROUTE_KEY = "mari_fx.capture"
+EXTENSIONS_KEY = "mari_fx.extensions"
