@@ -14,19 +14,12 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
+from . import targets
 from .example_prop import VALUE_KEY, TensorInfo
 from .lower import LAZY_BUILDERS, N, U, Combo, LoweringContext, Rows
 
-_LINEAR_OPS = {
-    operator.add: (1.0, 1.0), torch.add: (1.0, 1.0), "add": (1.0, 1.0), "__add__": (1.0, 1.0),
-    torch.ops.aten.add.Tensor: (1.0, 1.0),
-    operator.sub: (1.0, -1.0), torch.sub: (1.0, -1.0), "sub": (1.0, -1.0), "__sub__": (1.0, -1.0),
-    torch.ops.aten.sub.Tensor: (1.0, -1.0),
-}
-_NEG_OPS = (operator.neg, torch.neg, "neg", "__neg__", torch.ops.aten.neg.default)
-_MUL_OPS = (operator.mul, torch.mul, "mul", "__mul__", "__rmul__", torch.ops.aten.mul.Tensor)
-_DIV_OPS = (operator.truediv, torch.div, "div", "__truediv__", torch.ops.aten.div.Tensor)
-_SUM_OPS = (torch.sum, "sum", torch.ops.aten.sum.dim_IntList)
+_LINEAR_OPS = {**{t: (1.0, 1.0) for t in targets.ADD}, **{t: (1.0, -1.0) for t in targets.SUB}}
+_NEG_OPS, _MUL_OPS, _DIV_OPS, _SUM_OPS = targets.NEG, targets.MUL, targets.DIV, targets.SUM
 
 
 def _as_combo(lw: LoweringContext, node: fx.Node) -> Optional[Combo]:

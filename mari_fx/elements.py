@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import rules
+from . import rules, targets
 from .arguments import bind, nodes_in
 from .example_prop import VALUE_KEY, TensorInfo
 from .tags import TAG_KEY, SeqTag, Side, TensorTag
@@ -555,8 +555,7 @@ def _embedding(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
 
 _KINDS = [
     (_LAYOUT_FUNCS | _LAYOUT_METHODS - {"getitem", "__getitem__"}, _layout),
-    (set(rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._UNARY_MODULES + rules._BINARY_FUNCS
-         + rules._BINARY_METHODS) - {"to", "type", "type_as"}, _elementwise),
+    ((targets.ELEMENTWISE | set(targets.UNARY_MODULES)) - {"to", "type", "type_as"}, _elementwise),
     ({torch.sum, torch.mean, torch.amax, torch.amin, torch.prod, "sum", "mean", "amax", "amin", "prod",
       aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default}, _reduction),
     ({torch.softmax, F.softmax, torch.log_softmax, F.log_softmax, "softmax", "log_softmax", torch.cumsum,

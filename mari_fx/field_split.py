@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.fx as fx
 
-from . import rules
+from . import rules, targets
 from .elements import ELEM_KEY, element_map, has_user
 from .example_prop import VALUE_KEY, TensorInfo
 from .lower import C, N, U, Combo, LoweringContext, Pieces, Rows, Seq, Value, register_lowering
@@ -144,7 +144,4 @@ class _UserCone:
         return new
 
 
-register_lowering(*{t for t in (
-    torch.nn.Linear, torch.nn.functional.linear, torch.matmul, rules.operator.matmul, torch.mm, "matmul", "mm",
-    "__matmul__", torch.addmm, torch.ops.aten.linear.default, torch.ops.aten.matmul.default,
-    torch.ops.aten.mm.default)}, priority=20)(_lower_field_linear)  # before the gram and piece splits
+register_lowering(*targets.LINEAR_LIKE, priority=20)(_lower_field_linear)  # before the gram and piece splits

@@ -20,14 +20,14 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from . import rules
+from . import rules, targets
 from .example_prop import VALUE_KEY, TensorInfo
 from .lower import LAZY_BUILDERS, register_lowering, N, U, Blocks, Combo, Lazy, LoweringContext, Pieces, Rows, Value
 from .tags import ROWS_KEY
 
-_ELEMENTWISE = set(rules._UNARY_FUNCS + rules._UNARY_METHODS + rules._BINARY_FUNCS + rules._BINARY_METHODS)
+_ELEMENTWISE = targets.ELEMENTWISE
 aten = torch.ops.aten
-_TRANSPOSES = (torch.transpose, "transpose", "permute", torch.permute, aten.transpose.int, aten.permute.default)
+_TRANSPOSES = targets.TRANSPOSE + targets.PERMUTE
 
 
 def _ndim(a: Any) -> Optional[int]:
@@ -39,15 +39,15 @@ def _as_blocks(lw: LoweringContext, node: fx.Node) -> Optional[Value]:
     if node.op not in ("call_function", "call_method"):
         return None
     t = node.target
-    if t in (torch.cat, torch.concat, torch.concatenate, aten.cat.default):
+    if t in targets.CAT:
         return _cat_blocks(lw, node)
     if t in _ELEMENTWISE:
         return _elementwise_blocks(lw, node)
-    if t in (torch.sum, "sum", aten.sum.dim_IntList):
+    if t in targets.SUM:
         return _sum_blocks(lw, node)
     if t in _TRANSPOSES and _is_blocks(lw, lw.arg(node, 0, "input", None)):
         return Lazy(node)  # wait: a block product may not need it concatenated
-    if t in (torch.flatten, "flatten", aten.flatten.using_ints):
+    if t in targets.FLATTEN:
         return _flatten_blocks(lw, node)
     return None
 
@@ -122,10 +122,10 @@ def _is_transpose_of(lw: LoweringContext, b: fx.Node, a: fx.Node) -> bool:
             and lw.arg(b, 0, "input") is a):
         return False
     ndim = _ndim(a)
-    if b.target in (torch.transpose, "transpose", aten.transpose.int):
+    if b.target in targets.TRANSPOSE:
         dims = (lw.arg(b, 1, "dim0"), lw.arg(b, 2, "dim1"))
         return ndim == 3 and all(isinstance(d, int) for d in dims) and {d % 3 for d in dims} == {1, 2}
-    if b.target in ("permute", torch.permute, aten.permute.default):
+    if b.target in targets.PERMUTE:
         dims = b.args[1] if len(b.args) == 2 and isinstance(b.args[1], (list, tuple)) else b.args[1:]
         return ndim == 3 and list(dims) == [0, 2, 1]
     return False
@@ -163,5 +163,4 @@ def _lower_gram(lw: LoweringContext, node: fx.Node, _module) -> Optional[Value]:
 
 
 LAZY_BUILDERS.add("field_blocks", _as_blocks, priority=10)
-register_lowering(torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul, "__matmul__", aten.bmm.default,
-                  aten.matmul.default, priority=10)(_lower_gram)  # before the column-piece split
+register_lowering(*targets.BMM, *targets.MATMUL, priority=10)(_lower_gram)  # before the column-piece split

@@ -10,12 +10,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import rules
+from . import rules, targets
 from .example_prop import VALUE_KEY
 from .lower import LoweringContext, Pieces, Seq, Value, register_lowering
 from .tags import TAG_KEY
 
-@register_lowering(torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
+@register_lowering(*targets.CAT)
 def _lower_cat(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     if not node.meta[TAG_KEY].has_user_columns:
         return None
@@ -84,9 +84,7 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     return rules.static_int(rules.RuleContext(node).arg(i, name, default))
 
 
-@register_lowering(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
-           torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
-           torch.ops.aten.tensor_split.sections)
+@register_lowering(*targets.SPLIT, *targets.ATEN_SPLIT)
 def _lower_split(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     x = lw.arg(node, 0, ("input", "tensor"))
     if not isinstance(x, fx.Node) or not isinstance(lw.value(x), Pieces):
@@ -102,7 +100,7 @@ def _lower_split(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     return Seq(tuple(lw.select_columns(x, lo, hi, prefix) for lo, hi in bounds))
 
 
-@register_lowering(torch.narrow, "narrow", torch.ops.aten.narrow.default)
+@register_lowering(*targets.NARROW)
 def _lower_narrow(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     x, dim, start, length = (_arg(node, i, n) for i, n in enumerate(("input", "dim", "start", "length")))
     if not isinstance(x, fx.Node) or not isinstance(lw.value(x), Pieces):
@@ -124,7 +122,7 @@ def _lower_elementwise(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value
     return Pieces(tuple(parts))
 
 
-register_lowering(*(t for t in rules.PIECEWISE if t != "view"))(_lower_elementwise)
+register_lowering(*(t for t in targets.PIECEWISE if t != "view"))(_lower_elementwise)
 
 
 @register_lowering("view")

@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import registry as _registry
+from . import registry as _registry, targets
 from .arguments import bind, nodes_in
 from .example_prop import VALUE_KEY, TensorInfo
 from .tags import CONST, NOTE_KEY, TAG_KEY, Segment, SeqTag, Side, Tag, TensorTag, join_all
@@ -362,59 +362,13 @@ def constant_if_constant(rule: Rule) -> Rule:
 
 
 # --------------------------------------------------------------------------- elementwise
-_UNARY_FUNCS = [
-    torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.mish,
-    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid,
-    F.logsigmoid, torch.exp, torch.log, torch.log1p, torch.expm1, torch.abs, torch.neg, operator.neg,
-    operator.pos, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.sign, torch.erf,
-    torch.sin, torch.cos, torch.nan_to_num, torch.reciprocal, torch.logical_not, torch.isnan, torch.floor,
-    torch.ceil, torch.round, torch.trunc,
-]
-_UNARY_METHODS = [
-    "relu", "sigmoid", "tanh", "exp", "log", "log1p", "expm1", "abs", "neg", "sqrt", "rsqrt", "square",
-    "clamp", "clip", "sign", "erf", "sin", "cos", "reciprocal", "nan_to_num", "floor", "ceil", "round",
-    "float", "double", "half", "bfloat16", "long", "int", "bool", "type", "type_as", "to", "contiguous",
-    "clone", "detach", "logical_not", "isnan",
-]
-_UNARY_MODULES = [
-    nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Identity,
-]
-_BINARY_FUNCS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
-    operator.mod, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-    operator.and_, operator.or_, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply,
-    torch.div, torch.divide, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where,
-    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or,
-    torch.masked_fill, torch.lerp, torch.addcmul, torch.addcdiv, torch.rsub,
-]
-_BINARY_METHODS = [
-    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "masked_fill", "eq", "ne", "lt", "le", "gt",
-    "ge", "lerp", "addcmul", "where", "logical_and", "logical_or",
-    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-]
-
-# The same ops as torch.export writes them (models fx cannot trace are captured that way).
+_UNARY_FUNCS, _UNARY_METHODS, _UNARY_MODULES = targets.UNARY_FUNCS, targets.UNARY_METHODS, targets.UNARY_MODULES
+_BINARY_FUNCS, _BINARY_METHODS = targets.BINARY_FUNCS, targets.BINARY_METHODS
 aten = torch.ops.aten
-_UNARY_FUNCS += [
-    aten.relu.default, aten.sigmoid.default, aten.tanh.default, aten.gelu.default, aten.silu.default,
-    aten.exp.default, aten.log.default, aten.neg.default, aten.abs.default, aten.sqrt.default,
-    aten.rsqrt.default, aten.clamp.default, aten.leaky_relu.default, aten.elu.default, aten.hardtanh.default,
-    aten.softplus.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten.to.dtype, aten._to_copy.default, aten.square.default, aten.reciprocal.default, aten.log1p.default,
-]
-_BINARY_FUNCS += [
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
-    aten.maximum.default, aten.minimum.default, aten.where.self, aten.masked_fill.Scalar, aten.rsub.Scalar,
-    aten.eq.Tensor, aten.eq.Scalar, aten.gt.Scalar, aten.lt.Scalar,
-]
 register(*_UNARY_FUNCS, *_UNARY_METHODS, *_UNARY_MODULES)(constant_if_constant(elementwise))
 register(*_BINARY_FUNCS, *_BINARY_METHODS)(constant_if_constant(elementwise))
-_DROPOUTS = [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout, torch.dropout, "dropout"]
-# The ops mari_fx.pieces lowers piece by piece: the only ones whose output may keep column segments
-# (``view`` only as a same-size dtype view), so that a rule never promises pieces the lowering lacks.
-PIECEWISE = frozenset(_UNARY_FUNCS + _UNARY_METHODS + _UNARY_MODULES + _BINARY_FUNCS + _BINARY_METHODS
-                      + _DROPOUTS + ["view"])
+_DROPOUTS = targets.DROPOUTS
+PIECEWISE = targets.PIECEWISE
 
 
 @register_before(torch.where)
@@ -1259,14 +1213,8 @@ def _aten_select(ctx: RuleContext) -> Tag:
 
 # --------------------------------------------------------------------------- more torch.export spellings
 # Comparisons and selections follow their operands; metadata asserts return nothing (no data).
-_MORE_ATEN_ELEMENTWISE = [
-    aten.ne.Scalar, aten.ne.Tensor, aten.ge.Scalar, aten.le.Scalar, aten.gt.Tensor, aten.lt.Tensor, aten.ge.Tensor,
-    aten.le.Tensor, aten.logical_and.default, aten.logical_or.default, aten.logical_not.default,
-    aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Tensor, aten.mul.Scalar, aten.add.Scalar,
-    aten.sub.Scalar, aten.div.Scalar,
-]
+_MORE_ATEN_ELEMENTWISE = targets.ATEN_MORE_ELEMENTWISE
 _MORE_ATEN_ELEMENTWISE = [t for t in _MORE_ATEN_ELEMENTWISE if t not in RULES]
-_BINARY_FUNCS += _MORE_ATEN_ELEMENTWISE  # the column-piece lowering applies them piece by piece too
 register(*_MORE_ATEN_ELEMENTWISE)(constant_if_constant(elementwise))
 register(*[t for t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                        aten.sym_constrain_range_for_size.default) if t not in RULES])(lambda ctx: CONST)

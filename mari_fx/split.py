@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import rules
+from . import rules, targets
 from .example_prop import VALUE_KEY, TensorInfo
 from .lower import N, U, Combo, LoweringContext, Pieces, Rows, Value, register_lowering
 from .modules import SplitLinear, SplitSource
@@ -53,20 +53,19 @@ def _linear_view(lw: LoweringContext, node: fx.Node, module) -> Optional[_Linear
     t, args = node.target, lw.args(node)  # by name, as the rules read them
     if args is None:
         return None
-    if t in (F.linear, torch.ops.aten.linear.default):
+    if t in targets.LINEAR:
         w, b_arg = _param(lw, args["weight"]), args.get("bias")
         b = _param(lw, b_arg) if b_arg is not None else None
         bad = w is None or (b_arg is not None and b is None)
         return _LinearView(args["input"], w, b, node.name, "weight or bias is not a parameter" if bad else "",
                            (_path(args["weight"]), _path(b_arg), False))
-    if t in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", torch.ops.aten.matmul.default,
-             torch.ops.aten.mm.default):
+    if t in targets.MATMUL:
         w_arg = args.get("other", args.get("mat2"))
         w = _param(lw, w_arg)
         ok = w is not None and w.dim() == 2
         return _LinearView(args["input"], w.t() if ok else None, None, node.name,
                            "" if ok else "right operand is not a 2-d parameter", (_path(w_arg), None, True))
-    if t in (torch.addmm, torch.ops.aten.addmm.default):
+    if t in targets.ADDMM:
         b, w = _param(lw, args["input"]), _param(lw, args["mat2"])
         ok = w is not None and b is not None and args.get("beta", 1) == 1 and args.get("alpha", 1) == 1
         return _LinearView(args["mat1"], w.t() if ok else None, b, node.name,
@@ -227,6 +226,4 @@ def _has_attr_path(gm, path: str) -> bool:
     return True
 
 
-register_lowering(nn.Linear, F.linear, torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__",
-                  torch.addmm, torch.ops.aten.linear.default, torch.ops.aten.matmul.default,
-                  torch.ops.aten.mm.default)(_lower_linear)
+register_lowering(*targets.LINEAR_LIKE)(_lower_linear)

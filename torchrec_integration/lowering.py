@@ -135,7 +135,7 @@ def _lower_pair_kjt(lw: LoweringContext, node: fx.Node, _module: Any) -> Rows:
 # --------------------------------------------------------------------------- embedding modules
 def lower_embedding(lw: LoweringContext, node: fx.Node, module: Any) -> Optional[Rows]:
     """Call the module once on the padded KJT; cut user-only results to their U rows."""
-    src = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    src = lw.arg(node, 0, "features")
     pad = _state(lw).padded.get(src)
     if pad is None or not takes_padding(lw, node):
         return None
@@ -241,10 +241,10 @@ def _regroup_parts(lw: LoweringContext, keyed_tensors: List[fx.Node], group: Lis
 
 @EXTENSION.lowering(*REGROUPS, KeyedTensor.regroup_as_dict)
 def _lower_regroup(lw: LoweringContext, node: fx.Node, _module: Any):
-    keyed_tensors, groups = node.args[0], node.args[1]
+    keyed_tensors, groups = lw.arg(node, 0, "keyed_tensors"), lw.arg(node, 1, "groups")
     if not isinstance(node.meta[TAG_KEY], KeyedTag if node.target is KeyedTensor.regroup_as_dict else SeqTag):
         return None  # the rule found no KeyedTensor layout: computed as in the pair model
     items = tuple(_regroup_parts(lw, list(keyed_tensors), list(g)) for g in groups)
     if node.target is KeyedTensor.regroup_as_dict:
-        return KeyedSeq(items, tuple(node.args[2]))
+        return KeyedSeq(items, tuple(lw.arg(node, 2, "keys")))
     return Seq(items)

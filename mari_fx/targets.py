@@ -1,0 +1,113 @@
+"""The op families mari_fx knows, each with its torch function, Tensor-method, module and ATen
+(torch.export) spellings side by side: defined once, shared by the tag rules
+(:mod:`mari_fx.rules`), the element maps (:mod:`mari_fx.elements`) and the lowerings, so a rule
+never promises a structure its lowering does not handle for some spelling.
+
+Example:
+    >>> import torch
+    >>> torch.cat in CAT and torch.ops.aten.cat.default in CAT
+    True
+    >>> "relu" in PIECEWISE and "view" in PIECEWISE
+    True
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+# --------------------------------------------------------------------------- elementwise
+UNARY_FUNCS = [
+    torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.mish,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid,
+    F.logsigmoid, torch.exp, torch.log, torch.log1p, torch.expm1, torch.abs, torch.neg, operator.neg,
+    operator.pos, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.sign, torch.erf,
+    torch.sin, torch.cos, torch.nan_to_num, torch.reciprocal, torch.logical_not, torch.isnan, torch.floor,
+    torch.ceil, torch.round, torch.trunc,
+]
+UNARY_METHODS = [
+    "relu", "sigmoid", "tanh", "exp", "log", "log1p", "expm1", "abs", "neg", "sqrt", "rsqrt", "square",
+    "clamp", "clip", "sign", "erf", "sin", "cos", "reciprocal", "nan_to_num", "floor", "ceil", "round",
+    "float", "double", "half", "bfloat16", "long", "int", "bool", "type", "type_as", "to", "contiguous",
+    "clone", "detach", "logical_not", "isnan",
+]
+UNARY_MODULES = [
+    nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Identity,
+]
+BINARY_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.mod, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    operator.and_, operator.or_, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply,
+    torch.div, torch.divide, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or,
+    torch.masked_fill, torch.lerp, torch.addcmul, torch.addcdiv, torch.rsub,
+]
+BINARY_METHODS = [
+    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "masked_fill", "eq", "ne", "lt", "le", "gt",
+    "ge", "lerp", "addcmul", "where", "logical_and", "logical_or",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+]
+
+# The same ops as torch.export writes them (models fx cannot trace are captured that way).
+UNARY_FUNCS += [
+    aten.relu.default, aten.sigmoid.default, aten.tanh.default, aten.gelu.default, aten.silu.default,
+    aten.exp.default, aten.log.default, aten.neg.default, aten.abs.default, aten.sqrt.default,
+    aten.rsqrt.default, aten.clamp.default, aten.leaky_relu.default, aten.elu.default, aten.hardtanh.default,
+    aten.softplus.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.to.dtype, aten._to_copy.default, aten.square.default, aten.reciprocal.default, aten.log1p.default,
+]
+BINARY_FUNCS += [
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
+    aten.maximum.default, aten.minimum.default, aten.where.self, aten.masked_fill.Scalar, aten.rsub.Scalar,
+    aten.eq.Tensor, aten.eq.Scalar, aten.gt.Scalar, aten.lt.Scalar,
+]
+
+DROPOUTS = [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout, torch.dropout, "dropout"]
+# The ops mari_fx.pieces lowers piece by piece: the only ones whose output may keep column segments
+# (``view`` only as a same-size dtype view), so that a rule never promises pieces the lowering lacks.
+PIECEWISE = frozenset(UNARY_FUNCS + UNARY_METHODS + UNARY_MODULES + BINARY_FUNCS + BINARY_METHODS
+                      + DROPOUTS + ["view"])
+
+# Comparisons and selections as torch.export writes them (elementwise; not lowered piece by piece).
+ATEN_MORE_ELEMENTWISE = [
+    aten.ne.Scalar, aten.ne.Tensor, aten.ge.Scalar, aten.le.Scalar, aten.gt.Tensor, aten.lt.Tensor, aten.ge.Tensor,
+    aten.le.Tensor, aten.logical_and.default, aten.logical_or.default, aten.logical_not.default,
+    aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Tensor, aten.mul.Scalar, aten.add.Scalar,
+    aten.sub.Scalar, aten.div.Scalar,
+]
+# Every elementwise spelling (functions and methods; modules are matched by class elsewhere).
+ELEMENTWISE = frozenset(UNARY_FUNCS + UNARY_METHODS + BINARY_FUNCS + BINARY_METHODS + ATEN_MORE_ELEMENTWISE)
+
+# --------------------------------------------------------------------------- linear algebra
+LINEAR = (nn.Linear, F.linear, aten.linear.default)
+MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", aten.matmul.default,
+          aten.mm.default)
+ADDMM = (torch.addmm, aten.addmm.default)
+BMM = (torch.bmm, "bmm", aten.bmm.default)
+LINEAR_LIKE = LINEAR + MATMUL + ADDMM  # what the MaRI split (mari_fx.split) rewrites
+
+# --------------------------------------------------------------------------- reductions
+SUM = (torch.sum, "sum", aten.sum.dim_IntList)
+
+# --------------------------------------------------------------------------- shapes
+TRANSPOSE = (torch.transpose, "transpose", aten.transpose.int)
+PERMUTE = (torch.permute, "permute", aten.permute.default)
+FLATTEN = (torch.flatten, "flatten", aten.flatten.using_ints)
+
+# --------------------------------------------------------------------------- cat / stack / split
+CAT = (torch.cat, torch.concat, torch.concatenate, aten.cat.default)
+SPLIT = (torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")
+ATEN_SPLIT = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections)
+NARROW = (torch.narrow, "narrow", aten.narrow.default)
+
+# --------------------------------------------------------------------------- linear combinations
+ADD = (operator.add, torch.add, "add", "__add__", aten.add.Tensor)
+SUB = (operator.sub, torch.sub, "sub", "__sub__", aten.sub.Tensor)
+NEG = (operator.neg, torch.neg, "neg", "__neg__", aten.neg.default)
+MUL = (operator.mul, torch.mul, "mul", "__mul__", "__rmul__", aten.mul.Tensor)
+DIV = (operator.truediv, torch.div, "div", "__truediv__", aten.div.Tensor)
