@@ -159,10 +159,10 @@ def _profile_compare(a, b, calls: int = 5) -> List[Tuple[str, float, float, int,
     return rows
 
 
-def profile_misses(subjects, rows: Sequence[Dict[str, Any]], args) -> Dict[str, Any]:
-    """Op-level profiles (eager) of the comparisons behind every missed target of these subjects."""
-    from .run import runner
-
+def profile_misses(subjects, rows: Sequence[Dict[str, Any]], args, runner) -> Dict[str, Any]:
+    """Op-level profiles (eager) of the comparisons behind every missed target of these subjects;
+    ``runner(subject, variant, mode)`` builds the callables (bench.run's: passed in, so this
+    module never imports the runner)."""
     name = subjects[0].name
     mine = [r for r in rows if r["model"] == name]
     out: Dict[str, Any] = {}

@@ -407,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 if mode != "eager":
                     meta[f"{name}/{s.layout}"][f"build_s {variant} [{mode}]"] = secs
         if args.profile:
-            profiles.update(report.profile_misses(subjects, rows, args))
+            profiles.update(report.profile_misses(subjects, rows, args, runner))
         del subjects
         if args.compile:
             torch._dynamo.reset()
