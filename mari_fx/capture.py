@@ -1,6 +1,7 @@
 """Capture stage: turn a model into a torch.fx GraphModule (never mutating it)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import operator
@@ -105,10 +106,13 @@ def capture(
     if isinstance(model, fx.GraphModule):
         return model
     tracer = MariTracer(leaf_modules or ())
-    before = state_versions(model)
     try:
-        with guard_state(model):
+        with private_state(model), guard_state(model):
+            before = state_versions(model)
             graph = tracer.trace(model)
+            _refuse_state_assignments(model)
+            # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
+            check_state(model, before, "tracing the model")
     except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         why = next((hint for key, hint in _HINTS if key in str(e)), None)
@@ -122,12 +126,62 @@ def capture(
             raise TraceError(f"{error}\n  torch.export also failed: {reason}") from e2
         gm.meta[ROUTE_KEY] = "torch.export"
         return gm
-    _refuse_state_assignments(model)
-    # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
-    check_state(model, before, "tracing the model")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[ROUTE_KEY] = "torch.fx"
     return gm
+
+
+@contextlib.contextmanager
+def private_state(model: nn.Module):
+    """Within, ``model``'s parameters, buffers and tensor attributes are private clones (outside
+    :data:`SHARED_MODULES`); the originals are put back on exit.
+
+    Copies mari_fx makes share their tensors with the caller's model, and a composite op can
+    write into a parameter from C++ where no Python-level guard sees it (``F.embedding`` with
+    ``max_norm`` renormalises its table in place): tracing and example runs happen on clones,
+    so the caller's model is never changed, whatever the forward does.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> w = lin.weight
+        >>> with private_state(lin):
+        ...     lin.weight is w, torch.equal(lin.weight, w)
+        (False, True)
+        >>> lin.weight is w
+        True
+    """
+    shared = tuple(SHARED_MODULES)
+    clones: Dict[int, torch.Tensor] = {}
+    swapped: List[Any] = []
+
+    def clone(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in clones:
+            c = t.detach().clone()
+            clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+        return clones[id(t)]
+
+    def private(m: nn.Module) -> None:
+        if shared and isinstance(m, shared):
+            return
+        for table in (m._parameters, m._buffers):
+            for name, t in list(table.items()):
+                if t is not None:
+                    swapped.append((table, name, t))
+                    table[name] = clone(t)
+        for name, t in list(vars(m).items()):
+            if isinstance(t, torch.Tensor) and not isinstance(t, fx.Proxy):
+                swapped.append((vars(m), name, t))
+                vars(m)[name] = clone(t)
+        for child in m.children():
+            private(child)
+
+    private(model)
+    try:
+        yield model
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t
 
 
 def state_versions(model: nn.Module) -> Dict[str, Any]:
