@@ -17,8 +17,10 @@ How the cached values are found, on the transformed module ``T``'s graph:
 * *what to cache* is a minimum cut of the catalog-only subgraph between the catalog inputs and
   the nodes that read it (the frontier): every value the rest of the graph reads is cached
   (gathered at request time) or recomputed from cached values, at the least per-candidate cost.
-  Costs, per candidate row, in FLOP-equivalents: gathering a value costs ``byte_cost`` per byte;
-  recomputing a node costs its FLOPs plus ``byte_cost`` per byte it writes (views: nothing).
+  Costs, per candidate row, in FLOP-equivalents: gathering a value costs ``byte_cost`` (default 4)
+  per byte (a random-row read from an M-row table); recomputing a node costs its FLOPs plus 1 per
+  byte it writes (a streaming write), ``byte_cost`` per byte for a lookup (no FLOPs, reads
+  weights: an embedding is a gather too), nothing for a view.
   Both are measured on a sample of catalog rows (``torch.utils.flop_counter``).
 
 ``P.refresh(catalog)`` recomputes the buffers after a catalog or weight update, using ``P``'s
@@ -52,7 +54,7 @@ from .tags import ROWS_KEY, TAG_KEY, SeqTag, Side
 ITEM_ROW = "item_row"
 PRECOMPUTE_KEY = "mari_fx.precompute"  # P.meta: what refresh needs (a _CatalogProgram)
 CACHE_PREFIX = "item_cache_"
-BYTE_COST = 4.0  # FLOP-equivalents per gathered or written byte (see module docstring)
+BYTE_COST = 4.0  # FLOP-equivalents per gathered byte; a written byte counts 1 (see module docstring)
 CHUNK_ROWS = 16384
 _SAMPLE_ROWS = 61  # rows the costs are measured on (odd, so a batch dim is unlikely to equal a feature dim)
 _INF = float("inf")
@@ -340,6 +342,7 @@ class _Cost:
     flops: float          # per row
     bytes: float          # per row of the output (a tensor), else inf
     view: bool            # shares storage with an input: free to recompute
+    lookup: bool          # no FLOPs, reads weights (an embedding lookup): recomputing it is a gather
     row_tensor: bool      # a tensor with the catalog rows in dim 0: can be cached and gathered
     shape: Tuple[int, ...]
     dtype: Optional[torch.dtype]
@@ -415,8 +418,16 @@ def _measure(work, order, names, user_index, sample) -> Dict[fx.Node, _Cost]:
             flops=meter.flops.get(n.name, 0) / k if n.op != "placeholder" else _INF,
             bytes=value.numel() * value.element_size() / k if row else _INF,
             view=meter.views.get(n.name, False), row_tensor=row,
+            lookup=n.op != "placeholder" and meter.flops.get(n.name, 0) == 0 and _reads_weights(work, n),
             shape=tuple(value.shape[1:]) if row else (), dtype=value.dtype if tensor else None)
     return costs
+
+
+def _reads_weights(work: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        mod = work.get_submodule(n.target)
+        return any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
+    return any(a.op == "get_attr" for a in n.all_input_nodes)
 
 
 # --------------------------------------------------------------------------- the cut
@@ -433,7 +444,8 @@ def _min_cut(order, cset, frontier, costs, byte_cost) -> Tuple[List[fx.Node], Se
     for v in order:
         c = costs[v]
         gather = byte_cost * c.bytes if c.row_tensor else big
-        redo = big if v.op == "placeholder" else (0.0 if c.view else c.flops + byte_cost * min(c.bytes, big)) + _EPS
+        write = byte_cost if c.lookup else 1.0
+        redo = big if v.op == "placeholder" else (0.0 if c.view else c.flops + write * min(c.bytes, big)) + _EPS
         if c.row_tensor:
             weight[("need", v)], weight[("redo", v)] = gather, redo - gather
         else:
@@ -584,7 +596,7 @@ def _resolve(T: fx.GraphModule, spec: RequestSpec, key: str) -> InputSpec:
     if s.side == Side.USER:
         raise DeclarationError(f"catalog key {key!r} is a user input of T; a catalog holds item-side inputs "
                                f"({[i.name for i in spec.inputs if i.side != Side.USER]})")
-    if s.kind != "tensor":
+    if s.kind not in ("tensor", "dict", "packed"):  # flat inputs of these kinds are tensors
         raise DeclarationError(f"catalog key {key!r} is a {s.kind!r} input: only plain tensor item inputs can "
                                "be catalog inputs (TorchRec KJT keys are not supported yet)")
     return s
@@ -599,7 +611,8 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
         catalog: item-side input name (or source, e.g. ``"x[item_id]"``) -> tensor with one row per
             catalog item (M rows, T's feature shape and dtype).  Item inputs not in the catalog stay
             request inputs of ``P``.
-        byte_cost: FLOP-equivalents of one gathered or written byte, for the choice of what to cache.
+        byte_cost: FLOP-equivalents of one gathered byte (a written byte counts 1), for the choice
+            of what to cache: cache where gathering is cheaper than recomputing.
         chunk_rows: catalog rows evaluated at a time; ``progress``: a tqdm bar (default: when M is large).
 
     Returns:
@@ -675,7 +688,7 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
         gathered.meta.update({ROWS_KEY: "N", VALUE_KEY: v.meta.get(VALUE_KEY), "mari_fx.cached": v.name})
         at = gathered
         for u in list(v.users):
-            if u not in program_only:
+            if u not in program_only and not _is_check(u):
                 u.replace_input_with(v, gathered)
     for n in list(graph.nodes):  # sizes read off catalog values: constants (the catalog's feature shape is checked)
         if _foldable(n) and any(a in program_only for a in n.all_input_nodes):
