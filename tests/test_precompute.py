@@ -242,3 +242,20 @@ def test_deploy_export_script_compile():
         ep.module()(**req, item_row=rows + M, user_index=idx)
     with pytest.raises(torch.jit.Error, match="item_row has value"):
         scripted(**req, item_row=rows + M, user_index=idx)
+
+
+def test_report_catalog_size(capsys):
+    import json
+
+    from mari_fx.cli import main
+
+    assert main(["report", "mari_fx.factories:demo_ranker", "--user", "user", "--catalog-size", "100000"]) == 0
+    text = capsys.readouterr().out
+    row = next(line.split() for line in text.splitlines() if line.startswith("fusion.0 (item product)"))
+    # 256 outputs of the 64 item columns of fusion.0: 1,024 bytes per item, 2 * 64 * 256 FLOPs per candidate
+    assert row[3:] == ["256", "float32", "1,024", "102,400,000", "32,768"]
+    assert main(["report", "mari_fx.factories:demo_ranker", "--user", "user", "--catalog-size", "10", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    cache = data["item_cache"]
+    assert cache["catalog_inputs"] == ["item"] and cache["bytes"] == 10 * 1024
+    assert cache["flops_after_with_cache"] == data["flops"]["after"] - 1000 * 32768
