@@ -259,3 +259,12 @@ def test_report_catalog_size(capsys):
     cache = data["item_cache"]
     assert cache["catalog_inputs"] == ["item"] and cache["bytes"] == 10 * 1024
     assert cache["flops_after_with_cache"] == data["flops"]["after"] - 1000 * 32768
+
+
+def test_docs_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "precompute.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(code, "docs/precompute.md", "exec"), {"print": lambda *a: None})
