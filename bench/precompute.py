@@ -80,6 +80,8 @@ def format_results(results: Sequence[Dict[str, Any]], threads: int) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:
+        _reexec_with_allocator_settings()
     p = argparse.ArgumentParser(prog="python -m bench.precompute", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine", "dcn"])
     p.add_argument("--users", type=int, default=1)
@@ -89,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="tiny models, M=5,000, 3 rounds")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default trimming (see bench.run)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes, m, rounds, round_s = ("tiny", 5000, 3, 0.02) if args.quick else ("full", args.catalog_size, args.rounds, 0.2)
@@ -102,6 +105,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.out, "w") as f:
             json.dump({"threads": args.threads, "results": results}, f, indent=2)
     return 0
+
+
+def _reexec_with_allocator_settings() -> None:
+    """As bench.run: glibc's malloc with the mmap/trim thresholds raised, as CPU serving runs, so
+    large per-request tensors do not pay fresh page faults on every call (docs/bench.md)."""
+    import sys
+
+    from bench.run import MALLOC_ENV
+
+    if "--system-malloc" in sys.argv or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    os.execve(sys.executable, [sys.executable, "-m", "bench.precompute", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
 
 
 if __name__ == "__main__":

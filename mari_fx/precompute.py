@@ -690,6 +690,10 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
         for u in list(v.users):
             if u not in program_only and not _is_check(u):
                 u.replace_input_with(v, gathered)
+    for n in graph.nodes:  # split(...) + gathered product: add into the split's fresh output in place
+        prod = n.meta.get(_PRODUCT + ".add")
+        if prod is not None and len(n.args[0].users) == 1 and n.args[0].op == "call_module":
+            n.op, n.target = "call_method", "add_"
     for n in list(graph.nodes):  # sizes read off catalog values: constants (the catalog's feature shape is checked)
         if _foldable(n) and any(a in program_only for a in n.all_input_nodes):
             value = n.meta[VALUE_KEY]
