@@ -48,6 +48,7 @@ from .errors import DeclarationError, MariError, RequestError
 from .example_prop import VALUE_KEY, TensorInfo
 from .inputs import REQUEST_KEY, USER_INDEX, InputSpec, RequestSpec, _request_spec
 from .modules import SplitLinear
+from .runtime import check_request
 from .record import RECORD_KEY, CacheRecord, Record
 from .tags import ROWS_KEY, TAG_KEY, SeqTag, Side
 
@@ -141,7 +142,6 @@ class _Retracer(fx.Tracer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         from .export import assert_request
-        from .runtime import check_request
 
         kwargs.setdefault("autowrap_functions", (check_item_row, check_request, assert_request))
         super().__init__(*args, **kwargs)
@@ -701,7 +701,7 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
                 u.args, u.kwargs = fx.node.map_arg((u.args, u.kwargs), lambda a: value if a is n else a)
             graph.erase_node(n)
     for n in list(graph.nodes):
-        if _is_check(n) and n is not check:
+        if _is_check(n) and n is not check and n.target is check_request:
             _strip_inputs(n, {ph[k] for k in names})
     for n in reversed(list(graph.nodes)):
         if (n in program_only or n.op == "get_attr") and not n.users and n.op != "placeholder":
@@ -740,14 +740,14 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
 
 
 def _strip_inputs(check: fx.Node, removed: Set[fx.Node]) -> None:
-    """Drop catalog inputs from a request check's input lists (and the names at the same places)."""
+    """Drop catalog inputs from a request check's input lists, with the names, shapes and dtypes at
+    the same places: ``check_request(user_index, user_inputs, item_inputs, user_names, item_names,
+    user_shapes, item_shapes, user_dtypes, item_dtypes)``, user lists at odd positions, item at even."""
     args = list(check.args)
-    for k, a in enumerate(args):
-        if not isinstance(a, (list, tuple)) or not any(x in removed for x in a):
-            continue
-        keep = [j for j, x in enumerate(a) if x not in removed]
-        for j, b in enumerate(args):
-            if j != k and isinstance(b, (list, tuple)) and len(b) == len(a) and all(isinstance(x, str) for x in b):
-                args[j] = type(b)(b[i] for i in keep)
-        args[k] = type(a)(a[i] for i in keep)
+    for side in (1, 2):
+        inputs = args[side]
+        keep = [j for j, x in enumerate(inputs) if x not in removed]
+        for pos in range(side, len(args), 2):
+            if isinstance(args[pos], (list, tuple)):
+                args[pos] = type(args[pos])(args[pos][j] for j in keep)
     check.args = tuple(args)
