@@ -16,11 +16,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.quant import embedding_modules as quant
 
-from mari_fx.capture import register_leaf_module
+from mari_fx.capture import register_capture_hook, register_leaf_module
 from mari_fx.lower import register_lowering, register_row_gather
 from mari_fx.rules import register as register_rule
 
-from . import inputs, jagged, lowering, summaries
+from . import inputs, jagged, lowering, summaries, trace
 from .rules import POOLED, SEQUENCE, embedding_rule
 
 DEFAULT_EMBEDDING_MODULES = {
@@ -76,3 +76,4 @@ def register_all() -> None:
         register_embedding_module(cls, kind)
     register_leaf_module(ShardedModule, share=True)  # any other sharded module: one call, never copied
     register_row_gather(_gathered, jagged.select_rows)
+    register_capture_hook(trace.capture_hook)  # mari_fx.transform(dmp, ...)
