@@ -118,7 +118,8 @@ class Lowerer:
         nodes = list(self.gm.graph.nodes)
         for node in nodes:
             if node.op == "placeholder":
-                new = self.graph.placeholder(node.target)
+                # a class annotation (not a string one, which fx cannot resolve) for TorchScript
+                new = self.graph.placeholder(node.target, type_expr=node.type if isinstance(node.type, type) else None)
                 self._port_meta(node, new)
                 level = U if sides.get(node.target) == Side.USER else N
                 new.meta[ROWS_KEY] = level

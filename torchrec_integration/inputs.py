@@ -106,6 +106,7 @@ def _kjt_input(gm: fx.GraphModule, ph: fx.Node, value: KeyedJaggedTensor, sels, 
             continue
         two = user_keys and item_keys
         node = _new_placeholder(gm, ph, f"{ph.target}_{side}", taken) if two else ph
+        node.type = KeyedJaggedTensor  # the forward's annotation, which TorchScript needs
         parts[side] = node
         flat_example[node.target] = jagged.select_keys(value, part_keys) if two else value
         specs.append(KJTInputSpec(node.target, ph.target, side, kind=KIND, keys=tuple(part_keys),

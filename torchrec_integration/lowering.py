@@ -145,7 +145,8 @@ def lower_embedding(lw: Lowerer, node: fx.Node, module: Any) -> Optional[Rows]:
     call.meta[ROWS_KEY] = N
     side = node.meta[TAG_KEY].side
     if side == Side.USER:
-        return Rows(_new_node(lw, "call_function", jagged.take_rows, (call, users), U), U, node)
+        take = jagged.take_kt_rows if EMBEDDING_KINDS[type(module)] == POOLED else jagged.take_jt_dict_rows
+        return Rows(_new_node(lw, "call_function", take, (call, users), U), U, node)
     if side == Side.MIXED:
         _state(lw).padded_out[node] = users
     return Rows(call, N, node)
@@ -221,7 +222,7 @@ def _lower_getitem(lw: Lowerer, node: fx.Node, _module: Any):
     if base.meta[TAG_KEY].get(key).side != Side.USER:
         return Rows(bag, N, node)
     users = _state(lw).padded_out[base]
-    return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, users), U), U, node)
+    return Rows(_new_node(lw, "call_function", jagged.take_jt_rows, (bag, users), U), U, node)
 
 
 def _regroup_parts(lw: Lowerer, keyed_tensors: List[fx.Node], group: List[str]):
