@@ -86,21 +86,29 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Te
             + torch.repeat_interleave(starts - _exclusive_cumsum(lengths), lengths, output_size=total))
 
 
-def _regroup_keys(lengths: torch.Tensor, values: torch.Tensor, weights: Optional[torch.Tensor], order: List[int],
-                  keys: List[str], stride: int) -> KeyedJaggedTensor:
-    """The KJT of ``keys`` whose key ``j`` is row ``order[j]`` of ``lengths`` ([K, stride]), its ids
-    being that row's segment of ``values``.  Sizes follow from the inputs' sizes alone (no id count
-    is read as a Python int when ``order`` keeps every key), so ``torch.export`` keeps the batch and id
-    counts symbolic."""
-    per_key = lengths.sum(1)
+def _row_key(count: int, stride: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(key, row)`` of each entry of a flat per-key lengths tensor of ``count`` entries."""
+    flat = torch.arange(count, device=device)
+    return torch.div(flat, stride, rounding_mode="floor"), torch.remainder(flat, stride)
+
+
+def _regroup_keys(lengths: torch.Tensor, num_keys: int, values: torch.Tensor, weights: Optional[torch.Tensor],
+                  order: List[int], keys: List[str], stride: int) -> KeyedJaggedTensor:
+    """The KJT of ``keys`` whose key ``j`` is key ``order[j]`` of ``lengths`` (flat [num_keys * stride],
+    key-major), its ids being that key's segment of ``values``.  Only 1-d ops, and sizes follow from
+    the inputs' sizes (no id count is read as a Python int when ``order`` keeps every key): under
+    ``torch.export`` the batch and id counts stay symbolic, with no guard on a batch of 1."""
     perm = torch.tensor(order, dtype=torch.int64, device=lengths.device)
+    key, row = _row_key(lengths.size(0), stride, lengths.device)
+    per_key = torch.zeros(num_keys, dtype=torch.int64, device=lengths.device).index_add(0, key, lengths.long())
     sizes = per_key.index_select(0, perm)
-    total = values.size(0) if len(order) == lengths.size(0) else int(sizes.sum())
+    total = values.size(0) if len(order) == num_keys else int(sizes.sum())
     pos = _ranges(_exclusive_cumsum(per_key).index_select(0, perm), sizes, total)
+    out_key, out_row = _row_key(len(order) * stride, stride, lengths.device)
     return KeyedJaggedTensor(
         keys=keys, values=values.index_select(0, pos),
         weights=None if weights is None else weights.index_select(0, pos),
-        lengths=lengths.index_select(0, perm).reshape(-1), stride=stride)
+        lengths=lengths.index_select(0, perm.index_select(0, out_key) * stride + out_row), stride=stride)
 
 
 def select_keys(kjt: KeyedJaggedTensor, keys: List[str], name: str = "KeyedJaggedTensor") -> KeyedJaggedTensor:
@@ -112,20 +120,18 @@ def select_keys(kjt: KeyedJaggedTensor, keys: List[str], name: str = "KeyedJagge
     if have == keys:
         return kjt
     order = _order(have, keys, name)
-    stride = kjt.stride()
-    return _regroup_keys(kjt.lengths().view(len(have), stride), kjt.values(), kjt.weights_or_none(), order,
-                         keys, stride)
+    return _regroup_keys(kjt.lengths(), len(have), kjt.values(), kjt.weights_or_none(), order, keys, kjt.stride())
 
 
 def glue(user: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: List[str], rows: int) -> KeyedJaggedTensor:
     """One KJT of ``keys`` (in that order) and batch ``rows`` from a KJT of some keys (``user``,
     at most ``rows`` rows, padded with empty bags) and a KJT of the others (``item``, ``rows`` rows)."""
     ku, ki = user.keys(), item.keys()
-    u = user.stride()
-    lu = user.lengths().view(len(ku), u)
-    # index_copy, not cat with zeros(rows - u): no size relation between U and N for torch.export
-    padded = lu.new_zeros(len(ku), rows).index_copy(1, torch.arange(u, device=lu.device), lu)
-    li = item.lengths().view(len(ki), rows).to(lu.dtype)
+    lu = user.lengths()
+    # index_copy, not cat with zeros(rows - U): no size relation between U and N for torch.export
+    key, row = _row_key(lu.size(0), user.stride(), lu.device)
+    padded = lu.new_zeros(len(ku) * rows).index_copy(0, key * rows + row, lu)
+    lengths = torch.cat([padded, item.lengths().to(lu.dtype)])
     uw, iw = user.weights_or_none(), item.weights_or_none()
     weights: Optional[torch.Tensor] = None
     if uw is not None and iw is not None:
@@ -133,7 +139,7 @@ def glue(user: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: List[str], rows
     elif uw is not None or iw is not None:
         raise RequestError("keys " + _names(keys) + " mix weighted and unweighted features")
     order = _order(ku + ki, keys, "the request")
-    return _regroup_keys(torch.cat([padded, li]), torch.cat([user.values(), item.values()]), weights, order,
+    return _regroup_keys(lengths, len(ku) + len(ki), torch.cat([user.values(), item.values()]), weights, order,
                          keys, rows)
 
 
@@ -308,6 +314,25 @@ def request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJaggedTen
     if not pad:
         user = kjt_select_rows(user, user_index)
     return glue(user, item, keys, user_index.size(0))
+
+
+def num_users(user: KeyedJaggedTensor, user_index: torch.Tensor, dense: Optional[torch.Tensor] = None) -> int:
+    """U, the rows of the user-side KJT: ``user.stride()``.
+
+    Under ``torch.export`` / ``torch.compile`` it is read elsewhere (the request checks assert the
+    counts equal): the stride is ``len(lengths) // K``, a symbolic expression that can be 1, and
+    slicing ``[:U]`` with it makes export guard on ``U != 1``.  A dense user input's row count
+    (``dense``) is a plain symbol; without one, ``user_index.max() + 1`` is a data-dependent count.
+    """
+    if torch.jit.is_scripting() or not is_pt2_compiling():
+        return user.stride()
+    else:
+        if dense is not None:
+            return dense.size(0)
+        users = (user_index.max() + 1).item()
+        torch._check(users >= 1)
+        torch._check(users <= user_index.size(0))
+        return users
 
 
 def _check_side(kjt: Optional[KeyedJaggedTensor], name: str, side: str, own: List[str], other: List[str],

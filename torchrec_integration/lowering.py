@@ -20,6 +20,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 from torchrec.sparse import jagged_tensor as jt_mod
 from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -128,8 +129,14 @@ def _lower_pair_kjt(lw: Lowerer, node: fx.Node, _module: Any) -> Rows:
         exact = request(False, N)
     if padded_users or exact is None:
         padded = request(True, N)
-        _state(lw).padded[node] = (padded, _new_node(lw, "call_method", "stride", (u,), C))  # U, an int
+        _state(lw).padded[node] = (padded, _new_node(lw, "call_function", jagged.num_users, (u, lw.user_index, _dense_user(lw)), C))
     return Rows(exact if exact is not None else padded, N, node)
+
+
+def _dense_user(lw: Lowerer) -> Optional[fx.Node]:
+    """A user-side tensor input of the request (U rows), if there is one."""
+    names = [s.name for s in lw.spec.inputs if s.side == Side.USER and s.kind == "tensor"]
+    return next((n for n in lw.graph.nodes if n.op == "placeholder" and n.target in names), None)
 
 
 # --------------------------------------------------------------------------- embedding modules
@@ -179,7 +186,11 @@ def key_slices(lw: Lowerer, kt: fx.Node, keys: List[str]) -> List[Tuple[str, int
         if rows == slice(None) and lo == 0 and hi == info.shape[-1]:
             out.append((level, hi - lo, Rows(values, level)))
             continue
-        part = _new_node(lw, "call_function", operator.getitem, (values, (rows, slice(lo, hi))), level)
+        if rows == slice(None):
+            part = _new_node(lw, "call_function", operator.getitem, (values, (rows, slice(lo, hi))), level)
+        else:  # the users' rows [:U]: a view whose contiguity torch.export would guard on (U == 1)
+            head = _new_node(lw, "call_function", operator.getitem, (values, rows), level)
+            part = _new_node(lw, "call_function", torch.narrow, (head, 1, lo, hi - lo), level)
         out.append((level, hi - lo, Rows(part, level)))
     return out
 
