@@ -89,13 +89,3 @@ def script(T: fx.GraphModule) -> torch.jit.ScriptModule:
         warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level")
         return torch.jit.script(G)
 
-
-def load_program(path) -> "torch.export.ExportedProgram":
-    """``torch.export.load(path)`` of a program with KJT inputs.  The program stores its example
-    inputs, KJTs, which ``torch.load(weights_only=True)`` refuses unless KeyedJaggedTensor is
-    allowed; this allows it for this load only (without it torch falls back to an unsafe load and
-    logs a warning)."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    with torch.serialization.safe_globals([KeyedJaggedTensor]):
-        return torch.export.load(path)

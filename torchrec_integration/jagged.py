@@ -229,11 +229,9 @@ def take_kt_rows(kt: KeyedTensor, n: int) -> KeyedTensor:
 
 
 def take_jt_rows(jt: JaggedTensor, n: int) -> JaggedTensor:
-    """The first ``n`` bags of a JaggedTensor."""
-    lengths = jt.lengths()[:n]
-    end = int(lengths.sum())
-    w = jt.weights_or_none()
-    return JaggedTensor(values=jt.values()[:end], weights=None if w is None else w[:end], lengths=lengths)
+    """The first ``n`` bags of a JaggedTensor whose later bags are empty (a user key's bags in a
+    padded request's result): its values stay whole, so no id count is read (torch.export)."""
+    return JaggedTensor(values=jt.values(), weights=jt.weights_or_none(), lengths=jt.lengths()[:n])
 
 
 def take_jt_dict_rows(d: Dict[str, JaggedTensor], n: int) -> Dict[str, JaggedTensor]:
@@ -247,12 +245,15 @@ def take_jt_dict_rows(d: Dict[str, JaggedTensor], n: int) -> Dict[str, JaggedTen
 def take_rows(value: Any, n: int) -> Any:
     """The first ``n`` rows of a KeyedTensor, JaggedTensor, tensor, or a dict of those.
 
-    (Transformed graphs call the typed ``take_*_rows``, which TorchScript compiles.)"""
+    (Transformed graphs call the typed ``take_*_rows`` instead, which TorchScript compiles.)"""
     value = wait(value)
     if isinstance(value, KeyedTensor):
         return take_kt_rows(value, n)
     if isinstance(value, JaggedTensor):
-        return take_jt_rows(value, n)
+        lengths = value.lengths()[:n]
+        end = int(lengths.sum())
+        w = value.weights_or_none()
+        return JaggedTensor(values=value.values()[:end], weights=None if w is None else w[:end], lengths=lengths)
     if isinstance(value, dict):
         return {k: take_rows(v, n) for k, v in value.items()}
     return value[:n]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 from typing import Type
 
+import torch
 import torch.nn as nn
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
@@ -15,6 +16,7 @@ from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.quant import embedding_modules as quant
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mari_fx.example_prop import TensorInfo
 from mari_fx.capture import register_capture_hook, register_leaf_module
@@ -94,3 +96,6 @@ def register_all() -> None:
     register_row_gather(lambda info: _mapping_of(info, summaries.JaggedTensorInfo), jagged.jt_dict_select_rows)
     register_row_gather(lambda info: _mapping_of(info, None), jagged.tensor_dict_select_rows)
     register_capture_hook(trace.capture_hook)  # mari_fx.transform(dmp, ...)
+    # a .pt2 program stores its example inputs (KJTs): let torch.export.load read them with
+    # weights_only=True instead of falling back to an unsafe load (with a warning)
+    torch.serialization.add_safe_globals([KeyedJaggedTensor])
