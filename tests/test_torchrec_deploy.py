@@ -252,3 +252,35 @@ def test_transform_takes_a_data_parallel_wrapper_and_shares_its_tables():
     with torch.no_grad():
         torch.testing.assert_close(T(**request), model(*b.pairs()))
     assert count_lookups(T, lambda: T(**request))["user_id"].rows == 3
+
+
+def test_sharded_quantized_inference_on_cpu():
+    """TorchRec's inference sharding (shard_quant_model, 2 table-wise 'ranks' in one CPU process)."""
+    from torchrec.distributed.global_settings import get_propogate_device, set_propogate_device
+    from torchrec.inference.modules import quantize_inference_model, shard_quant_model
+
+    before = get_propogate_device()
+    set_propogate_device(True)  # else the inference lookups are built on cuda:<rank> (at the first call)
+    try:
+        _sharded_quantized(shard_quant_model, quantize_inference_model)
+    finally:
+        set_propogate_device(before)
+
+
+def _sharded_quantized(shard_quant_model, quantize_inference_model):
+    torch.manual_seed(0)
+    sharded, plan = shard_quant_model(quantize_inference_model(TorchRecRanker().eval()), world_size=2,
+                                      compute_device="cpu", sharding_device="cpu")
+    ranks = {name: ps.ranks for name, ps in plan.plan["ebc"].items()}
+    assert sorted(r for rs in ranks.values() for r in rs) == [0, 0, 1, 1]
+    T = mari_fx.transform(sharded, SELECTORS, RankerBatch.random(2, 4, seed=1).pairs())
+    assert type(T.get_submodule("ebc")).__name__ == "ShardedQuantEmbeddingBagCollection"
+    assert T.get_submodule("ebc") is sharded.ebc and T.meta["mari_fx.record"].split_layers == ("over.0",)
+    check(T, T, sharded, ranker_pairs)
+    check(_jit_roundtrip(tri.deploy.script(T)), T, sharded, ranker_pairs, shapes=[(1, 1), (3, 300)])
+    b = ranker_batch(3, 7, seed=4)
+    request = mari_fx.pairs_to_request(T, *b.pairs(), user_index=b.user_index)
+    seen = count_lookups(T, lambda: T(**request))
+    assert seen["user_id"].rows == 3 and seen["item_id"].rows == 7
+    with pytest.raises(ExportError, match="haven't registered a fake class"):
+        mari_fx.export(T)
