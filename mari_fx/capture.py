@@ -62,11 +62,14 @@ def register_capture_hook(hook: Callable[[nn.Module], Optional[nn.Module]]) -> N
         ...         super().__init__(); self.inner = inner
         ...     def forward(self, *args):       # *args: torch.fx cannot trace through this
         ...         return self.inner(*args)
-        >>> register_capture_hook(lambda m: m.inner if isinstance(m, Holder) else None)
+        >>> def hook(m):
+        ...     return m.inner if isinstance(m, Holder) else None
+        >>> register_capture_hook(hook)
         >>> inner = torch.nn.Sequential(torch.nn.Linear(3, 2))
         >>> gm = capture(Holder(inner))
         >>> [n.op for n in gm.graph.nodes], gm.get_submodule("0") is inner[0]
-        (['placeholder', 'call_module', 'output'], False)
+        (['placeholder', 'call_module', 'output'], True)
+        >>> CAPTURE_HOOKS.remove(hook)  # hooks are global: this example cleans up
     """
     CAPTURE_HOOKS.append(hook)
 

@@ -18,7 +18,7 @@ from mari_fx.export import ExportError
 from mari_fx.tags import ROWS_KEY
 from torchrec_integration import jagged
 from torchrec_integration.deploy import inline_collections
-from torchrec_integration.examples import USER_KEYS, RankerBatch, TorchRecRanker, random_kjt
+from torchrec_integration.examples import TABLES, USER_KEYS, RankerBatch, TorchRecRanker, random_kjt
 from torchrec_integration.lookups import count_lookups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,10 +80,15 @@ def ranker_pairs(U, N, seed):
     return b, b.pairs()
 
 
+# table names of their own: TorchScript reuses an EBC compiled earlier in the process for one whose
+# tables have the same names in another order (test_script_two_collections_same_tables_other_order)
+OWN_TABLES = {f"deploy_{k}": (k, side, dim) for _, (k, side, dim) in TABLES.items()}
+
+
 @pytest.fixture(scope="module")
 def float_ranker():
     torch.manual_seed(0)
-    model = TorchRecRanker().eval()
+    model = TorchRecRanker(tables=OWN_TABLES).eval()
     return model, mari_fx.transform(model, SELECTORS, RankerBatch.random(2, 4, seed=1).pairs())
 
 
