@@ -5,7 +5,7 @@ import contextlib
 import copy
 import inspect
 import operator
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Type
 
 import torch
 import torch.fx as fx
@@ -50,6 +50,58 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+CAPTURE_HOOKS: List[Callable[[nn.Module], Optional[nn.Module]]] = []  # see register_capture_hook
+
+
+def register_capture_hook(hook: Callable[[nn.Module], Optional[nn.Module]]) -> None:
+    """Let :func:`capture` hand a model to ``hook`` first: it returns what to capture instead
+    (the module a wrapper holds, or a GraphModule traced its own way), or None to pass.
+    Hooks are tried until none applies, so wrappers of wrappers unwrap.  Extensions use it
+    for the wrappers users hold (``torchrec_integration`` traces a ``DistributedModelParallel``
+    with TorchRec's tracer); the result must share the wrapped model's modules, not copy them.
+
+    Example:
+        >>> import torch
+        >>> class Holder(torch.nn.Module):
+        ...     def __init__(self, inner):
+        ...         super().__init__(); self.inner = inner
+        ...     def forward(self, *args):       # *args: torch.fx cannot trace through this
+        ...         return self.inner(*args)
+        >>> def hook(m):
+        ...     return m.inner if isinstance(m, Holder) else None
+        >>> register_capture_hook(hook)
+        >>> inner = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> gm = capture(Holder(inner))
+        >>> [n.op for n in gm.graph.nodes], gm.get_submodule("0").weight is inner[0].weight  # a copy sharing tensors
+        (['placeholder', 'call_module', 'output'], True)
+        >>> CAPTURE_HOOKS.remove(hook)  # hooks are global: this example cleans up
+    """
+    CAPTURE_HOOKS.append(hook)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """``model`` after the :func:`register_capture_hook` hooks that apply to it."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for hook in CAPTURE_HOOKS:
+            inner = hook(model)
+            if inner is not None and inner is not model:
+                model = inner
+                break
+    return model
+
+
+def _unwrap_data_parallel(model: nn.Module) -> Optional[nn.Module]:
+    # torch's own data-parallel wrappers run ``.module`` unchanged on each replica
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    return model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else None
+
+
+register_capture_hook(_unwrap_data_parallel)
+
+
 class MariTracer(fx.Tracer):
     """``torch.fx.Tracer`` whose leaves are torch.nn modules plus ``leaf_modules`` and
     the classes of :func:`register_leaf_module`."""
@@ -80,7 +132,8 @@ def capture(
     example_args: Sequence[Any] = (),
     example_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> fx.GraphModule:
-    """Trace ``model`` with :class:`MariTracer` (a GraphModule is deep-copied instead).
+    """Trace ``model`` with :class:`MariTracer` (a GraphModule is deep-copied instead),
+    after unwrapping it with the :func:`register_capture_hook` hooks.
 
     Models torch.fx cannot trace (``len()`` on a traced value, data-dependent shapes that
     torch.export can still capture) fall back to :func:`capture_with_export` when an example
@@ -92,6 +145,8 @@ def capture(
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
+    if isinstance(model, nn.Module):
+        model = unwrap(model)  # wrappers users hold (DistributedDataParallel, extensions' own)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     # Everything after capture (in-place modules made out of place, split layers) happens on a

@@ -311,7 +311,8 @@ def _input_shape(T, spec) -> str:
     """``user [U, 256]``: the row dim by side, the other dims from the traced example."""
     example = (T.meta.get("mari_fx.example") or {}).get(spec.name)
     rows = "U" if str(spec.side) == "user" else "N"
-    dims = [rows] + [str(d) for d in example.shape[1:]] if example is not None else [rows, "..."]
+    shape = getattr(example, "shape", None)  # None for an extension's input type (e.g. a KJT)
+    dims = [rows] + [str(d) for d in shape[1:]] if shape is not None else [rows, "..."]
     return f"{spec.name} [{', '.join(dims)}]"
 
 

@@ -48,7 +48,7 @@ from .errors import DeclarationError, MariError, RequestError
 from .example_prop import VALUE_KEY, TensorInfo
 from .inputs import REQUEST_KEY, USER_INDEX, InputSpec, RequestSpec, _request_spec
 from .modules import SplitLinear
-from .runtime import check_request
+from .runtime import Retracer, check_request
 from .record import RECORD_KEY, CacheRecord, Record
 from .tags import ROWS_KEY, TAG_KEY, SeqTag, Side
 
@@ -136,14 +136,16 @@ class PrecomputedModule(fx.GraphModule):
         return (_unpickle_precomputed, (fn, args, dict(self.meta)))
 
 
-class _Retracer(fx.Tracer):
+class _Retracer(Retracer):
     """The tracer torch re-traces a pickled GraphModule's code with: mari_fx's run-time checks
     (control flow on tensor values) stay calls instead of being traced through."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         from .export import assert_request
 
-        kwargs.setdefault("autowrap_functions", (check_item_row, check_request, assert_request))
+        from .runtime import GRAPH_FUNCTIONS
+
+        kwargs.setdefault("autowrap_functions", (check_item_row, check_request, assert_request, *GRAPH_FUNCTIONS))
         super().__init__(*args, **kwargs)
 
 

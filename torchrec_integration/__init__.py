@@ -20,6 +20,8 @@ from .trace import symbolic_trace
 
 register_all()
 
+from . import deploy  # noqa: E402  (tri.deploy.script: TorchScript with quantized collections)
+
 __all__ = [
     "DEFAULT_EMBEDDING_MODULES", "KJTInputSpec", "KJTKeys", "KeyedTag", "kjt_select_rows",
     "register_embedding_module", "select_rows", "symbolic_trace",
