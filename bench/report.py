@@ -245,7 +245,7 @@ def summary(rows: Sequence[Dict[str, Any]], wanted: int) -> List[str]:
         n, _ = target_cell(rows, model, wanted)
         if n is None:
             continue
-        for mode in ("eager", "compile", "export"):
+        for mode in ("eager", "compile", "export", "script"):
             for layout in dict.fromkeys(r["layout"] for r in rows if r["model"] == model):
                 get = lambda v: _find(rows, model=model, layout=layout, users=1, candidates=n, variant=v, mode=mode)  # noqa: E731
                 van, one, mx, hand = get("vanilla"), get("one-shot"), get("mari_fx"), get("hand-written")

@@ -11,8 +11,9 @@ inputs:
 * ``mari_fx+check``  -- the same with the per-call request check (``check_requests=True``);
 * ``hand-written``   -- :mod:`bench.handwritten`, the practical limit;
 
-eagerly, under ``torch.compile`` and as ``torch.export`` programs (``.module()``)
-at the cells given by ``--compiled-candidates``.  Writes ``results.md`` (tabulate),
+eagerly, under ``torch.compile``, as ``torch.export`` programs (``.module()``) and as
+TorchScript (``script``: ``mari_fx.export.script``, or ``torchrec_integration.deploy.script``
+for the TorchRec model) at the cells given by ``--compiled-candidates``.  Writes ``results.md`` (tabulate),
 ``results.json`` and ``speedup.png`` to ``--out``.  See docs/bench.md.
 
 Usage::
@@ -42,7 +43,7 @@ from .handwritten import handwritten
 from .models import LAYOUTS, MODELS, USER_INPUTS, build, request_inputs
 
 VARIANTS = ("vanilla", "one-shot", "mari_fx", "mari_fx+check", "hand-written")
-MODES = ("eager", "compile", "export")
+MODES = ("eager", "compile", "export", "script")
 COMPILED_VARIANTS = ("vanilla", "one-shot", "mari_fx", "hand-written")  # +check: eager and export only
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -98,7 +99,7 @@ def make_subject(name: str, layout: str, sizes: str) -> Subject:
         case = make_case(layout, sizes)
         T, T_os, T_chk, transform_s = _transforms(case["model"], case["selectors"], case["example"])
         case["bind"](T)
-        return Subject(name, layout, case["model"], T, T_os, T_chk, None, transform_s, case["make_inputs"],
+        return Subject(name, layout, case["model"], T, T_os, T_chk, case["handwritten"], transform_s, case["make_inputs"],
                        case["min_flops"], user_names=tuple(s.name for s in T.meta["mari_fx.request"].user_inputs))
     model = build(name, layout, sizes)
     T, T_os, T_chk, transform_s = _transforms(model, USER_INPUTS, model.example_pairs(4))
@@ -123,11 +124,58 @@ def _export_request_module(subject: Subject, variant: str, example: Dict[str, to
         return mx_export(T, example, check_requests=(variant == "mari_fx+check")).module()
     if variant == "mari_fx+check":
         raise RuntimeError("needs mari_fx.export (the eager request check reads int(user_index.max()))")
+    # the hand-written rewrites take T's request: the same inputs, so the same dynamic shapes
+    shapes = mari_fx.export.dynamic_shapes(subject.T)
+    return torch.export.export(subject.eager_module(variant), (), dict(example), dynamic_shapes=shapes).module()
+
+
+def _pair_shapes(pairs: Tuple[Any, ...], P: Any) -> Tuple[Any, ...]:
+    """``dynamic_shapes`` of the pair-shaped inputs: dim 0 is the pair count ``P``; a KJT's
+    lengths are ``len(keys) * P`` and its ids a count of their own."""
     from torch.export import Dim
 
-    Ud, Nd = Dim("U", min=1), Dim("N", min=1)
-    shapes = {k: {0: (Ud if k in subject.user_names else Nd)} for k in example}
-    return torch.export.export(subject.eager_module(variant), (), dict(example), dynamic_shapes=shapes).module()
+    out = []
+    for k, x in enumerate(pairs):
+        if isinstance(x, torch.Tensor):
+            out.append({0: P})
+        else:  # a KeyedJaggedTensor: one entry per field of its pytree
+            fields = {"_values": {0: Dim(f"pair_ids_{k}", min=0)}, "_lengths": {0: len(x.keys()) * P}}
+            out.append([fields.get(f) for f in type(x)._fields])
+    return tuple(out)
+
+
+def _script_torchrec_pairs(model: torch.nn.Module):
+    """TorchRec's own route for the pair model: ``torchrec.fx.symbolic_trace`` (collections inlined),
+    then script.  Scripting the EmbeddingBagCollection as a module is unsafe when two collections
+    with the same table names in different orders are scripted in one process (the second reuses
+    the first's compiled table order; docs/torchrec.md), and the two layouts here are exactly that."""
+    import typing
+
+    import torchrec.fx
+
+    gm = torchrec.fx.symbolic_trace(model)
+    hints = typing.get_type_hints(type(model).forward)
+    for node in gm.graph.nodes:  # the examples' string annotations, resolved for TorchScript
+        if node.op == "placeholder" and node.target in hints:
+            node.type = hints[node.target]
+        elif node.op == "output":
+            node.type = hints.get("return")
+    gm.recompile()
+    return torch.jit.script(gm)
+
+
+def _script(subject: Subject, variant: str, mod: torch.nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if variant == "vanilla" and subject.name == "torchrec":
+            return _script_torchrec_pairs(mod)
+        if variant in ("vanilla", "hand-written"):
+            return torch.jit.script(mod)
+        if subject.name == "torchrec":
+            import torchrec_integration
+
+            return torchrec_integration.deploy.script(mod)
+        return mari_fx.export.script(mod)
 
 
 def runner(subject: Subject, variant: str, mode: str) -> Optional[Runner]:
@@ -153,10 +201,13 @@ def runner(subject: Subject, variant: str, mode: str) -> Optional[Runner]:
             example, pairs = subject.make_inputs(2, 16, 123)
             if variant == "vanilla":
                 P = Dim("P", min=1)
-                ep = torch.export.export(mod, pairs, dynamic_shapes=tuple({0: P} for _ in pairs))
+                ep = torch.export.export(mod, pairs, dynamic_shapes=_pair_shapes(pairs, P))
                 fn = _call_pairs(ep.module())
             else:
                 fn = _call_request(_export_request_module(subject, variant, example))
+        elif mode == "script":
+            scripted = _script(subject, variant, mod)
+            fn = _call_pairs(scripted) if variant == "vanilla" else _call_request(scripted)
         else:
             raise ValueError(mode)
     except Exception as e:  # report, do not stop the benchmark
@@ -279,8 +330,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="also measure under torch.compile (default: on, off with --quick)")
     p.add_argument("--export", dest="export", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure torch.export programs (default: on, off with --quick)")
+    p.add_argument("--script", dest="script", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure TorchScript modules (default: on, off with --quick)")
     p.add_argument("--compiled-candidates", default=None,
-                   help="N at which compile/export variants run, at U=1 (default 100,1000; quick: 100)")
+                   help="N at which compile/export/script variants run, at U=1 (default 100,1000; quick: 100)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: CPUs available)")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default trimming (by default the run re-executes itself with "
@@ -315,6 +368,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"unknown layout {l!r}; choose from {list(LAYOUTS)}")
     args.compile = (not q) if args.compile is None else args.compile
     args.export = (not q) if args.export is None else args.export
+    args.script = (not q) if args.script is None else args.script
     args.compiled_candidates = [int(x) for x in (args.compiled_candidates or ("100" if q else "100,1000")).split(",")]
     args.rounds = args.rounds or (3 if q else 25)
     args.round_s = args.round_s if args.round_s is not None else (0.002 if q else 0.03)
@@ -330,7 +384,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def cells(args: argparse.Namespace) -> List[Tuple[int, int, List[str]]]:
     """(U, N, modes) in run order: N ascending, then U."""
-    extra = [m for m, on in (("compile", args.compile), ("export", args.export)) if on]
+    extra = [m for m, on in (("compile", args.compile), ("export", args.export), ("script", args.script)) if on]
     out = []
     for n in sorted(set(args.candidates) | (set(args.compiled_candidates) if extra else set())):
         for u in args.users:
@@ -363,7 +417,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     meta: Dict[str, Any] = {}
     plan = cells(args)
     cells_left = len(plan) * len(args.models)
-    for mode, on, flag in (("compile", args.compile, "--compile"), ("export", args.export, "--export")):
+    for mode, on, flag in (("compile", args.compile, "--compile"), ("export", args.export, "--export"),
+                           ("script", args.script, "--script")):
         if not on:
             skipped[f"all models [{mode}]"] = f"off ({'--quick' if args.quick else '--no-' + mode}; {flag} turns it on)"
     for name in args.models:

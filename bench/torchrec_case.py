@@ -3,9 +3,10 @@ a KeyedJaggedTensor, a user tower, an over-arch over ``[tower | kt.values() | it
 
 ``layout="fragmented"`` is the example's own table order (user and item tables interleaved);
 ``layout="neat"`` puts the user tables first.  Full sizes are those of
-``python -m torchrec_integration.demo``.  There is no hand-written rewrite of this model
-(it would have to split the KJT and the EmbeddingBagCollection by hand): its rows have no
-``hand-written`` variant, and the run says so.
+``python -m torchrec_integration.demo``.  :func:`hand_written` builds the hand-written
+rewrite: the user keys' tables called on the user KJT (U rows), the item keys' on the item KJT,
+the over-arch's first Linear split into user and item column blocks (TorchScript-compatible,
+so its ``script`` row is the same code).
 
 Everything here imports ``torchrec_integration`` lazily, so the rest of the benchmark runs
 without it; :func:`make_case` raises if the integration or its example is missing.
@@ -65,4 +66,11 @@ def make_case(layout: str, sizes: str) -> Dict[str, Any]:
         return tower + first + sum(2 * candidates * m.in_features * m.out_features for m in lin[1:])
 
     return {"model": model, "selectors": selectors, "example": example, "make_inputs": make_inputs,
-            "min_flops": min_flops, "bind": T_holder.append}
+            "min_flops": min_flops, "bind": T_holder.append, "handwritten": hand_written(model, tabs)}
+
+
+def hand_written(model: nn.Module, tabs: Dict[str, Tuple[str, str, int]]) -> nn.Module:
+    """The request-shaped rewrite of ``TorchRecRanker`` an engineer would write (shares its modules)."""
+    from .torchrec_hand import HandTorchRec
+
+    return HandTorchRec(model, tabs).eval()

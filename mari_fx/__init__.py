@@ -9,14 +9,15 @@ from .errors import DeclarationError, MariError, RequestError, TraceError, Verif
 from .flops import count_flops
 from .inputs import Arg, Columns, Key, pairs_to_request, request_to_pairs
 from .modules import SplitLinear
+from .precompute import PrecomputedModule, precompute_items
 from .record import Record
 from .tags import Side
 from .verify import random_request, verify
 from . import export  # a callable module: mari_fx.export(T, request) -> torch.export.ExportedProgram
 
 __all__ = [
-    "Arg", "Columns", "DeclarationError", "Key", "MariError", "Record", "RequestError", "Side",
+    "Arg", "Columns", "DeclarationError", "Key", "MariError", "PrecomputedModule", "Record", "RequestError", "Side",
     "SplitLinear", "TraceError", "VerificationError", "count_flops", "export", "is_tagged", "pairs_to_request",
-    "random_request", "refresh", "request_to_pairs", "trace", "transform", "verify",
+    "precompute_items", "random_request", "refresh", "request_to_pairs", "trace", "transform", "verify",
 ]
 __version__ = "0.1.0"

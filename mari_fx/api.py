@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture, check_state, guard_state, state_versions
+from .capture import capture, check_state, guard_state, private_state, state_versions
 from .errors import DeclarationError
 from .example_prop import ExampleProp
 from .functionalize import functionalize
@@ -96,12 +96,13 @@ def _trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules, ext
     spec, flat = flatten_inputs(gm, user_inputs, example)
     _check_pair_rows(flat)
     gm.meta[EXAMPLE_KEY] = flat
-    state = state_versions(gm)
-    with guard_state(gm):  # gm shares parameters and buffers with the caller's model
+    # gm shares parameters and buffers with the caller's model: run on private clones of them
+    with private_state(gm), guard_state(gm):
+        state = state_versions(gm)
         gm = _functionalize_pass()(gm)
         with torch.no_grad():  # on clones: the example tensors are the caller's
             ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
-    check_state(gm, state, "running the model on the example")
+        check_state(gm, state, "running the model on the example")
     propagate_tags(gm, spec)
     return gm
 

@@ -1,10 +1,11 @@
 """Capture stage: turn a model into a torch.fx GraphModule (never mutating it)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import operator
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.fx as fx
@@ -53,6 +54,58 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+CAPTURE_HOOKS = registry.CAPTURE_HOOKS  # see register_capture_hook
+
+
+def register_capture_hook(hook: Callable[[nn.Module], Optional[nn.Module]], priority: int = 0) -> None:
+    """Let :func:`capture` hand a model to ``hook`` first: it returns what to capture instead
+    (the module a wrapper holds, or a GraphModule traced its own way), or None to pass.
+    Hooks are tried until none applies, so wrappers of wrappers unwrap.  Extensions use it
+    for the wrappers users hold (``torchrec_integration`` traces a ``DistributedModelParallel``
+    with TorchRec's tracer); the result must share the wrapped model's modules, not copy them.
+
+    Example:
+        >>> import torch
+        >>> class Holder(torch.nn.Module):
+        ...     def __init__(self, inner):
+        ...         super().__init__(); self.inner = inner
+        ...     def forward(self, *args):       # *args: torch.fx cannot trace through this
+        ...         return self.inner(*args)
+        >>> def hook(m):
+        ...     return m.inner if isinstance(m, Holder) else None
+        >>> register_capture_hook(hook)
+        >>> inner = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> gm = capture(Holder(inner))
+        >>> [n.op for n in gm.graph.nodes], gm.get_submodule("0").weight is inner[0].weight  # a copy sharing tensors
+        (['placeholder', 'call_module', 'output'], True)
+        >>> CAPTURE_HOOKS.remove(hook)  # hooks are global: this example cleans up
+    """
+    CAPTURE_HOOKS.add(hook, hook, priority=priority)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """``model`` after the :func:`register_capture_hook` hooks that apply to it."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for hook in [e.value for e in CAPTURE_HOOKS.all()]:
+            inner = hook(model)
+            if inner is not None and inner is not model:
+                model = inner
+                break
+    return model
+
+
+def _unwrap_data_parallel(model: nn.Module) -> Optional[nn.Module]:
+    # torch's own data-parallel wrappers run ``.module`` unchanged on each replica
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    return model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else None
+
+
+register_capture_hook(_unwrap_data_parallel)
+
+
 class MariTracer(fx.Tracer):
     """``torch.fx.Tracer`` whose leaves are torch.nn modules plus ``leaf_modules`` and
     the classes of :func:`register_leaf_module`."""
@@ -83,7 +136,8 @@ def capture(
     example_args: Sequence[Any] = (),
     example_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> fx.GraphModule:
-    """Trace ``model`` with :class:`MariTracer` (a GraphModule is deep-copied instead).
+    """Trace ``model`` with :class:`MariTracer` (a GraphModule is deep-copied instead),
+    after unwrapping it with the :func:`register_capture_hook` hooks.
 
     Models torch.fx cannot trace (``len()`` on a traced value, data-dependent shapes that
     torch.export can still capture) fall back to :func:`capture_with_export` when an example
@@ -95,6 +149,8 @@ def capture(
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
+    if isinstance(model, nn.Module):
+        model = unwrap(model)  # wrappers users hold (DistributedDataParallel, extensions' own)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     # Everything after capture (in-place modules made out of place, split layers) happens on a
@@ -109,10 +165,13 @@ def capture(
     if isinstance(model, fx.GraphModule):
         return model
     tracer = MariTracer(leaf_modules or ())
-    before = state_versions(model)
     try:
-        with guard_state(model):
+        with private_state(model), guard_state(model):
+            before = state_versions(model)
             graph = tracer.trace(model)
+            _refuse_state_assignments(model)
+            # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
+            check_state(model, before, "tracing the model")
     except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         why = next((hint for key, hint in _HINTS if key in str(e)), None)
@@ -126,12 +185,62 @@ def capture(
             raise TraceError(f"{error}\n  torch.export also failed: {reason}") from e2
         gm.meta[ROUTE_KEY] = "torch.export"
         return gm
-    _refuse_state_assignments(model)
-    # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
-    check_state(model, before, "tracing the model")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[ROUTE_KEY] = "torch.fx"
     return gm
+
+
+@contextlib.contextmanager
+def private_state(model: nn.Module):
+    """Within, ``model``'s parameters, buffers and tensor attributes are private clones (outside
+    :data:`SHARED_MODULES`); the originals are put back on exit.
+
+    Copies mari_fx makes share their tensors with the caller's model, and a composite op can
+    write into a parameter from C++ where no Python-level guard sees it (``F.embedding`` with
+    ``max_norm`` renormalises its table in place): tracing and example runs happen on clones,
+    so the caller's model is never changed, whatever the forward does.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> w = lin.weight
+        >>> with private_state(lin):
+        ...     lin.weight is w, torch.equal(lin.weight, w)
+        (False, True)
+        >>> lin.weight is w
+        True
+    """
+    shared = tuple(SHARED_MODULES)
+    clones: Dict[int, torch.Tensor] = {}
+    swapped: List[Any] = []
+
+    def clone(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in clones:
+            c = t.detach().clone()
+            clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+        return clones[id(t)]
+
+    def private(m: nn.Module) -> None:
+        if shared and isinstance(m, shared):
+            return
+        for table in (m._parameters, m._buffers):
+            for name, t in list(table.items()):
+                if t is not None:
+                    swapped.append((table, name, t))
+                    table[name] = clone(t)
+        for name, t in list(vars(m).items()):
+            if isinstance(t, torch.Tensor) and not isinstance(t, fx.Proxy):
+                swapped.append((vars(m), name, t))
+                vars(m)[name] = clone(t)
+        for child in m.children():
+            private(child)
+
+    private(model)
+    try:
+        yield model
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t
 
 
 def state_versions(model: nn.Module) -> Dict[str, Any]:

@@ -1,6 +1,6 @@
 """``mari-fx``: see whether MaRI pays off for a model, and export the rewritten model.
 
-    mari-fx report TARGET --user SELECTOR... [--candidates N] [--users U] [--json] [--all] [--audit]
+    mari-fx report TARGET --user SELECTOR... [--candidates N] [--users U] [--json] [--all] [--audit] [--catalog-size M]
     mari-fx export TARGET --user SELECTOR... --out model.pt2
 
 TARGET is a factory ``package.module:function`` (or ``file.py:function``) returning
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-split", action="store_true",
                      help="only hoist user-only subgraphs (split_matmuls=False, the paper's baseline)")
     rep.add_argument("--seed", type=int, default=0, help="seed of the request the FLOPs are measured on")
+    rep.add_argument("--catalog-size", type=int, default=None, metavar="M",
+                     help="also show what an item cache (mari_fx.precompute_items) of M catalog items would hold and save")
+    rep.add_argument("--catalog-inputs", action="extend", nargs="+", default=None, metavar="NAME",
+                     help="item inputs the catalog holds (default: every item input); with --catalog-size")
     rep.add_argument("--audit", action="store_true",
                      help="also measure each layer's user columns on a probe batch: what MaRI could still save, "
                           "and where the proof lost it")
@@ -190,7 +194,8 @@ def _report(args: argparse.Namespace) -> int:
     with torch.no_grad():
         data = build_report(model, T, users=args.users, candidates=args.candidates, seed=args.seed,
                             include_nodes=args.all, target=args.target, user_inputs=args.user,
-                            audit=args.audit, traced=traced[0] if traced else None)
+                            audit=args.audit, traced=traced[0] if traced else None,
+                            catalog_size=args.catalog_size, catalog_inputs=args.catalog_inputs)
     print(json.dumps(data, indent=2) if args.json else format_report(data))
     return EXIT_OK
 
@@ -274,6 +279,8 @@ def format_report(data: Dict[str, Any]) -> str:
                             headers=["node", "op", "where", "why"]))
     else:
         out.append("ops that blocked a rewrite: none")
+    if "item_cache" in data:
+        out.extend(_format_item_cache(data["item_cache"], N))
     if "nodes" in data:
         out.append("")
         out.append("all nodes of the transformed graph (rows: U = once per user, N = per candidate, C = once):")
@@ -282,12 +289,30 @@ def format_report(data: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _format_item_cache(c: Dict[str, Any], N: int) -> List[str]:
+    from tabulate import tabulate
+
+    out = ["", f"item cache for a catalog of {c['catalog_size']:,} items over {', '.join(c['catalog_inputs'])} "
+               "(mari_fx.precompute_items; docs/precompute.md):"]
+    rows = [(v["source"], " x ".join(map(str, v["shape"])) or "1", v["dtype"], _n(v["bytes_per_row"]), _n(v["bytes"]),
+             _n(v["flops_saved_per_candidate"])) for v in c["values"]]
+    out.append(tabulate(rows, headers=["cached value", "per item", "dtype", "bytes gathered / candidate",
+                                       "bytes (M rows)", "FLOPs saved / candidate"],
+                        colalign=["left", "right", "left", "right", "right", "right"]))
+    after = c["flops_after_with_cache"]
+    out.append(f"cache memory {c['bytes'] / 2**20:,.1f} MiB; per candidate: gathers {_n(c['gather_bytes_per_candidate'])} "
+               f"bytes, saves {_n(c['flops_saved_per_candidate'])} FLOPs"
+               + (f"; FLOPs per request with the cache at N={N}: {_n(after)}" if after is not None else ""))
+    return out
+
+
 # --------------------------------------------------------------------------- export
 def _input_shape(T, spec) -> str:
     """``user [U, 256]``: the row dim by side, the other dims from the traced example."""
     example = (T.meta.get("mari_fx.example") or {}).get(spec.name)
     rows = "U" if str(spec.side) == "user" else "N"
-    dims = [rows] + [str(d) for d in example.shape[1:]] if example is not None else [rows, "..."]
+    shape = getattr(example, "shape", None)  # None for an extension's input type (e.g. a KJT)
+    dims = [rows] + [str(d) for d in shape[1:]] if shape is not None else [rows, "..."]
     return f"{spec.name} [{', '.join(dims)}]"
 
 

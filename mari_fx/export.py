@@ -24,14 +24,15 @@ import json
 import sys
 import types
 import warnings
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.fx as fx
 
+from . import registry
 from .registry import with_extensions_of_arguments
 from .errors import DeclarationError, MariError, RequestError
-from .inputs import USER_INDEX, _request_spec
+from .inputs import USER_INDEX, InputSpec, _request_spec, batch_ops
 from .runtime import _spec_text, check_request, check_request_op  # noqa: F401
 from .tags import Side
 
@@ -41,6 +42,19 @@ __all__ = ["ExportError", "ServedProgram", "assert_request", "dynamic_shapes", "
 # Row-carrying input kinds whose dim 0 is U (user side) or N (item side).  Other
 # kinds (e.g. jagged values whose length is a sum of lengths) get Dim.AUTO.
 _ROW_KINDS = ("tensor", "dict", "packed")
+
+# Input kinds an extension adds (e.g. "kjt"): kind -> fn(spec, rows, example value) giving the
+# ``dynamic_shapes`` entry of such an input whose batch is ``rows`` (a Dim: U or N).
+DYNAMIC_KINDS = registry.DYNAMIC_KINDS
+
+
+def register_dynamic_kind(kind: str, shapes: Callable[[InputSpec, Any, Any], Any]) -> None:
+    """Teach :func:`dynamic_shapes` (and :func:`widen_request`) an input kind an extension adds:
+    ``shapes(spec, rows, example)`` returns the ``dynamic_shapes`` entry of an input of that kind
+    (matching its pytree structure), its batch being ``rows``; ``example`` is its value in the
+    transform's example (None if unknown).  Such inputs are widened with the kind's registered
+    batch operations (:func:`mari_fx.inputs.register_batch_type`)."""
+    DYNAMIC_KINDS.add(kind, shapes, override=True)  # re-registering a kind replaces it
 
 
 def assert_request(user_index: torch.Tensor, user_inputs: List[torch.Tensor], item_inputs: List[torch.Tensor]) -> None:
@@ -121,25 +135,31 @@ def traceable(T: fx.GraphModule, check_requests: bool = True) -> fx.GraphModule:
 def dynamic_shapes(T: fx.GraphModule, users: Any = None, candidates: Any = None) -> Dict[str, Dict[int, Any]]:
     """The ``dynamic_shapes`` argument for ``torch.export`` of a request-shaped module.
 
-    Dim 0 of every user-side input is ``users`` (default ``Dim("U", min=1)``), dim 0
+    Dim 0 of every user-side input is ``users`` (default ``Dim("users", min=1)``), dim 0
     of every item-side input and of ``user_index`` is ``candidates`` (default
-    ``Dim("N", min=1)``); every other dim is static.
+    ``Dim("candidates", min=1)``); every other dim is static.  Inputs of kinds that
+    extensions add get what they registered (:func:`register_dynamic_kind`).  (Not
+    ``Dim("N")``: torch.export reads dim names as sympy symbols, and ``N`` is sympy's
+    numeric-evaluation function, which breaks derived dims such as a KJT's ``K * N`` lengths.)
 
     Example:
         >>> import torch, mari_fx
         >>> from mari_fx.examples import CoarseRanker
         >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
         >>> {k: {d: dim.__name__ for d, dim in v.items()} for k, v in dynamic_shapes(T).items()}
-        {'user': {0: 'U'}, 'item': {0: 'N'}, 'user_index': {0: 'N'}}
+        {'user': {0: 'users'}, 'item': {0: 'candidates'}, 'user_index': {0: 'candidates'}}
     """
     from torch.export import Dim
 
-    users = Dim("U", min=1) if users is None else users
-    candidates = Dim("N", min=1) if candidates is None else candidates
+    users = Dim("users", min=1) if users is None else users
+    candidates = Dim("candidates", min=1) if candidates is None else candidates
     spec = _request_spec(T)
+    example = T.meta.get("mari_fx.example") or {}
     shapes: Dict[str, Dict[int, Any]] = {}
     for s in spec.inputs:
-        if s.kind not in _ROW_KINDS:
+        if s.kind in DYNAMIC_KINDS:
+            shapes[s.name] = DYNAMIC_KINDS.first(s.kind)(s, users if s.side == Side.USER else candidates, example.get(s.name))
+        elif s.kind not in _ROW_KINDS:
             shapes[s.name] = {0: Dim.AUTO}
         else:
             shapes[s.name] = {0: users if s.side == Side.USER else candidates}
@@ -166,7 +186,7 @@ def widen_request(T: fx.GraphModule, request: Mapping[str, torch.Tensor], min_us
     """
     spec = _request_spec(T)
     idx = request[USER_INDEX]
-    users = next((request[s.name].shape[0] for s in spec.inputs if s.side == Side.USER), None)
+    users = next((batch_ops(request[s.name]).rows(request[s.name]) for s in spec.inputs if s.side == Side.USER), None)
     n = idx.shape[0]
     if users is None:
         users = int(idx.max()) + 1 if n else 0
@@ -179,11 +199,12 @@ def widen_request(T: fx.GraphModule, request: Mapping[str, torch.Tensor], min_us
     out: Dict[str, torch.Tensor] = {}
     for s in spec.inputs:
         value = request[s.name]
-        if s.kind not in _ROW_KINDS:
+        if s.kind not in _ROW_KINDS and s.kind not in DYNAMIC_KINDS:
             raise RequestError(f"cannot widen input {s.name!r} of kind {s.kind!r}: give an example request "
                                "with >= 2 users and more candidates than users")
         rows = new_u if s.side == Side.USER else new_n
-        out[s.name] = value.index_select(0, torch.arange(rows) % value.shape[0])
+        ops = batch_ops(value)
+        out[s.name] = ops.take(value, torch.arange(rows) % ops.rows(value))
     out[USER_INDEX] = torch.arange(new_n, dtype=torch.int64) % new_u
     return out
 

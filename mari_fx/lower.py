@@ -31,7 +31,7 @@ from .example_prop import VALUE_KEY, TensorInfo
 from .inputs import USER_INDEX, RequestSpec
 from .record import BroadcastRecord, LayerRecord, Record, RefusalRecord
 from .functionalize import is_mutating
-from .runtime import check_inference, check_request
+from .runtime import Retracer, check_inference, check_request
 from .tags import NOTE_KEY, ROWS_KEY, TAG_KEY, SeqTag, Side
 
 U, N, C = "U", "N", "C"
@@ -315,6 +315,7 @@ class LoweringContext:
                 return Rows(node, level)
             pos += width
         raise MariError(f"internal: column {col} out of range at {a.format_node()}")
+
     def arg(self, node: fx.Node, i: int, name: Union[None, str, Tuple[str, ...]] = None, default: Any = _MISSING) -> Any:
         """Argument ``name`` of ``node`` (or the first of several spellings), read by name whatever mix
         of positional and keyword arguments the model used (:func:`mari_fx.arguments.bind`, as the
@@ -358,7 +359,8 @@ class Lowerer(LoweringContext):
         nodes = list(self.gm.graph.nodes)
         for node in nodes:
             if node.op == "placeholder":
-                new = self.graph.placeholder(node.target)
+                # a class annotation (not a string one, which fx cannot resolve) for TorchScript
+                new = self.graph.placeholder(node.target, type_expr=node.type if isinstance(node.type, type) else None)
                 self.port_meta(node, new)
                 level = U if sides.get(node.target) == Side.USER else N
                 new.meta[ROWS_KEY] = level
@@ -634,6 +636,7 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
     out.graph.eliminate_dead_code(is_impure_node=lambda n: n.target in (check_request, check_inference)
                                   or n.is_impure() or is_mutating(n))
     out.recompile()
+    out._tracer_cls = Retracer  # unpickling re-traces forward: keep run-time functions as calls
     # An inference artefact (its guard refuses training mode); only the root's flag: submodules
     # may be shared with the caller's model (embedding tables) and keep theirs.
     out.training = False

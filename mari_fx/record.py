@@ -71,6 +71,26 @@ class RefusalRecord:
 
 
 @dataclass(frozen=True)
+class CacheRecord:
+    """One value :func:`mari_fx.precompute_items` caches per catalog item (a buffer of ``P``).
+
+    ``source``: the layer or node it comes from (``"fusion.0 (item product)"`` for the item
+    product of a split Linear); ``shape`` / ``width``: its per-item shape and element count;
+    ``bytes_per_row`` is also what one candidate gathers; ``bytes``: the buffer, M rows;
+    ``flops_saved_per_candidate``: item-only FLOPs no longer computed per candidate.
+    """
+
+    name: str
+    source: str
+    shape: Tuple[int, ...]
+    width: int
+    dtype: str
+    bytes_per_row: int
+    bytes: int
+    flops_saved_per_candidate: int
+
+
+@dataclass(frozen=True)
 class Record:
     inputs: Tuple[InputSpec, ...]
     layers: Tuple[LayerRecord, ...]
@@ -79,6 +99,11 @@ class Record:
     refused: Tuple[RefusalRecord, ...]
     split_matmuls: bool
     capture: str = "torch.fx"  # or "torch.export", for models torch.fx cannot trace
+    # set by mari_fx.precompute_items on P: the catalog inputs, M, and the cached values
+    catalog_inputs: Tuple[str, ...] = ()
+    catalog_size: int = 0
+    item_cache: Tuple[CacheRecord, ...] = ()
+    byte_cost: float = 0.0
 
     @property
     def split_layers(self) -> Tuple[str, ...]:

@@ -196,8 +196,13 @@ REQUEST_KINDS = Registry("request_kinds", "InputSpec.kind -> RequestKind")
 SUMMARIES = Registry("summaries", "predicate(value) -> summary(value)")
 LEAF_MODULES = Registry("leaf_modules", "module class -> share (bool): traced as one call; shared by copies")
 PROBE_TYPES = Registry("probe_types", "predicate(value) -> fresh(value, rows, generator) (mari_fx.audit)")
+CAPTURE_HOOKS = Registry("capture_hooks", "hook -> hook(model): the module to capture instead, or None")
+DYNAMIC_KINDS = Registry("dynamic_kinds", "InputSpec.kind -> shapes(spec, rows, example): its dynamic_shapes entry")
+# Functions transformed graphs call, kept as calls when a pickled module is traced again: global
+# (unpickling runs outside any extension scope), filled by mari_fx.runtime.graph_function.
+GRAPH_FUNCTIONS = Registry("graph_functions", "fn -> fn")
 TABLES = (RULES, LOWERINGS, LAZY_BUILDERS, ROW_GATHERS, INPUT_KINDS, BATCH_TYPES, REQUEST_KINDS, SUMMARIES,
-          LEAF_MODULES, PROBE_TYPES)
+          LEAF_MODULES, PROBE_TYPES, CAPTURE_HOOKS, DYNAMIC_KINDS, GRAPH_FUNCTIONS)
 
 
 # ---------------------------------------------------------------------------- extensions
@@ -276,6 +281,12 @@ class Extension:
 
     def probe_type(self, predicate: Callable, fresh: Callable, priority: int = 0) -> None:
         self.add(PROBE_TYPES, predicate, fresh, priority=priority)
+
+    def capture_hook(self, hook: Callable, priority: int = 0) -> None:
+        self.add(CAPTURE_HOOKS, hook, hook, priority=priority)
+
+    def dynamic_kind(self, kind: str, shapes: Callable) -> None:
+        self.add(DYNAMIC_KINDS, kind, shapes)
 
     def _decorator(self, table: Registry, targets: Sequence[Any], priority: int, override: bool) -> Callable:
         def deco(fn: Callable) -> Callable:

@@ -42,7 +42,8 @@ SCHEMA = "mari_fx.report/1"
 def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candidates: int = 1000, seed: int = 0,
                  include_nodes: bool = False, target: Optional[str] = None,
                  user_inputs: Sequence[str] = (), audit: bool = False,
-                 traced: Optional[fx.GraphModule] = None) -> Dict[str, Any]:
+                 traced: Optional[fx.GraphModule] = None, catalog_size: Optional[int] = None,
+                 catalog_inputs: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The report of ``T`` (made from ``model`` by :func:`mari_fx.transform`) at U users, N candidates.
 
     Args:
@@ -57,6 +58,9 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
         traced: for the audit, the GraphModule from :func:`mari_fx.trace` that ``T`` was lowered
             from (default: ``model`` traced again with ``user_inputs``, or the declarations read
             off ``T``, and ``T``'s example inputs).
+        catalog_size / catalog_inputs: add ``item_cache``: what :func:`mari_fx.precompute_items`
+            would cache for a catalog of ``catalog_size`` items over ``catalog_inputs`` (default:
+            every item input), planned on ``T``'s example rows (:func:`item_cache_report`).
 
     Returns:
         A JSON-ready dict; keys documented in docs/report.md.
@@ -121,9 +125,56 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
     }
     if audit:
         _add_audit(report, model, T, traced, users, candidates, seed, user_inputs)
+    if catalog_size is not None:
+        report["item_cache"] = item_cache_report(T, catalog_size, catalog_inputs, candidates=candidates,
+                                                 flops_after=after)
     if include_nodes:
         report["nodes"] = _nodes(T)
     return report
+
+
+def item_cache_report(T: fx.GraphModule, catalog_size: int, catalog_inputs: Optional[Sequence[str]] = None, *,
+                      candidates: int = 1000, flops_after: Optional[int] = None) -> Dict[str, Any]:
+    """The trade-off of an item cache (:func:`mari_fx.precompute_items`) for ``catalog_size`` items:
+    per cached value its width, bytes for M rows and FLOPs saved per candidate, planned on ``T``'s
+    example item rows (nothing is evaluated over a catalog).
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.examples import CoarseRanker
+        >>> T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
+        >>> r = item_cache_report(T, 100_000)
+        >>> [(v["source"], v["width"], v["bytes"], v["flops_saved_per_candidate"]) for v in r["values"]]
+        [('fusion.0 (item product)', 64, 25600000, 1024)]
+    """
+    from .precompute import BYTE_COST, plan_item_cache
+    from .tags import Side
+
+    if catalog_size < 1:
+        raise DeclarationError(f"the catalog size must be >= 1, got {catalog_size}")
+    spec = T.meta["mari_fx.request"]
+    names = list(catalog_inputs) if catalog_inputs else [
+        s.name for s in spec.inputs if s.side != Side.USER and s.kind in ("tensor", "dict", "packed")]
+    by_source = {s.source: s.name for s in spec.inputs}
+    names = [by_source.get(n, n) for n in names]
+    example = T.meta.get("mari_fx.example") or {}
+    unknown = [n for n in names if n not in example or any(s.name == n and s.side == Side.USER for s in spec.inputs)]
+    if unknown or not names:
+        raise DeclarationError(f"catalog input(s) {unknown} are not item inputs of the model; item inputs: "
+                               f"{[s.name for s in spec.inputs if s.side != Side.USER]}")
+    plan = plan_item_cache(T, names, {n: example[n] for n in names})
+    values = [dict(dataclasses.asdict(r), bytes=r.bytes_per_row * catalog_size) for r in plan.records]
+    saved = sum(v["flops_saved_per_candidate"] for v in values)
+    return {
+        "catalog_size": catalog_size,
+        "catalog_inputs": names,
+        "byte_cost": BYTE_COST,
+        "values": values,
+        "bytes": sum(v["bytes"] for v in values),
+        "gather_bytes_per_candidate": sum(v["bytes_per_row"] for v in values),
+        "flops_saved_per_candidate": saved,
+        "flops_after_with_cache": None if flops_after is None else flops_after - candidates * saved,
+    }
 
 
 def _add_audit(report: Dict[str, Any], model: nn.Module, T: fx.GraphModule, traced: Optional[fx.GraphModule],

@@ -1062,7 +1062,8 @@ def _factory(ctx: RuleContext) -> Tag:
     return ctx.result(Side.USER if carrier_side == Side.CONST else carrier_side)
 
 
-register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)(lambda ctx: ctx.result(ctx.side(ctx.arg(0))))
+# shaped like arg 0; a node fill value (full_like(x, x.size(0))) joins in
+register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)(lambda ctx: ctx.result(ctx.input_side()))
 
 
 # int arithmetic on sizes, python builtins
@@ -1148,7 +1149,7 @@ register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, a
 register(aten.narrow.default)(_narrow)
 register(aten.unbind.int)(lambda ctx: RULES[torch.unbind](ctx))
 register(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default)(
-    lambda ctx: ctx.result(ctx.side(ctx.arg(0))))
+    lambda ctx: ctx.result(ctx.input_side()))
 
 
 @register(aten.sym_size.int)

@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from . import registry
 from .errors import RequestError
 
 
@@ -215,10 +216,14 @@ def _(user_index, user_inputs, item_inputs, spec) -> None:
 torch.fx.node.has_side_effect(torch.ops.mari_fx.check_request.default)  # returns nothing: keep it in graphs
 
 
+GRAPH_FUNCTIONS = registry.GRAPH_FUNCTIONS  # extension functions transformed graphs call (global)
+
+
 def graph_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark ``fn`` as a function transformed graphs call, so it survives re-tracing: unpickling
-    a GraphModule (``pickle``, ``torch.load``) traces its code again, and a function with
-    Python control flow on its inputs would fail on the proxies; this one records itself.
+    a GraphModule (``pickle``, ``torch.load``) traces its code again with :class:`Retracer`, and a
+    function with Python control flow on its inputs would fail on the proxies; a marked one stays a
+    call.  ``fn`` itself is returned unchanged (TorchScript compiles it as it is).
 
     Example:
         >>> @graph_function
@@ -227,22 +232,20 @@ def graph_function(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> class M(torch.nn.Module):
         ...     def forward(self, x):
         ...         return first_rows(x, 2)
-        >>> [n.op for n in torch.fx.symbolic_trace(M()).graph.nodes]
+        >>> [n.op for n in Retracer().trace(M()).nodes]
         ['placeholder', 'call_function', 'output']
-        >>> first_rows(torch.ones(3, 1), 2).shape
-        torch.Size([2, 1])
     """
+    GRAPH_FUNCTIONS.add(fn, fn, override=True)
+    return fn
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if torch.fx._symbolic_trace.is_fx_tracing():
-            proxies: List[torch.fx.Proxy] = []
-            torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else None)
-            if proxies:
-                return proxies[0].tracer.create_proxy("call_function", wrapper, args, kwargs)
-        return fn(*args, **kwargs)
 
-    return wrapper
+class Retracer(torch.fx.Tracer):
+    """The tracer torch re-traces a pickled transformed module's code with (``T._tracer_cls``):
+    the run-time functions of :data:`GRAPH_FUNCTIONS` stay calls instead of being traced through."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("autowrap_functions", tuple(GRAPH_FUNCTIONS.keys()))
+        super().__init__(*args, **kwargs)
 
 
 def check_inference(training: bool) -> None:

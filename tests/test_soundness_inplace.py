@@ -489,3 +489,23 @@ def test_transformed_module_refuses_training_mode():
     torch.export.save(ep, buf)
     buf.seek(0)
     torch.testing.assert_close(torch.export.load(buf).module()(**request), T(**request))
+
+
+def test_embedding_max_norm_is_refused_and_the_model_is_untouched():
+    # F.embedding(max_norm=...) renormalises its table in place from C++, where no Python guard sees
+    # it: the example run happens on private clones, so only the refusal is visible to the caller
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(50, 4, max_norm=1.0), nn.Linear(8, 1)
+
+        def forward(self, uid, i):
+            return self.head(torch.cat([self.emb(uid), i], -1))
+
+    m = M().eval()
+    with torch.no_grad():
+        m.emb.weight.mul_(10)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(mari_fx.DeclarationError, match="emb.weight"):
+        mari_fx.transform(m, ["uid"], (torch.tensor([1, 1, 2, 3]), torch.randn(4, 4)))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

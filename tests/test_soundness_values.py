@@ -228,3 +228,24 @@ def test_squared_difference_keeps_fp32_round_off(how, U, N):
     muls = [n for n in T.graph.nodes if n.target in (__import__("operator").mul, torch.mul, "mul", aten.mul.Tensor)
             and all(isinstance(a, torch.fx.Node) for a in n.args)]
     assert [n.meta.get(ROWS_KEY) for n in muls] == ["N"]
+
+
+def test_full_like_filled_with_the_batch_size_is_the_pair_count():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(8, 8), nn.Linear(12, 1)
+
+        def forward(self, u, i):
+            h = self.lin(u)
+            return self.head(torch.cat([h + torch.full_like(h, u.size(0)), i], -1))
+
+    m = M().eval()
+    T = mari_fx.transform(m, ["u"], (torch.randn(3, 8)[torch.tensor([0, 0, 1, 2])], torch.randn(4, 4)))
+    for U, N in [(1, 1), (2, 5), (3, 7)]:
+        u, i = torch.randn(U, 8), torch.randn(N, 4)
+        idx = torch.cat([torch.arange(U), torch.randint(U, (N - U,))])[torch.randperm(N)]
+        got, want = T(u=u, i=i, user_index=idx), m(u[idx], i)
+        torch.testing.assert_close(got, want)
+    fill = next(n for n in T.graph.nodes if n.target is torch.full_like)
+    assert fill.meta["mari_fx.rows"] == "N"  # filled with N, not U

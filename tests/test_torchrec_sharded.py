@@ -16,6 +16,7 @@ def test_sharded_model_transformed_on_each_rank_matches_unsharded():
         # the sharded KeyedTensor orders keys by sharding type: the split read it from the module run
         assert r["run_keys"] != r["ref_keys"] and sorted(r["run_keys"]) == sorted(r["ref_keys"])
         assert r["split_layers"] == ["over.0", "over2.0"]
+        assert r["shares_sharded_ebc"]  # mari_fx.transform(dmp) calls the DMP's own sharded EBC
         assert [q["users"] for q in r["requests"]] == [1, 3]
         for q in r["requests"]:
             assert q["max_diff"] < 1e-5

@@ -25,6 +25,8 @@ from .trace import symbolic_trace
 
 register_all()  # installs EXTENSION: the usual calls then know TorchRec's types (docs/torchrec.md)
 
+from . import deploy  # noqa: E402  (tri.deploy.script: TorchScript with quantized collections)
+
 __all__ = [
     "DEFAULT_EMBEDDING_MODULES", "EXTENSION", "KJTInputSpec", "KJTKeys", "KeyedTag", "kjt_select_rows",
     "register_embedding_module", "select_rows", "symbolic_trace",

@@ -109,3 +109,16 @@ class RankerBatch:
         """The pair-shaped inputs (one row per candidate) the original model takes."""
         kjt = jagged.merge([jagged.kjt_select_rows(self.user_kjt, self.user_index), self.item_kjt], self.keys)
         return self.user_dense[self.user_index], self.item_dense, kjt
+
+
+def ranker_factory() -> Tuple[nn.Module, Tuple[torch.Tensor, torch.Tensor, KeyedJaggedTensor]]:
+    """``mari-fx`` TARGET ``torchrec_integration.examples:ranker_factory`` (seeded weights):
+    ``--user user_dense 'features[user_id]' 'features[user_hist]'``.
+
+    Example:
+        >>> model, example = ranker_factory()
+        >>> model(*example).shape
+        torch.Size([4])
+    """
+    torch.manual_seed(0)
+    return TorchRecRanker().eval(), RankerBatch.random(2, 4, seed=1).pairs()

@@ -106,6 +106,7 @@ def _kjt_input(gm: fx.GraphModule, ph: fx.Node, value: KeyedJaggedTensor, sels, 
             continue
         two = user_keys and item_keys
         node = _new_placeholder(gm, ph, f"{ph.target}_{side}", taken) if two else ph
+        node.type = KeyedJaggedTensor  # the forward's annotation, which TorchScript needs
         parts[side] = node
         flat_example[node.target] = jagged.select_keys(value, part_keys) if two else value
         specs.append(KJTInputSpec(node.target, ph.target, side, kind=KIND, keys=tuple(part_keys),
@@ -127,7 +128,27 @@ def _assemble(parts: List[Tuple[KJTInputSpec, KeyedJaggedTensor]]) -> KeyedJagge
     return jagged.merge([v for _, v in parts], parts[0][0].arg_keys)
 
 
+def dynamic_kjt(spec: KJTInputSpec, rows: Any, example: Any = None) -> List[Any]:
+    """The ``dynamic_shapes`` entry of a KJT input (one per field of the KJT's pytree): ``lengths``
+    has ``len(keys) * rows`` entries, ``values`` (and ``weights``, if the example had them) a count
+    of its own, ``Dim("<input>_ids", min=0)``; offsets are left out (pass KJTs built from lengths).
+
+    Example:
+        >>> from torch.export import Dim
+        >>> spec = KJTInputSpec("features_user", "features", "user", kind=KIND, keys=("a", "b"))
+        >>> [None if d is None else str(d[0].__name__) for d in dynamic_kjt(spec, Dim("users", min=1))]
+        ['features_user_ids', None, '2*users', None, None, None]
+    """
+    from torch.export import Dim
+
+    ids = Dim(f"{spec.name}_ids", min=0)
+    weighted = isinstance(example, KeyedJaggedTensor) and example.weights_or_none() is not None
+    fields = {"_values": {0: ids}, "_weights": {0: ids} if weighted else None, "_lengths": {0: len(spec.keys) * rows}}
+    return [fields.get(f) for f in KeyedJaggedTensor._fields]
+
+
 def register() -> None:
+    EXTENSION.dynamic_kind(KIND, dynamic_kjt)
     EXTENSION.input_kind(lambda v: isinstance(v, KeyedJaggedTensor), _kjt_input)
     EXTENSION.request_kind(KIND, RequestKind(_extract, _assemble))
     EXTENSION.batch_type(lambda v: isinstance(v, KeyedJaggedTensor),

@@ -20,6 +20,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 from torchrec.sparse import jagged_tensor as jt_mod
 from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -128,8 +129,14 @@ def _lower_pair_kjt(lw: LoweringContext, node: fx.Node, _module: Any) -> Rows:
         exact = request(False, N)
     if padded_users or exact is None:
         padded = request(True, N)
-        _state(lw).padded[node] = (padded, _new_node(lw, "call_method", "stride", (u,), C))  # U, an int
+        _state(lw).padded[node] = (padded, _new_node(lw, "call_function", jagged.num_users, (u, lw.user_index, _dense_user(lw)), C))
     return Rows(exact if exact is not None else padded, N, node)
+
+
+def _dense_user(lw: LoweringContext) -> Optional[fx.Node]:
+    """A user-side tensor input of the request (U rows), if there is one."""
+    names = [s.name for s in lw.spec.inputs if s.side == Side.USER and s.kind == "tensor"]
+    return next((n for n in lw.graph.nodes if n.op == "placeholder" and n.target in names), None)
 
 
 # --------------------------------------------------------------------------- embedding modules
@@ -145,12 +152,11 @@ def lower_embedding(lw: LoweringContext, node: fx.Node, module: Any) -> Optional
     call.meta[ROWS_KEY] = N
     side = node.meta[TAG_KEY].side
     if side == Side.USER:
-        return Rows(_new_node(lw, "call_function", jagged.take_rows, (call, users), U), U, node)
+        take = jagged.take_kt_rows if EMBEDDING_KINDS.first(type(module)) == POOLED else jagged.take_jt_dict_rows
+        return Rows(_new_node(lw, "call_function", take, (call, users), U), U, node)
     if side == Side.MIXED:
         _state(lw).padded_out[node] = users
-        return Rows(call, N, node)
-    # item-only: the padded batch is max(U, N) rows (U > N: users without a candidate)
-    return Rows(_new_node(lw, "call_function", jagged.take_rows, (call, lw.num_candidates()), N), N, node)
+    return Rows(call, N, node)
 
 
 # --------------------------------------------------------------------------- KeyedTensor accessors
@@ -176,11 +182,15 @@ def key_slices(lw: LoweringContext, kt: fx.Node, keys: List[str]) -> List[Tuple[
     values = state.values[value.node]
     out = []
     for level, lo, hi in runs:
-        rows = slice(None) if users is None else slice(None, users) if level == U else slice(None, lw.num_candidates())
+        rows = slice(None, users) if users is not None and level == U else slice(None)
         if rows == slice(None) and lo == 0 and hi == info.shape[-1]:
             out.append((level, hi - lo, Rows(values, level)))
             continue
-        part = _new_node(lw, "call_function", operator.getitem, (values, (rows, slice(lo, hi))), level)
+        if rows == slice(None):
+            part = _new_node(lw, "call_function", operator.getitem, (values, (rows, slice(lo, hi))), level)
+        else:  # the users' rows [:U]: a view whose contiguity torch.export would guard on (U == 1)
+            head = _new_node(lw, "call_function", operator.getitem, (values, rows), level)
+            part = _new_node(lw, "call_function", torch.narrow, (head, 1, lo, hi - lo), level)
         out.append((level, hi - lo, Rows(part, level)))
     return out
 
@@ -221,9 +231,9 @@ def _lower_getitem(lw: LoweringContext, node: fx.Node, _module: Any):
     # an EmbeddingCollection's dict of JaggedTensors: a user key's first U bags are its users'
     bag = _new_node(lw, "call_function", operator.getitem, (value.node, key), N)
     if base.meta[TAG_KEY].get(key).side != Side.USER:
-        return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, lw.num_candidates()), N), N, node)
+        return Rows(bag, N, node)
     users = _state(lw).padded_out[base]
-    return Rows(_new_node(lw, "call_function", jagged.take_rows, (bag, users), U), U, node)
+    return Rows(_new_node(lw, "call_function", jagged.take_jt_rows, (bag, users), U), U, node)
 
 
 def _regroup_parts(lw: LoweringContext, keyed_tensors: List[fx.Node], group: List[str]):

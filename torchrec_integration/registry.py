@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 from typing import Type
 
+import torch
 import torch.nn as nn
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
@@ -15,10 +16,12 @@ from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.quant import embedding_modules as quant
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mari_fx.example_prop import TensorInfo
 from mari_fx.registry import install
 
-from . import inputs, jagged, lowering, summaries
+from . import inputs, jagged, lowering, summaries, trace
 from .extension import EXTENSION
 from .rules import POOLED, SEQUENCE, embedding_rule
 
@@ -70,13 +73,38 @@ def _gathered(info) -> bool:
     return isinstance(info, keyed)
 
 
+def _mapping_of(info, info_type) -> bool:
+    """A dict summary whose values are all ``info_type`` summaries (None: all tensors)."""
+    if not isinstance(info, types.MappingProxyType) or not info:
+        return False
+    if info_type is None:
+        return all(isinstance(v, TensorInfo) for v in info.values())
+    return all(isinstance(v, info_type) for v in info.values())
+
+
 def register_all() -> None:
     """Fill :data:`EXTENSION` (once) and install it: what ``import torchrec_integration`` does."""
     if not EXTENSION.table("leaf_modules").keys():
-        summaries.register()
-        inputs.register()
-        for cls, kind in DEFAULT_EMBEDDING_MODULES.items():
-            register_embedding_module(cls, kind)
-        EXTENSION.leaf_module(ShardedModule, share=True)  # any other sharded module: one call, never copied
-        EXTENSION.row_gather(_gathered, jagged.select_rows)
+        _fill()
     install(EXTENSION)
+    # a .pt2 program stores its example inputs (KJTs): let torch.export.load read them with
+    # weights_only=True instead of falling back to an unsafe load (with a warning)
+    torch.serialization.add_safe_globals([KeyedJaggedTensor])
+
+
+def _fill() -> None:
+    """Every entry of :data:`EXTENSION`."""
+    summaries.register()
+    inputs.register()
+    for cls, kind in DEFAULT_EMBEDDING_MODULES.items():
+        register_embedding_module(cls, kind)
+    EXTENSION.leaf_module(ShardedModule, share=True)  # any other sharded module: one call, never copied
+    EXTENSION.row_gather(_gathered, jagged.select_rows)
+    # typed gathers where the summary tells the type: these TorchScript compiles
+    for info_type, gather in ((summaries.KJTInfo, jagged.kjt_select_rows),
+                              (summaries.KeyedTensorInfo, jagged.kt_select_rows),
+                              (summaries.JaggedTensorInfo, jagged.jt_select_rows)):
+        EXTENSION.row_gather(lambda info, t=info_type: isinstance(info, t), gather)
+    EXTENSION.row_gather(lambda info: _mapping_of(info, summaries.JaggedTensorInfo), jagged.jt_dict_select_rows)
+    EXTENSION.row_gather(lambda info: _mapping_of(info, None), jagged.tensor_dict_select_rows)
+    EXTENSION.capture_hook(trace.capture_hook)  # mari_fx.transform(dmp, ...)

@@ -110,7 +110,7 @@ def _check(rank: int, world_size: int, out_dir: str, users: List[int], candidate
     from torchrec.distributed.types import ShardingPlan
 
     import mari_fx
-    import torchrec_integration as tri
+    import torchrec_integration  # noqa: F401  (teaches mari_fx DMP and KJTs)
     from torchrec_integration.examples import RankerBatch
     from torchrec_integration.lookups import count_lookups
 
@@ -135,11 +135,12 @@ def _check(rank: int, world_size: int, out_dir: str, users: List[int], candidate
         run_keys = sharded.ebc(example.pairs()[2]).keys()
     _copy_weights(sharded, ref, ref_keys, run_keys)
 
-    gm = tri.symbolic_trace(dmp)
-    T = mari_fx.transform(gm, ["user_dense"] + [f"features[{k}]" for k in USER_KEYS], example.pairs())
+    # the model as users hold it: the DMP itself (torchrec_integration's capture hook traces it)
+    T = mari_fx.transform(dmp, ["user_dense"] + [f"features[{k}]" for k in USER_KEYS], example.pairs())
     record = T.meta["mari_fx.record"]
     results = {"rank": rank, "sharding": sharding, "ref_keys": list(ref_keys), "run_keys": list(run_keys),
-               "split_layers": list(record.split_layers), "requests": []}
+               "split_layers": list(record.split_layers), "shares_sharded_ebc": T.get_submodule("ebc") is sharded.ebc,
+               "requests": []}
     for u in users:
         batch = RankerBatch.random(u, candidates, seed=100 + u, **batch_kw)
         pairs = batch.pairs()

@@ -30,3 +30,11 @@ def symbolic_trace(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = N
     leaves = tuple(EMBEDDING_KINDS.keys()) + (ShardedModule,)
     names = sorted({type(m).__name__ for m in model.modules() if isinstance(m, leaves)})
     return torchrec.fx.symbolic_trace(model, concrete_args=concrete_args, leaf_modules=names)
+
+
+def capture_hook(model: nn.Module) -> Optional[nn.Module]:
+    """What :func:`mari_fx.capture.capture` traces for a ``DistributedModelParallel``: the
+    GraphModule :func:`symbolic_trace` makes of it, which calls the sharded modules of
+    ``dmp.module`` themselves (shared, never copied).  Installed by ``import torchrec_integration``,
+    so ``mari_fx.transform(dmp, ...)`` takes the model users hold."""
+    return symbolic_trace(model) if isinstance(model, DistributedModelParallel) else None
