@@ -193,7 +193,7 @@ def capture(
 @contextlib.contextmanager
 def private_state(model: nn.Module):
     """Within, ``model``'s parameters, buffers and tensor attributes are private clones (outside
-    :data:`SHARED_MODULES`); the originals are put back on exit.
+    :func:`shared_modules`); the originals are put back on exit.
 
     Copies mari_fx makes share their tensors with the caller's model, and a composite op can
     write into a parameter from C++ where no Python-level guard sees it (``F.embedding`` with
@@ -210,7 +210,7 @@ def private_state(model: nn.Module):
         >>> lin.weight is w
         True
     """
-    shared = tuple(SHARED_MODULES)
+    shared = shared_modules()
     clones: Dict[int, torch.Tensor] = {}
     swapped: List[Any] = []
 
