@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mari_fx.demo
+	$(BIN)/python -m mari_fx.testing.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

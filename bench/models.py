@@ -34,8 +34,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from mari_fx.verify import ragged_index as _ragged_index
-from mari_fx.examples import mlp
+from mari_fx.report.verify import ragged_index as _ragged_index
+from mari_fx.testing.examples import mlp
 
 LAYOUTS = ("neat", "fragmented")
 USER_INPUTS = ("user_sparse", "user_dense", "user_hist")

@@ -4,16 +4,17 @@
                           example_inputs=pair_batch)
     T(**mari_fx.pairs_to_request(T, *pair_batch, user_index=idx)) == model(*pair_batch)
 """
+from . import _aliases
 from .api import is_tagged, refresh, trace, transform
 from .errors import DeclarationError, MariError, RequestError, TraceError, VerificationError
-from .flops import count_flops
-from .inputs import Arg, Columns, Key, pairs_to_request, request_to_pairs
-from .modules import SplitLinear
-from .precompute import PrecomputedModule, precompute_items
-from .record import Record
-from .tags import Side
-from .verify import random_request, verify
-from . import export  # a callable module: mari_fx.export(T, request) -> torch.export.ExportedProgram
+from .report.flops import count_flops
+from .frontend.inputs import Arg, Columns, Key, pairs_to_request, request_to_pairs
+from .runtime.modules import SplitLinear
+from .deploy import PrecomputedModule, precompute_items
+from .report.record import Record
+from .analysis.tags import Side
+from .report.verify import random_request, verify
+from .deploy import export  # a function: mari_fx.export(T, request); mari_fx.export.load(path) ...
 
 __all__ = [
     "Arg", "Columns", "DeclarationError", "Key", "MariError", "PrecomputedModule", "Record", "RequestError", "Side",
@@ -21,3 +22,4 @@ __all__ = [
     "precompute_items", "random_request", "refresh", "request_to_pairs", "trace", "transform", "verify",
 ]
 __version__ = "0.1.0"
+_aliases.install()  # the flat layout's module paths (mari_fx.rules ...) as aliases of the new ones

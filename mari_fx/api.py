@@ -11,14 +11,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture, check_state, guard_state, private_state, state_versions
+from .frontend.capture import capture, check_state, guard_state, private_state, state_versions
 from .errors import DeclarationError
-from .example_prop import ExampleProp
-from .functionalize import functionalize
-from .inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
-from .lower import LowerOptions, lower
-from .propagate import propagate_tags
-from .tags import TAG_KEY
+from .analysis.example_prop import ExampleProp
+from .frontend.functionalize import functionalize
+from .frontend.inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
+from .lowering import LowerOptions, lower
+from .analysis.propagate import propagate_tags
+from .analysis.tags import TAG_KEY
 
 from .meta import EXAMPLE_KEY, EXTENSIONS_KEY, RECORD_KEY
 from .registry import Extension, extensions_of, use_extensions
@@ -58,7 +58,7 @@ def trace(
 
     Args:
         model: the pair-shaped model (one row per (user, candidate) pair); not mutated.
-        user_inputs: selectors of the user-side inputs (see :mod:`mari_fx.inputs`).
+        user_inputs: selectors of the user-side inputs (see :mod:`mari_fx.frontend.inputs`).
         example_inputs / example_kwargs: one pair-shaped batch (>= 2 rows) to read shapes from.
         leaf_modules: extra module classes to keep as calls instead of tracing through.
         extensions: :class:`~mari_fx.registry.Extension` objects (rules, lowerings, input
@@ -70,7 +70,7 @@ def trace(
 
     Example:
         >>> import torch, mari_fx
-        >>> from mari_fx.examples import CoarseRanker
+        >>> from mari_fx.testing.examples import CoarseRanker
         >>> gm = mari_fx.trace(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
         >>> str(gm.get_submodule("fusion.0").__class__.__name__), str(next(
         ...     n for n in gm.graph.nodes if n.target == "fusion.0").args[0].meta["mari_fx.tag"])
@@ -108,9 +108,9 @@ def _trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules, ext
 
 
 def _functionalize_pass():
-    # ``mari_fx.api.functionalize`` or ``mari_fx.functionalize.functionalize``, whichever was
+    # ``mari_fx.api.functionalize`` or ``mari_fx.frontend.functionalize.functionalize``, whichever was
     # replaced (tests swap the pass out to show what it protects against)
-    from . import functionalize as module
+    from .frontend import functionalize as module
 
     return functionalize if functionalize is not _FUNCTIONALIZE else module.functionalize
 
@@ -238,7 +238,7 @@ def transform(
 
     Example:
         >>> import torch, mari_fx
-        >>> from mari_fx.examples import CoarseRanker
+        >>> from mari_fx.testing.examples import CoarseRanker
         >>> model = CoarseRanker().eval()
         >>> u, i, idx = torch.randn(2, 16), torch.randn(5, 8), torch.tensor([0, 0, 0, 1, 1])
         >>> T = mari_fx.transform(model, user_inputs=["user"], example_inputs=(u[idx], i))
@@ -274,7 +274,7 @@ def _transform(model, user_inputs, example_inputs, example_kwargs, split_matmuls
     T.meta[EXAMPLE_KEY] = tagged.meta.get(EXAMPLE_KEY)
     T.meta[EXTENSIONS_KEY] = extensions
     if verify:
-        from .verify import verify as _verify
+        from .report.verify import verify as _verify
 
         _verify(tagged if is_tagged(model) else model, T)
     return T
@@ -291,7 +291,7 @@ def refresh(T: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
 
     Example:
         >>> import torch, mari_fx
-        >>> from mari_fx.examples import CoarseRanker
+        >>> from mari_fx.testing.examples import CoarseRanker
         >>> model = CoarseRanker().eval()
         >>> T = mari_fx.transform(model, ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
         >>> with torch.no_grad():
@@ -301,7 +301,7 @@ def refresh(T: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
         >>> torch.allclose(T(user=u, item=i, user_index=idx), model(u[idx], i), atol=1e-5)
         True
     """
-    from .modules import SplitLinear
+    from .runtime.modules import SplitLinear
 
     if not (isinstance(T, fx.GraphModule) and REQUEST_KEY in getattr(T, "meta", {})):
         raise DeclarationError(f"refresh expects a module made by mari_fx.transform, got {type(T).__name__}")

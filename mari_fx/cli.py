@@ -5,7 +5,7 @@
 
 TARGET is a factory ``package.module:function`` (or ``file.py:function``) returning
 ``(model, example_args[, example_kwargs])``, or a saved pair-shaped ExportedProgram
-``model.pt2``; see :mod:`mari_fx.factories`.  The
+``model.pt2``; see :mod:`mari_fx.testing.factories`.  The
 report's data comes from :mod:`mari_fx.report`; this module only formats it.
 
 Exit codes: 0 done; 2 bad arguments, or the target cannot be loaded or traced;
@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns the exit code (see the module docstring).
 
     Example:
-        >>> main(["report", "mari_fx.factories:coarse_ranker", "--user", "user", "--candidates", "10", "--json"])
+        >>> main(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--candidates", "10", "--json"])
         ... # doctest: +ELLIPSIS
         {
           "schema": "mari_fx.report/1",
@@ -171,7 +171,7 @@ def _quiet(debug: bool):
 def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True, keep_trace: bool = False):
     """``(model, T)``, or ``(model, T, traced)`` with ``keep_trace`` (the audit runs the trace)."""
     from .api import trace, transform
-    from .factories import load
+    from .testing.factories import load
 
     with _quiet(args.debug):
         model, ex_args, ex_kwargs = load(args.target)
@@ -186,7 +186,7 @@ def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True, ke
 def _report(args: argparse.Namespace) -> int:
     import torch
 
-    from .report import build_report
+    from .report.build import build_report
 
     if args.users < 1 or args.candidates < args.users:
         raise _UsageError(f"need 1 <= --users <= --candidates, got --users {args.users} --candidates {args.candidates}")
@@ -215,7 +215,7 @@ def format_report(data: Dict[str, Any]) -> str:
     Example:
         >>> import torch
         >>> from mari_fx.report import report
-        >>> from mari_fx.examples import CoarseRanker
+        >>> from mari_fx.testing.examples import CoarseRanker
         >>> text = format_report(report(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8))))
         >>> [line.split()[:2] for line in text.splitlines() if line.startswith("fusion.0")]
         [['fusion.0', 'Linear']]
@@ -322,9 +322,9 @@ VERIFY_SHAPES = ((1, 1), (3, 7))
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from . import export as mexport
-    from .inputs import request_to_pairs
-    from .verify import compare_outputs, random_request
+    from .deploy import programs as mexport
+    from .frontend.inputs import request_to_pairs
+    from .report.verify import compare_outputs, random_request
 
     model, T = _load_and_transform(args)
     try:

@@ -1,6 +1,6 @@
 """Every ``meta`` key mari_fx writes, in one place (namespaced ``"mari_fx.*"``; values immutable).
 
-The modules that used to define these re-export them (``mari_fx.tags.TAG_KEY`` ...), so
+The modules that used to define these re-export them (``mari_fx.analysis.tags.TAG_KEY`` ...), so
 either import works.
 
 Per node (``node.meta``):
@@ -16,8 +16,8 @@ Per node (``node.meta``):
 Per module (``GraphModule.meta``):
 
 * :data:`EXAMPLE_KEY` -- the flat, pair-shaped example inputs by placeholder name;
-* :data:`REQUEST_KEY` -- the :class:`~mari_fx.inputs.RequestSpec`;
-* :data:`RECORD_KEY` -- the :class:`~mari_fx.record.Record` of what was split, hoisted, refused;
+* :data:`REQUEST_KEY` -- the :class:`~mari_fx.frontend.inputs.RequestSpec`;
+* :data:`RECORD_KEY` -- the :class:`~mari_fx.report.record.Record` of what was split, hoisted, refused;
 * :data:`ROUTE_KEY` -- which capture route made the graph;
 * :data:`EXTENSIONS_KEY` -- the :class:`~mari_fx.registry.Extension` objects it was made with.
 """

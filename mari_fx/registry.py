@@ -21,13 +21,13 @@ Extensions are objects (:class:`Extension`, cf. TorchRec's ``sharders=[...]``): 
 entries for these tables, active while ``mari_fx.transform(..., extensions=[ext])`` runs (and
 wherever a transformed module is used: ``pairs_to_request``, ``verify``, ``export``), or
 everywhere once :func:`install`-ed.  ``import torchrec_integration`` installs its extension
-for the common case.  ``mari_fx.rules.register`` and the other ``register_*`` functions add
+for the common case.  ``mari_fx.analysis.rules.register`` and the other ``register_*`` functions add
 to the core tables, as before.
 
 Example:
     >>> import torch
     >>> from mari_fx.registry import Extension, RULES
-    >>> from mari_fx.rules import rowwise
+    >>> from mari_fx.analysis.rules import rowwise
     >>> def my_op(x): return x * 2
     >>> ext = Extension("mine")
     >>> _ = ext.rule(my_op)(rowwise)
@@ -195,7 +195,7 @@ BATCH_TYPES = Registry("batch_types", "predicate(value) -> BatchOps")
 REQUEST_KINDS = Registry("request_kinds", "InputSpec.kind -> RequestKind")
 SUMMARIES = Registry("summaries", "predicate(value) -> summary(value)")
 LEAF_MODULES = Registry("leaf_modules", "module class -> share (bool): traced as one call; shared by copies")
-PROBE_TYPES = Registry("probe_types", "predicate(value) -> fresh(value, rows, generator) (mari_fx.audit)")
+PROBE_TYPES = Registry("probe_types", "predicate(value) -> fresh(value, rows, generator) (mari_fx.report.audit)")
 CAPTURE_HOOKS = Registry("capture_hooks", "hook -> hook(model): the module to capture instead, or None")
 DYNAMIC_KINDS = Registry("dynamic_kinds", "InputSpec.kind -> shapes(spec, rows, example): its dynamic_shapes entry")
 # Functions transformed graphs call, kept as calls when a pickled module is traced again: global
@@ -212,7 +212,7 @@ class Extension:
 
     Example:
         >>> import torch, torch.nn as nn, mari_fx
-        >>> from mari_fx.rules import rowwise
+        >>> from mari_fx.analysis.rules import rowwise
         >>> class Scale(nn.Module):                      # a custom leaf, row-wise
         ...     def forward(self, x): return x * 3
         >>> ext = Extension("scale")

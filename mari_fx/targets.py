@@ -1,6 +1,6 @@
 """The op families mari_fx knows, each with its torch function, Tensor-method, module and ATen
 (torch.export) spellings side by side: defined once, shared by the tag rules
-(:mod:`mari_fx.rules`), the element maps (:mod:`mari_fx.elements`) and the lowerings, so a rule
+(:mod:`mari_fx.analysis.rules`), the element maps (:mod:`mari_fx.analysis.elements`) and the lowerings, so a rule
 never promises a structure its lowering does not handle for some spelling.
 
 Example:
@@ -68,7 +68,7 @@ BINARY_FUNCS += [
 ]
 
 DROPOUTS = [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout, torch.dropout, "dropout"]
-# The ops mari_fx.pieces lowers piece by piece: the only ones whose output may keep column segments
+# The ops mari_fx.lowering.ops.pieces lowers piece by piece: the only ones whose output may keep column segments
 # (``view`` only as a same-size dtype view), so that a rule never promises pieces the lowering lacks.
 PIECEWISE = frozenset(UNARY_FUNCS + UNARY_METHODS + UNARY_MODULES + BINARY_FUNCS + BINARY_METHODS
                       + DROPOUTS + ["view"])
@@ -89,7 +89,7 @@ MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__",
           aten.mm.default)
 ADDMM = (torch.addmm, aten.addmm.default)
 BMM = (torch.bmm, "bmm", aten.bmm.default)
-LINEAR_LIKE = LINEAR + MATMUL + ADDMM  # what the MaRI split (mari_fx.split) rewrites
+LINEAR_LIKE = LINEAR + MATMUL + ADDMM  # what the MaRI split (mari_fx.lowering.ops.split) rewrites
 
 # --------------------------------------------------------------------------- reductions
 SUM = (torch.sum, "sum", aten.sum.dim_IntList)

@@ -141,3 +141,31 @@ def test_architecture_walkthrough_runs():
     assert sorted(n.meta["mari_fx.rows"] for n in gated_nodes) == ["N", "U"]  # one per piece
     from mari_fx.registry import RULES
     assert RULES.first(scope["gated"]) is None  # the extension changed nothing global
+
+
+def test_the_repository_imports_new_paths_not_aliases():
+    """The flat layout's paths (``mari_fx.rules`` ...) are aliases for other people's code only."""
+    from mari_fx._aliases import ALIASES
+
+    mods = _modules()
+    found = []
+    for m, path in mods.items():
+        pkg = m if path.endswith("__init__.py") else m.rsplit(".", 1)[0]
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            found += [f"{m}: {n}" for n in names if n in ALIASES]
+    assert found == []
+    import mari_fx.rules
+    import mari_fx.analysis.rules
+
+    assert mari_fx.rules is mari_fx.analysis.rules and mari_fx.rules.__spec__.name == "mari_fx.analysis.rules"

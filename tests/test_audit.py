@@ -1,4 +1,4 @@
-"""The audit (mari_fx.audit, ``report --audit``): user columns measured on a probe batch
+"""The audit (mari_fx.report.audit, ``report --audit``): user columns measured on a probe batch
 next to the proof, where the proof lost them, and the share of the attainable saving realised."""
 import contextlib
 import io
@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 import mari_fx
-from mari_fx.audit import audit, measure, probe_inputs
+from mari_fx.report.audit import audit, measure, probe_inputs
 from mari_fx.cli import main
-from mari_fx.examples import CoarseRanker, DictRanker, PackedRanker, mlp
+from mari_fx.testing.examples import CoarseRanker, DictRanker, PackedRanker, mlp
 from mari_fx.report import build_report, report
 
 
@@ -176,15 +176,15 @@ def _cli(argv):
 
 
 def test_cli_audit_table_and_json():
-    code, out, _ = _cli(["report", "mari_fx.factories:coarse_ranker", "--user", "user", "--audit", "-n", "50"])
+    code, out, _ = _cli(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--audit", "-n", "50"])
     assert code == 0
     header = next(line for line in out.splitlines() if line.startswith("layer"))
     assert "measured user" in header and "lost at" in header
     assert "audit: realised 100.0%" in out
-    code, out, _ = _cli(["report", "mari_fx.factories:coarse_ranker", "--user", "user", "--audit", "--json"])
+    code, out, _ = _cli(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--audit", "--json"])
     data = json.loads(out)
     assert code == 0 and data["audit"]["realised"] == pytest.approx(1.0)
-    code, out, _ = _cli(["report", "mari_fx.factories:coarse_ranker", "--user", "user"])
+    code, out, _ = _cli(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user"])
     assert "measured user" not in out and "audit:" not in out
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import mari_fx
-from mari_fx.modules import SplitLinear
+from mari_fx.runtime.modules import SplitLinear
 
 from helpers import ragged_index
 
@@ -60,7 +60,7 @@ def test_unregistered_module_is_captured_through_export():
 
 
 def test_fx_route_is_recorded():
-    from mari_fx.examples import CoarseRanker
+    from mari_fx.testing.examples import CoarseRanker
 
     T = mari_fx.transform(CoarseRanker().eval(), ["user"], (torch.randn(4, 16), torch.randn(4, 8)))
     assert T.meta["mari_fx.record"].capture == "torch.fx"

@@ -16,7 +16,7 @@ import torch
 
 import mari_fx
 from mari_fx.cli import main
-from mari_fx.factories import interleaved_ranker
+from mari_fx.testing.factories import interleaved_ranker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def coarse_flops(U, N, user_dim=16, item_dim=8, tower=(64, 32), fusion=(64, 32))
 
 
 def test_report_table_of_coarse_ranker():
-    rc, out, err = run_cli("report", "mari_fx.factories:coarse_ranker", "--user", "user", "--users", "2",
+    rc, out, err = run_cli("report", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--users", "2",
                            "--candidates", "50")
     assert rc == 0, err
     rows = table_rows(out)
@@ -89,7 +89,7 @@ def test_report_table_of_coarse_ranker():
 
 def test_report_json_of_interleaved_ranker_matches_independent_flops():
     U, N = 3, 200
-    rc, out, err = run_cli("report", "mari_fx.factories:interleaved_ranker", "--user", "user", "--users", str(U),
+    rc, out, err = run_cli("report", "mari_fx.testing.factories:interleaved_ranker", "--user", "user", "--users", str(U),
                            "--candidates", str(N), "--json")
     assert rc == 0, err
     data = json.loads(out)
@@ -118,7 +118,7 @@ def test_report_json_of_interleaved_ranker_matches_independent_flops():
 
 
 def test_report_dict_ranker_repeated_and_extended_user_flags():
-    rc, out, err = run_cli("report", "mari_fx.factories:dict_ranker", "--user", "x[user_id]", "--user",
+    rc, out, err = run_cli("report", "mari_fx.testing.factories:dict_ranker", "--user", "x[user_id]", "--user",
                            "x[user_age]", "x[hist_item_ids]", "--users", "3", "--candidates", "7", "--json")
     assert rc == 0, err
     data = json.loads(out)
@@ -135,18 +135,18 @@ def test_report_dict_ranker_repeated_and_extended_user_flags():
 
 
 def test_report_all_lists_nodes_with_their_rows():
-    rc, out, err = run_cli("report", "mari_fx.factories:packed_ranker", "--user", "X[:, 0:3]", "X[:, 5:9]",
+    rc, out, err = run_cli("report", "mari_fx.testing.factories:packed_ranker", "--user", "X[:, 0:3]", "X[:, 5:9]",
                            "--users", "2", "--candidates", "10", "--all", "--json")
     assert rc == 0, err
     data = json.loads(out)
     nodes = {n["name"]: n for n in data["nodes"]}
     assert nodes["user_proj"]["rows"] == "U" and nodes["user_proj"]["op"].endswith("Linear")
-    assert nodes["wide"]["rows"] == "N" and nodes["wide"]["op"] == "mari_fx.modules.SplitLinear"
+    assert nodes["wide"]["rows"] == "N" and nodes["wide"]["op"] == "mari_fx.runtime.modules.SplitLinear"
     assert nodes["X_user"]["rows"] == "U" and nodes["X_item"]["rows"] == "N"
     assert set(data["split_layers"]) == {"wide", "head.0"}
 
 def test_report_all_as_a_table(capsys):
-    assert main(["report", "mari_fx.factories:packed_ranker", "--user", "X[:, 0:3]", "X[:, 5:9]",
+    assert main(["report", "mari_fx.testing.factories:packed_ranker", "--user", "X[:, 0:3]", "X[:, 5:9]",
                  "--users", "2", "--candidates", "10", "--all"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^user_proj\s+Linear\s+U\s+user$", out, re.M)
@@ -198,7 +198,7 @@ def factory_file(tmp_path):
 @pytest.fixture()
 def static_program(tmp_path):
     """A saved ExportedProgram with a static batch size: the rows of a request cannot vary."""
-    from mari_fx.examples import CoarseRanker
+    from mari_fx.testing.examples import CoarseRanker
 
     path = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(CoarseRanker().eval(), (torch.randn(4, 16), torch.randn(4, 8))), str(path))
@@ -208,7 +208,7 @@ def static_program(tmp_path):
 def test_report_of_a_saved_exported_program(tmp_path):
     from torch.export import Dim
 
-    from mari_fx.examples import DictRanker
+    from mari_fx.testing.examples import DictRanker
 
     example = DictRanker.example_batch(6)
     batch = Dim("batch", min=2)
@@ -260,14 +260,14 @@ def test_cannot_trace_or_bad_arguments_exit_2_with_one_line(factory_file, static
 
 
 @pytest.mark.parametrize("argv, reason", [
-    (["report", "mari_fx.factories:coarse_ranker", "--user", "user", "--users", "5", "--candidates", "2"],
+    (["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--users", "5", "--candidates", "2"],
      "need 1 <= --users <= --candidates"),
-    (["report", "mari_fx.factories:coarse_ranker"], "the following arguments are required: --user"),
-    (["report", "mari_fx.factories:coarse_ranker", "--user", "nope"], "names argument 'nope'"),
+    (["report", "mari_fx.testing.factories:coarse_ranker"], "the following arguments are required: --user"),
+    (["report", "mari_fx.testing.factories:coarse_ranker", "--user", "nope"], "names argument 'nope'"),
     (["report", "{d}/missing.pt2", "--user", "user"], "no such file"),
     (["report", "no_such_module_xyz:make", "--user", "user"], "cannot import 'no_such_module_xyz'"),
-    (["report", "mari_fx.factories:nothing", "--user", "user"], "has no attribute 'nothing'"),
-    (["report", "mari_fx.factories", "--user", "user"], "must be 'package.module:function'"),
+    (["report", "mari_fx.testing.factories:nothing", "--user", "user"], "has no attribute 'nothing'"),
+    (["report", "mari_fx.testing.factories", "--user", "user"], "must be 'package.module:function'"),
     (["report", "{f}:not_a_tuple", "--user", "user"], "returned Centered; it must return (model, example_args)"),
     (["report", "{f}:make", "--user", "user", "--candidates", "ten"], "invalid int value: 'ten'"),
     (["export", "{f}:make", "--user", "user"], "the following arguments are required: --out"),
@@ -279,7 +279,7 @@ def test_bad_arguments_in_process(factory_file, capsys, argv, reason):
 
 
 def test_debug_prints_the_traceback(capsys):
-    assert main(["report", "mari_fx.factories:coarse_ranker", "--user", "nope", "--debug"]) == 2
+    assert main(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "nope", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "DeclarationError" in err
 
@@ -291,13 +291,13 @@ def test_unexpected_errors_exit_1(monkeypatch, capsys):
         raise ZeroDivisionError("boom")
 
     monkeypatch.setattr(mari_fx.report, "build_report", boom)
-    assert main(["report", "mari_fx.factories:coarse_ranker", "--user", "user"]) == 1
+    assert main(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user"]) == 1
     err = capsys.readouterr().err
     assert "internal error: ZeroDivisionError: boom" in err and err.count("\n") == 1
 
 
 def test_no_split_keeps_the_fusion_layer(capsys):
-    assert main(["report", "mari_fx.factories:coarse_ranker", "--user", "user", "--no-split", "--json",
+    assert main(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--no-split", "--json",
                  "--candidates", "10"]) == 0
     data = json.loads(capsys.readouterr().out)
     fusion = next(l for l in data["layers"] if l["name"] == "fusion.0")
@@ -311,7 +311,7 @@ def test_console_script_entry_point():
     assert scripts["mari-fx"].load() is main
 
 
-@pytest.mark.parametrize("module", ["mari_fx.cli", "mari_fx.report", "mari_fx.factories"])
+@pytest.mark.parametrize("module", ["mari_fx.cli", "mari_fx.report", "mari_fx.testing.factories"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

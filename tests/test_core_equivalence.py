@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 
 import mari_fx
-from mari_fx.examples import CoarseRanker, DictRanker, PackedRanker
-from mari_fx.modules import SplitLinear
-from mari_fx.tags import ROWS_KEY
+from mari_fx.testing.examples import CoarseRanker, DictRanker, PackedRanker
+from mari_fx.runtime.modules import SplitLinear
+from mari_fx.analysis.tags import ROWS_KEY
 
 from helpers import ragged_index
 

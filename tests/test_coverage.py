@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import mari_fx
-from mari_fx.examples import DCNRanker, DINRanker, MMoERanker
-from mari_fx.modules import SplitLinear
+from mari_fx.testing.examples import DCNRanker, DINRanker, MMoERanker
+from mari_fx.runtime.modules import SplitLinear
 
 from helpers import ragged_index
 
@@ -128,8 +128,8 @@ def test_sequence_encoders(U, N):
 @pytest.mark.parametrize("kind", ["fm", "bi", "dot"])
 @pytest.mark.parametrize("U,N", SHAPES)
 def test_interaction_layers(kind, U, N):
-    from mari_fx.examples import InteractionRanker
-    from mari_fx.tags import ROWS_KEY
+    from mari_fx.testing.examples import InteractionRanker
+    from mari_fx.analysis.tags import ROWS_KEY
 
     model = InteractionRanker(kind).eval()
     T = mari_fx.transform(model, ["user_ids"], (torch.randint(100, (4, 4)), torch.randint(100, (4, 2))))

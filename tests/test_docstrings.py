@@ -7,7 +7,7 @@ import pytest
 
 import mari_fx
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(mari_fx.__path__, "mari_fx.") if not m.name.endswith("__main__"))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(mari_fx.__path__, "mari_fx.") if not m.name.endswith("__main__"))
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import mari_fx
-from mari_fx.examples import CoarseRanker, DictRanker, PackedRanker
+from mari_fx.testing.examples import CoarseRanker, DictRanker, PackedRanker
 
 EX = (torch.randn(4, 16), torch.randn(4, 8))
 

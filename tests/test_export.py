@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 
 import mari_fx
 from mari_fx.errors import RequestError
-from mari_fx.examples import CoarseRanker, DictRanker, PackedRanker
-from mari_fx.export import ExportError, assert_request, traceable, widen_request
+from mari_fx.testing.examples import CoarseRanker, DictRanker, PackedRanker
+from mari_fx.deploy import ExportError, assert_request, traceable, widen_request
 from mari_fx.runtime import check_request
 
 from helpers import ragged_index
@@ -96,7 +97,7 @@ def test_dict_and_packed_inputs_round_trip(which):
 @pytest.mark.parametrize("which", ["din", "mmoe"])
 def test_sequence_and_multi_output_models_round_trip(which):
     # DIN: a [U, S] behaviour sequence through a transformer layer; MMoE: a tuple of outputs
-    from mari_fx.examples import DINRanker, MMoERanker
+    from mari_fx.testing.examples import DINRanker, MMoERanker
 
     if which == "din":
         model = DINRanker().eval()
@@ -114,11 +115,12 @@ def test_sequence_and_multi_output_models_round_trip(which):
         torch.testing.assert_close(loaded(**request), original(model, T, request))
 
 
-def test_export_is_the_callable_submodule():
-    import mari_fx.export as export_module  # the submodule, not shadowed by the function
+def test_export_is_a_function_carrying_its_helpers():
+    import mari_fx.deploy.programs as programs  # the module: mari_fx.export is its function
 
-    assert export_module is sys.modules["mari_fx.export"] is mari_fx.export
-    assert callable(mari_fx.export) and export_module.traceable is traceable
+    assert mari_fx.export is programs.export and not isinstance(mari_fx.export, types.ModuleType)
+    assert mari_fx.export.traceable is traceable and mari_fx.export.load is programs.load
+    assert mari_fx.export.dynamic_shapes is programs.dynamic_shapes and mari_fx.export.ExportError is ExportError
     with pytest.raises(mari_fx.DeclarationError, match="mari_fx.transform"):
         mari_fx.export(torch.nn.Linear(2, 2))
 
@@ -203,12 +205,12 @@ def test_torch_compile_fullgraph_of_traceable():
 # --------------------------------------------------------------------------- mari-fx export
 def test_cli_export(tmp_path):
     out = tmp_path / "model.pt2"
-    proc = subprocess.run([sys.executable, "-m", "mari_fx", "export", "mari_fx.factories:interleaved_ranker",
+    proc = subprocess.run([sys.executable, "-m", "mari_fx", "export", "mari_fx.testing.factories:interleaved_ranker",
                            "--user", "user", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and "verified" in proc.stdout
-    from mari_fx.factories import interleaved_ranker
+    from mari_fx.testing.factories import interleaved_ranker
 
     model = interleaved_ranker()[0]  # the factory is seeded: the same weights as the exported ones
     loaded = torch.export.load(str(out)).module()
@@ -224,8 +226,8 @@ def test_cli_export_failure_exits_3(tmp_path, monkeypatch, capsys):
     def fail(*a, **k):
         raise ExportError("torch.export failed on the transformed module: boom")
 
-    monkeypatch.setattr(sys.modules["mari_fx.export"], "export", fail)
-    rc = main(["export", "mari_fx.factories:coarse_ranker", "--user", "user", "--out", str(tmp_path / "m.pt2")])
+    monkeypatch.setattr(sys.modules["mari_fx.deploy.programs"], "export", fail)
+    rc = main(["export", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--out", str(tmp_path / "m.pt2")])
     assert rc == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "boom" in err
@@ -237,5 +239,5 @@ def test_docstring_examples_run():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = doctest.testmod(sys.modules["mari_fx.export"], optionflags=doctest.ELLIPSIS)
+        result = doctest.testmod(sys.modules["mari_fx.deploy.programs"], optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -6,9 +6,9 @@ import torch.nn as nn
 
 import mari_fx
 from field_models import Case, own_cases, realised, torchrec_cases
-from mari_fx.elements import ELEM_KEY
-from mari_fx.modules import SplitLinear
-from mari_fx.tags import ROWS_KEY
+from mari_fx.analysis.elements import ELEM_KEY
+from mari_fx.runtime.modules import SplitLinear
+from mari_fx.analysis.tags import ROWS_KEY
 
 SHAPES = [(1, 1), (1, 300), (3, 300), (3, 5)]
 CASES = {c.name: c for c in own_cases() + torchrec_cases()}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mari_fx
-from mari_fx.examples import CoarseRanker
+from mari_fx.testing.examples import CoarseRanker
 
 from helpers import ragged_index
 

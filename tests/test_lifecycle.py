@@ -12,8 +12,8 @@ import torch
 
 import mari_fx
 from mari_fx.errors import RequestError
-from mari_fx.examples import CoarseRanker, DCNRanker, DictRanker
-from mari_fx.modules import SplitLinear
+from mari_fx.testing.examples import CoarseRanker, DCNRanker, DictRanker
+from mari_fx.runtime.modules import SplitLinear
 
 SELECTORS = ["x[user_id]", "x[user_age]"]  # two user inputs, so their row counts can disagree
 
@@ -310,6 +310,6 @@ def test_cli_report_into_a_closed_pipe_is_quiet(capsys, monkeypatch):
             raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(sys, "stdout", Closed())
-    code = cli.main(["report", "mari_fx.factories:coarse_ranker", "--user", "user", "--candidates", "10"])
+    code = cli.main(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--candidates", "10"])
     monkeypatch.undo()
     assert code == 0 and "error" not in capsys.readouterr().err

@@ -8,8 +8,8 @@ import torch
 
 import mari_fx
 from mari_fx.errors import DeclarationError, RequestError
-from mari_fx.examples import CoarseRanker, DictRanker, DINRanker
-from mari_fx.precompute import ITEM_ROW
+from mari_fx.testing.examples import CoarseRanker, DictRanker, DINRanker
+from mari_fx.deploy.precompute import ITEM_ROW
 
 M = 6000
 
@@ -249,12 +249,12 @@ def test_report_catalog_size(capsys):
 
     from mari_fx.cli import main
 
-    assert main(["report", "mari_fx.factories:demo_ranker", "--user", "user", "--catalog-size", "100000"]) == 0
+    assert main(["report", "mari_fx.testing.factories:demo_ranker", "--user", "user", "--catalog-size", "100000"]) == 0
     text = capsys.readouterr().out
     row = next(line.split() for line in text.splitlines() if line.startswith("fusion.0 (item product)"))
     # 256 outputs of the 64 item columns of fusion.0: 1,024 bytes per item, 2 * 64 * 256 FLOPs per candidate
     assert row[3:] == ["256", "float32", "1,024", "102,400,000", "32,768"]
-    assert main(["report", "mari_fx.factories:demo_ranker", "--user", "user", "--catalog-size", "10", "--json"]) == 0
+    assert main(["report", "mari_fx.testing.factories:demo_ranker", "--user", "user", "--catalog-size", "10", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     cache = data["item_cache"]
     assert cache["catalog_inputs"] == ["item"] and cache["bytes"] == 10 * 1024

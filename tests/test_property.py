@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mari_fx
-from mari_fx.modules import SplitLinear
+from mari_fx.runtime.modules import SplitLinear
 
 X_WIDTH, T_WIDTH = 6, 4
 

@@ -7,8 +7,8 @@ import torch.nn as nn
 import mari_fx
 from mari_fx.errors import RegistrationError
 from mari_fx.registry import LOWERINGS, RULES, Extension, Registry, active_extensions, use_extensions
-from mari_fx.rules import rowwise
-from mari_fx.tags import ROWS_KEY, TAG_KEY, Side
+from mari_fx.analysis.rules import rowwise
+from mari_fx.analysis.tags import ROWS_KEY, TAG_KEY, Side
 
 from helpers import ragged_index
 
@@ -84,7 +84,7 @@ def test_registry_policy_priority_duplicates_override():
 
 def test_core_tables_reject_duplicates_as_value_errors():
     with pytest.raises(ValueError, match="already registered"):
-        mari_fx.rules.register(torch.relu)(rowwise)
+        mari_fx.analysis.rules.register(torch.relu)(rowwise)
     assert isinstance(LOWERINGS.first(nn.Linear), type(lambda: 0))
 
 

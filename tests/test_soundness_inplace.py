@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import mari_fx
 from mari_fx.errors import DeclarationError, RequestError, TraceError
-from mari_fx.functionalize import mutation_kind
-from mari_fx.tags import ROWS_KEY
+from mari_fx.frontend.functionalize import mutation_kind
+from mari_fx.analysis.tags import ROWS_KEY
 
 from helpers import ragged_index
 

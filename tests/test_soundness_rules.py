@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mari_fx
-from mari_fx.arguments import bind
-from mari_fx.tags import NOTE_KEY, ROWS_KEY, TAG_KEY, Side
+from mari_fx.analysis.arguments import bind
+from mari_fx.analysis.tags import NOTE_KEY, ROWS_KEY, TAG_KEY, Side
 
 from helpers import ragged_index
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import mari_fx
-from mari_fx.tags import ROWS_KEY
+from mari_fx.analysis.tags import ROWS_KEY
 
 aten = torch.ops.aten
 

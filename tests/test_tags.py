@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mari_fx
-from mari_fx.rules import RULES, register, rowwise
-from mari_fx.tags import NOTE_KEY, TAG_KEY, Segment, Side, TensorTag
+from mari_fx.analysis.rules import RULES, register, rowwise
+from mari_fx.analysis.tags import NOTE_KEY, TAG_KEY, Segment, Side, TensorTag
 
 from helpers import ragged_index
 

@@ -11,9 +11,9 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 
 import mari_fx
 import torchrec_integration as tri
-from mari_fx.examples import mlp
-from mari_fx.modules import SplitLinear
-from mari_fx.tags import ROWS_KEY, TAG_KEY
+from mari_fx.testing.examples import mlp
+from mari_fx.runtime.modules import SplitLinear
+from mari_fx.analysis.tags import ROWS_KEY, TAG_KEY
 from torchrec_integration import jagged
 from torchrec_integration.examples import ITEM_KEYS, TABLES, USER_KEYS, RankerBatch, TorchRecRanker, random_kjt
 from torchrec_integration.lookups import count_lookups

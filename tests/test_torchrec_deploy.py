@@ -13,9 +13,9 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 
 import mari_fx
 import torchrec_integration as tri
-from mari_fx.examples import mlp
-from mari_fx.export import ExportError
-from mari_fx.tags import ROWS_KEY
+from mari_fx.testing.examples import mlp
+from mari_fx.deploy import ExportError
+from mari_fx.analysis.tags import ROWS_KEY
 from torchrec_integration import jagged
 from torchrec_integration.deploy import inline_collections
 from torchrec_integration.examples import TABLES, USER_KEYS, RankerBatch, TorchRecRanker, random_kjt

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from mari_fx.examples import mlp
+from mari_fx.testing.examples import mlp
 
 from . import jagged
 

@@ -16,8 +16,8 @@ import torch.fx as fx
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mari_fx.errors import DeclarationError
-from mari_fx.inputs import Arg, BatchOps, Columns, InputSpec, Key, RequestKind, _new_placeholder
-from mari_fx.tags import Side
+from mari_fx.frontend.inputs import Arg, BatchOps, Columns, InputSpec, Key, RequestKind, _new_placeholder
+from mari_fx.analysis.tags import Side
 
 from . import jagged
 from .extension import EXTENSION

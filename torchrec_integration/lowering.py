@@ -25,10 +25,11 @@ import torch.fx as fx
 from torchrec.sparse import jagged_tensor as jt_mod
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from mari_fx.example_prop import VALUE_KEY
-from mari_fx.lower import C, N, U, LoweringContext, Rows, Seq
+from mari_fx.analysis.example_prop import VALUE_KEY
+from mari_fx.lowering.context import LoweringContext
+from mari_fx.lowering.values import C, N, U, Rows, Seq
 from mari_fx.registry import Registry
-from mari_fx.tags import ROWS_KEY, TAG_KEY, SeqTag, Side
+from mari_fx.analysis.tags import ROWS_KEY, TAG_KEY, SeqTag, Side
 
 from . import jagged
 from .extension import EXTENSION

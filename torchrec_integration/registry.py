@@ -18,7 +18,7 @@ from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCo
 from torchrec.quant import embedding_modules as quant
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mari_fx.example_prop import TensorInfo
+from mari_fx.analysis.example_prop import TensorInfo
 from mari_fx.registry import install
 
 from . import inputs, jagged, lowering, summaries, trace

@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from torchrec.sparse import jagged_tensor as jt_mod
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from mari_fx.rules import PRIORITY_BEFORE, RuleContext, unknown
-from mari_fx.tags import CONST, Segment, SeqTag, Side, Tag, TensorTag, join_all
+from mari_fx.analysis.rules import PRIORITY_BEFORE, RuleContext, unknown
+from mari_fx.analysis.tags import CONST, Segment, SeqTag, Side, Tag, TensorTag, join_all
 
 from . import jagged
 from .extension import EXTENSION

@@ -1,6 +1,6 @@
 """Data-free summaries of TorchRec values for ``node.meta["mari_fx.value"]``.
 
-:class:`mari_fx.example_prop.ExampleProp` records one per node; the rules read key
+:class:`mari_fx.analysis.example_prop.ExampleProp` records one per node; the rules read key
 order and widths from them, i.e. from the module that actually ran on the example
 (a sharded EmbeddingBagCollection orders its KeyedTensor keys by sharding type, not
 by table config).
@@ -14,7 +14,7 @@ import torch
 from torchrec.distributed.types import LazyAwaitable
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from mari_fx.example_prop import summarize
+from mari_fx.analysis.example_prop import summarize
 
 from .extension import EXTENSION
 

@@ -33,7 +33,7 @@ def symbolic_trace(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = N
 
 
 def capture_hook(model: nn.Module) -> Optional[nn.Module]:
-    """What :func:`mari_fx.capture.capture` traces for a ``DistributedModelParallel``: the
+    """What :func:`mari_fx.frontend.capture.capture` traces for a ``DistributedModelParallel``: the
     GraphModule :func:`symbolic_trace` makes of it, which calls the sharded modules of
     ``dmp.module`` themselves (shared, never copied).  Installed by ``import torchrec_integration``,
     so ``mari_fx.transform(dmp, ...)`` takes the model users hold."""
