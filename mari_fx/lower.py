@@ -379,10 +379,12 @@ class Lowerer:
             if n.op in ("placeholder", "output", "get_attr"):
                 continue
             note = n.meta.get(NOTE_KEY)
+            v = self.env.get(n)
+            if isinstance(v, Lazy) and id(v) not in self.materialized:
+                note = None  # never computed (e.g. a mask fold an attention module read at U rows)
             if note:
                 refusals.append(RefusalRecord(node=n.name, op=_describe(n, self.modules), reason=note,
                                               location=_location(n)))
-            v = self.env.get(n)
             if isinstance(v, Rows) and v.level == U and _is_compute(n):
                 hoisted.append(_qualname(n))
         return Record(
@@ -572,4 +574,4 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
 
 
 # The op lowerings register themselves (order matters: the split before the interactions that chain on matmul).
-from . import pieces, split, combos, interactions  # noqa: E402,F401
+from . import pieces, split, combos, interactions, sequences  # noqa: E402,F401
