@@ -7,7 +7,8 @@
 from .api import is_tagged, trace, transform
 from .errors import DeclarationError, MariError, RequestError, TraceError, VerificationError
 from .flops import count_flops
-from .inputs import Arg, Columns, Key, pairs_to_request, request_to_pairs
+from .inputs import Arg, Bag, Columns, Key, pairs_to_request, request_to_pairs
+from .jagged import JaggedBag
 from .modules import SplitLinear
 from .record import Record
 from .tags import Side
@@ -15,7 +16,7 @@ from .verify import random_request, verify
 from . import export  # a callable module: mari_fx.export(T, request) -> torch.export.ExportedProgram
 
 __all__ = [
-    "Arg", "Columns", "DeclarationError", "Key", "MariError", "Record", "RequestError", "Side",
+    "Arg", "Bag", "Columns", "DeclarationError", "JaggedBag", "Key", "MariError", "Record", "RequestError", "Side",
     "SplitLinear", "TraceError", "VerificationError", "count_flops", "export", "is_tagged", "pairs_to_request",
     "random_request", "request_to_pairs", "trace", "transform", "verify",
 ]

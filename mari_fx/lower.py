@@ -146,13 +146,20 @@ class Lowerer:
         return self.graph, self._record(nodes)
 
     def _emit_check(self) -> None:
-        # tensors only: extensions check their own input kinds (e.g. KJTs) where they lower them
-        tensors = [p for p in self.env if isinstance(p.meta.get(VALUE_KEY), TensorInfo)]
-        users = [self.env[p] for p in tensors if self.env[p].level == U]
-        items = [self.env[p] for p in tensors if self.env[p].level == N]
+        # tensors, and types with a registered row tensor (bags); extensions check their other
+        # input kinds (e.g. KJTs) where they lower them
+        checked = []
+        for p, v in self.env.items():
+            info = p.meta.get(VALUE_KEY)
+            if isinstance(info, TensorInfo):
+                checked.append((v, v.node))
+            else:
+                rows = next((f for pred, f in _ROW_TENSORS if pred(info)), None)
+                if rows is not None:
+                    checked.append((v, self.graph.call_function(rows, (v.node,))))
         self.graph.call_function(check_request, (
-            self.user_index, [v.node for v in users], [v.node for v in items],
-            [v.node.target for v in users], [v.node.target for v in items]))
+            self.user_index, [t for v, t in checked if v.level == U], [t for v, t in checked if v.level == N],
+            [v.node.target for v, _ in checked if v.level == U], [v.node.target for v, _ in checked if v.level == N]))
 
     # ----------------------------------------------------------------- lowering
     def _lower(self, node: fx.Node) -> Value:
@@ -533,12 +540,17 @@ def register_lowering(*targets):
 
 
 _ROW_GATHERS: List[Tuple[Any, Any]] = []
+_ROW_TENSORS: List[Tuple[Any, Any]] = []
 
 
-def register_row_gather(predicate, gather) -> None:
+def register_row_gather(predicate, gather, rows=None) -> None:
     """Materialize a USER value whose example summary (``node.meta["mari_fx.value"]``) matches
-    ``predicate`` at N rows as ``gather(value, user_index)`` (tensors use ``index_select``)."""
+    ``predicate`` at N rows as ``gather(value, user_index)`` (tensors use ``index_select``).
+    ``rows(value)``, if given, is a tensor with one row per row of such a value: the request
+    check then checks the row count of inputs of that type too."""
     _ROW_GATHERS.insert(0, (predicate, gather))
+    if rows is not None:
+        _ROW_TENSORS.insert(0, (predicate, rows))
 
 
 def _row_gather(v: Rows):
@@ -574,4 +586,4 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
 
 
 # The op lowerings register themselves (order matters: the split before the interactions that chain on matmul).
-from . import pieces, split, combos, interactions, sequences  # noqa: E402,F401
+from . import pieces, split, combos, interactions, sequences, bags  # noqa: E402,F401
