@@ -988,6 +988,7 @@ def _factory(ctx: RuleContext) -> Tag:
 
 
 register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)(lambda ctx: ctx.result(ctx.side(ctx.arg(0))))
+register(torch.eye, aten.eye.default)(constant_if_constant(refuse_with("eye sized by a batch size")))
 
 
 # int arithmetic on sizes, python builtins
