@@ -464,8 +464,12 @@ def test_undeclared_flat_ids_are_explained():
     ub, ib = bags(4, g, weights=True), bags(4, g)
     example = dict(tag_ids=ub.ids, tag_offsets=ub.offsets, tag_weights=ub.per_sample_weights,
                    item_id=torch.randint(VOCAB, (4,), generator=g), item_tag_ids=ib.ids, item_tag_offsets=ib.offsets)
-    with pytest.raises(mari_fx.DeclarationError, match="tag_ids"):
+    with pytest.raises(mari_fx.DeclarationError, match="tag_ids.*Bag\\('ids', 'offsets'\\)"):
         mari_fx.transform(model, ["tag_ids", "tag_offsets"], example_kwargs=example)
+    with pytest.raises(mari_fx.DeclarationError, match="'nope', which forward does not take"):
+        mari_fx.transform(model, ["bag(tag_ids, nope)"], example_kwargs=example)
+    with pytest.raises(mari_fx.DeclarationError, match="declared both"):
+        mari_fx.transform(model, ["bag(tag_ids, tag_offsets)", "tag_ids"], example_kwargs=example)
 
 
 # --------------------------------------------------------------------------- FLOPs count what runs
@@ -498,7 +502,8 @@ def test_report_flops_of_encoder_models_count_the_encoder():
 def test_coverage_flops_of_the_bst_family_count_the_encoder(monkeypatch):
     from mari_fx import coverage
 
-    fams = [f for f in coverage._families() if "BST" in f[0]]
+    fams = [f for f in coverage._families() if "BST" in f[0] or "padding mask" in f[0]]
+    assert len(fams) == 2
     monkeypatch.setattr(coverage, "_families", lambda: fams)
     counts = []
 
@@ -509,8 +514,7 @@ def test_coverage_flops_of_the_bst_family_count_the_encoder(monkeypatch):
         return n
 
     monkeypatch.setattr(coverage.mari_fx, "count_flops", checked)
-    (row,) = coverage.coverage_rows()
-    before, after = counts
-    assert (row[1], row[2]) == (f"{before / 1e6:.2f}", f"{after / 1e6:.2f}")
-    # the encoder (user-only) runs at U = 1 row after, at N = 1000 rows before
-    assert before / after > 3
+    for row, (before, after) in zip(coverage.coverage_rows(), zip(counts[::2], counts[1::2])):
+        assert (row[1], row[2]) == (f"{before / 1e6:.2f}", f"{after / 1e6:.2f}")
+        # the encoder (user-only) runs at U = 1 row after, at N = 1000 rows before
+        assert before / after > 3 and row[6] == 0  # nothing refused, the mask included
