@@ -227,7 +227,10 @@ def record_flops(subject: Subject, variant: str, users: int, candidates: int) ->
         return None
     rec = subject.record(variant)
     transformed = variant != "vanilla"
-    return sum(l.flops(users, candidates, transformed) for l in rec.layers)
+    # work inside modules the record does not itemise (the seq ranker's transformer encoder)
+    extra = getattr(subject.model, "unrecorded_flops", None)
+    return (sum(l.flops(users, candidates, transformed) for l in rec.layers)
+            + (extra(users, candidates, transformed) if extra is not None else 0))
 
 
 def run_cell(subjects: Sequence[Subject], users: int, candidates: int, modes: Sequence[str],

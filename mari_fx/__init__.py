@@ -7,7 +7,8 @@
 from .api import is_tagged, refresh, trace, transform
 from .errors import DeclarationError, MariError, RequestError, TraceError, VerificationError
 from .flops import count_flops
-from .inputs import Arg, Columns, Key, pairs_to_request, request_to_pairs
+from .inputs import Arg, Bag, Columns, Key, pairs_to_request, request_to_pairs
+from .jagged import JaggedBag
 from .modules import SplitLinear
 from .precompute import PrecomputedModule, precompute_items
 from .record import Record
@@ -16,7 +17,8 @@ from .verify import random_request, verify
 from . import export  # a callable module: mari_fx.export(T, request) -> torch.export.ExportedProgram
 
 __all__ = [
-    "Arg", "Columns", "DeclarationError", "Key", "MariError", "PrecomputedModule", "Record", "RequestError", "Side",
+    "Arg", "Bag", "Columns", "DeclarationError", "JaggedBag", "Key", "MariError", "PrecomputedModule", "Record",
+    "RequestError", "Side",
     "SplitLinear", "TraceError", "VerificationError", "count_flops", "export", "is_tagged", "pairs_to_request",
     "precompute_items", "random_request", "refresh", "request_to_pairs", "trace", "transform", "verify",
 ]

@@ -170,9 +170,12 @@ def _check_pair_rows(flat: Mapping[str, torch.Tensor]) -> None:
     n = next(iter(rows.values()), None)
     for name, r in rows.items():
         if r != n:
+            jagged = any(isinstance(t, torch.Tensor) and t.dim() == 1 for t in (flat[name], next(iter(flat.values()))))
             raise DeclarationError(
                 f"example input {name!r} has {r} rows but {next(iter(rows))!r} has {n}: pair-shaped "
                 "examples have one row per (user, candidate) pair in every input"
+                + ("; flat jagged ids + offsets (one bag per pair, for an EmbeddingBag) are declared together "
+                   "as one bag input: mari_fx.Bag('ids', 'offsets') or 'bag(ids, offsets)'" if jagged else "")
             )
     if n is not None and n < 2:
         raise DeclarationError(

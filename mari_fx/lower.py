@@ -151,18 +151,24 @@ class Lowerer:
         return self.graph, self._record(nodes)
 
     def _emit_check(self) -> None:
-        # tensors only: extensions check their own input kinds (e.g. KJTs) where they lower them
-        tensors = [p for p in self.env if isinstance(p.meta.get(VALUE_KEY), TensorInfo)]
-        users = [self.env[p] for p in tensors if self.env[p].level == U]
-        items = [self.env[p] for p in tensors if self.env[p].level == N]
-        # the example's shape (-1: the row dim) and dtype: checked as metadata on every call
-        infos = {p: p.meta[VALUE_KEY] for p in tensors}
-        by_level = {lvl: [p for p in tensors if self.env[p].level == lvl] for lvl in (U, N)}
+        # tensors, and types with a registered row tensor (bags); extensions check their other
+        # input kinds (e.g. KJTs) where they lower them.  Each with the example's shape (-1: the
+        # row dim) and dtype, checked as metadata on every call.
+        checked = []  # (value, tensor checked, shape, dtype)
+        for p, v in self.env.items():
+            info = p.meta.get(VALUE_KEY)
+            if isinstance(info, TensorInfo):
+                checked.append((v, v.node, [-1] + list(info.shape[1:]), info.dtype))
+            else:
+                rows = next((f for pred, f in _ROW_TENSORS if pred(info)), None)
+                if rows is not None:  # [rows] int64 offsets
+                    checked.append((v, self.graph.call_function(rows, (v.node,)), [-1], torch.int64))
+        by = {lvl: [c for c in checked if c[0].level == lvl] for lvl in (U, N)}
         self.graph.call_function(check_request, (
-            self.user_index, [v.node for v in users], [v.node for v in items],
-            [v.node.target for v in users], [v.node.target for v in items],
-            [[-1] + list(infos[p].shape[1:]) for p in by_level[U]], [[-1] + list(infos[p].shape[1:]) for p in by_level[N]],
-            [infos[p].dtype for p in by_level[U]], [infos[p].dtype for p in by_level[N]]))
+            self.user_index, [t for _, t, _, _ in by[U]], [t for _, t, _, _ in by[N]],
+            [v.node.target for v, _, _, _ in by[U]], [v.node.target for v, _, _, _ in by[N]],
+            [s for _, _, s, _ in by[U]], [s for _, _, s, _ in by[N]],
+            [d for _, _, _, d in by[U]], [d for _, _, _, d in by[N]]))
 
     # ----------------------------------------------------------------- lowering
     def _lower(self, node: fx.Node) -> Value:
@@ -389,10 +395,12 @@ class Lowerer:
             if n.op in ("placeholder", "output", "get_attr"):
                 continue
             note = n.meta.get(NOTE_KEY)
+            v = self.env.get(n)
+            if isinstance(v, Lazy) and id(v) not in self.materialized:
+                note = None  # never computed (e.g. a mask fold an attention module read at U rows)
             if note:
                 refusals.append(RefusalRecord(node=n.name, op=_describe(n, self.modules), reason=note,
                                               location=_location(n)))
-            v = self.env.get(n)
             if isinstance(v, Rows) and v.level == U and _is_compute(n):
                 hoisted.append(_qualname(n))
         return Record(
@@ -541,12 +549,17 @@ def register_lowering(*targets):
 
 
 _ROW_GATHERS: List[Tuple[Any, Any]] = []
+_ROW_TENSORS: List[Tuple[Any, Any]] = []
 
 
-def register_row_gather(predicate, gather) -> None:
+def register_row_gather(predicate, gather, rows=None) -> None:
     """Materialize a USER value whose example summary (``node.meta["mari_fx.value"]``) matches
-    ``predicate`` at N rows as ``gather(value, user_index)`` (tensors use ``index_select``)."""
+    ``predicate`` at N rows as ``gather(value, user_index)`` (tensors use ``index_select``).
+    ``rows(value)``, if given, is a tensor with one row per row of such a value: the request
+    check then checks the row count of inputs of that type too."""
     _ROW_GATHERS.insert(0, (predicate, gather))
+    if rows is not None:
+        _ROW_TENSORS.insert(0, (predicate, rows))
 
 
 def _row_gather(v: Rows):
@@ -588,4 +601,4 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
 
 
 # The op lowerings register themselves (order matters: the split before the interactions that chain on matmul).
-from . import pieces, split, combos, interactions, field_split  # noqa: E402,F401
+from . import pieces, split, combos, interactions, field_split, sequences, bags  # noqa: E402,F401
