@@ -61,7 +61,7 @@ def _lower_field_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
     cu = user.nonzero().flatten().tolist()
     ci = (~user).nonzero().flatten().tolist()
     try:
-        xu = _UserCone(lw).value(x)
+        xu = user_cone(lw).value(x)
     except _NoSplit:
         return None
     w = view.weight.detach()
@@ -105,6 +105,14 @@ def _columns(lw: Lowerer, x: Any, cols: List[int], width: int, level: str, name:
 _getitem = rules.operator.getitem
 
 
+def user_cone(lw: Lowerer) -> "_UserCone":
+    """The lowerer's :class:`_UserCone` (one per lowering, so a value's U-row form is emitted once)."""
+    cone = getattr(lw, "_mari_fx_user_cone", None)
+    if cone is None:
+        cone = lw._mari_fx_user_cone = _UserCone(lw)
+    return cone
+
+
 class _UserCone:
     """Re-emits a value's backward cone at U rows, right at its USER and CONST elements."""
 
@@ -128,11 +136,11 @@ class _UserCone:
             return lw._num_users()
         info, m = a.meta.get(VALUE_KEY), element_map(a)
         if isinstance(info, TensorInfo) and isinstance(m, torch.Tensor) and bool(((m & 2) != 0).all()):
-            # no element of it is read by a user element: any values do
-            out = lw.graph.call_method("new_zeros", (lw.user_index, (lw._num_users(), *info.shape[1:])),
-                                       {"dtype": info.dtype})
-            out.meta[ROWS_KEY] = U
-            return out
+            return self._zeros(info.shape[1:], info.dtype)  # no element of it is read by a user element
+        if isinstance(v, Pieces) and isinstance(info, TensorInfo) and isinstance(m, torch.Tensor):
+            pieces = self._pieces(v, m, info)
+            if pieces is not None:
+                return pieces
         if a.meta.get(ELEM_KEY) is None or isinstance(v, Seq) and not isinstance(info, tuple):
             raise _NoSplit
         if a.op == "call_module" and type(lw.modules.get(a.target)) is not type(lw.gm.get_submodule(a.target)):
@@ -143,6 +151,29 @@ class _UserCone:
         lw._port_meta(a, new)
         new.meta[ROWS_KEY] = U
         return new
+
+    def _zeros(self, sample, dtype) -> fx.Node:
+        lw = self.lw
+        out = lw.graph.call_method("new_zeros", (lw.user_index, (lw._num_users(), *sample)), {"dtype": dtype})
+        out.meta[ROWS_KEY] = U
+        return out
+
+    def _pieces(self, v: Pieces, m: torch.Tensor, info: TensorInfo) -> Optional[fx.Node]:
+        """A column-pieces value at U rows from its U pieces as they are, its N pieces as zeros --
+        when no USER or CONST element lies in an N piece (else None: re-emit the node)."""
+        flat, pos, parts = m.reshape(-1, m.shape[-1]), 0, []
+        for level, width, rows in v.parts:
+            if level == U and isinstance(rows, Rows):
+                parts.append(rows.node)
+            elif level == N and bool(((flat[:, pos:pos + width] & 2) != 0).all()):
+                parts.append(self._zeros((*info.shape[1:-1], width), info.dtype))
+            else:
+                return None
+            pos += width
+        out = self.lw._cat(parts, U)
+        if isinstance(out, fx.Node):
+            out.meta[ROWS_KEY] = U
+        return out
 
 
 register_lowering(*{t for t in (

@@ -164,3 +164,68 @@ def test_export_fallback_keeps_field_elements():
             torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args[:2], user_index=idx)), model(*args[:2]))
     args, idx = pairs(5, 120, seed=3)
     assert realised(model, T, args[:2], idx) >= 0.9
+
+
+def _dlrm_hand_flops(U: int, N: int) -> int:
+    """DLRM (tests' sizes) rewritten by hand: dense arch split (4 user columns), the user x user
+    Gram block at U rows, the rows of the 3 non-user fields (dense, item_id, item_cat) against all
+    5 fields at N rows, over-arch split (1 user pair product)."""
+    D, F, Fu = E_DIM, 5, 2
+    dense = 2 * 16 * 4 * (U + N) + 2 * N * 16 * 8
+    gram = 2 * U * Fu * Fu * D + 2 * N * (F - Fu) * F * D
+    over = 2 * 32 * (U * 1 + N * 17) + 2 * N * 32
+    return dense + gram + over
+
+
+E_DIM = 8
+
+
+def test_dlrm_interaction_flops_are_the_hand_written_minimum():
+    model, T = transformed(CASES["DLRM"])
+    bmms = [n for n in T.graph.nodes if n.target is torch.bmm]
+    assert sorted(n.meta[ROWS_KEY] for n in bmms) == ["N", "U"]  # no full-size Gram matrix, at any level
+    for U, N in [(1, 1000), (3, 300)]:
+        args, idx = CASES["DLRM"].pairs(U, N, seed=N)
+        request = mari_fx.pairs_to_request(T, *args, user_index=idx)
+        assert mari_fx.count_flops(T, **request) == _dlrm_hand_flops(U, N)
+        # the pair model: the same layers at N rows and the full 5 x 5 Gram matrix
+        assert mari_fx.count_flops(model, *args) == _dlrm_hand_flops(N, N) + 2 * N * (2 * 5 - 2 * 2) * E_DIM
+
+
+class ExportedGram(nn.Module):
+    """Captured through torch.export: fields [u0, i0, u1, i1] stacked, their Gram matrix's
+    triu pairs (``aten.index.Tensor`` after an all-rows slice) next to the flattened fields."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        iu, ju = torch.triu_indices(4, 4, offset=1)
+        self.register_buffer("iu", iu)
+        self.register_buffer("ju", ju)
+        self.mlp = nn.Sequential(nn.Linear(32 + 6, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, user_ids, item_ids):
+        assert len(user_ids) > 0
+        X = self.emb(torch.stack([user_ids[:, 0], item_ids[:, 0], user_ids[:, 1], item_ids[:, 1]], dim=1))
+        p = torch.bmm(X, X.transpose(1, 2))[:, self.iu, self.ju]
+        return self.mlp(torch.cat([X.flatten(1), p], dim=1)).squeeze(-1)
+
+
+def test_exported_gram_gather_splits_its_user_pairs():
+    model = ExportedGram().eval()
+    pairs = own_cases()[0].pairs
+    T = mari_fx.transform(model, ["user_ids"], pairs(2, 6, 1)[0][:2])
+    assert T.meta["mari_fx.record"].capture == "torch.export"
+    # 2 user fields x 8 + the one user x user pair (u0 . u1)
+    assert [(l.name, l.split_user_features) for l in T.meta["mari_fx.record"].layers if l.action == "split"] == [
+        ("linear", 17)]
+    bmms = [n for n in T.graph.nodes if n.target in (torch.bmm, torch.ops.aten.bmm.default)]
+    assert sorted(n.meta[ROWS_KEY] for n in bmms) == ["N", "U"]
+    for U, N in [(1, 1), (3, 300)]:
+        args, idx = pairs(U, N, seed=N)
+        with torch.no_grad():
+            got, want = T(**mari_fx.pairs_to_request(T, *args[:2], user_index=idx)), model(*args[:2])
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    args, idx = pairs(5, 120, seed=3)
+    assert realised(model, T, args[:2], idx) >= 1.0  # the Gram matrix's user rows are saved too
