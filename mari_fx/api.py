@@ -14,6 +14,7 @@ import torch.nn as nn
 from .capture import capture
 from .errors import DeclarationError
 from .example_prop import ExampleProp
+from .folds import unfold_batch_folds
 from .inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
 from .lower import LowerOptions, lower
 from .propagate import propagate_tags
@@ -84,6 +85,8 @@ def trace(
     spec, flat = flatten_inputs(gm, user_inputs, example)
     _check_pair_rows(flat)
     ExampleProp(gm).run(*[flat[n.target] for n in gm.graph.nodes if n.op == "placeholder"])
+    if flat and unfold_batch_folds(gm, batch_ops(next(iter(flat.values()))).rows(next(iter(flat.values())))):
+        ExampleProp(gm).run(*[flat[n.target] for n in gm.graph.nodes if n.op == "placeholder"])  # new shapes
     propagate_tags(gm, spec)
     gm.meta[EXAMPLE_KEY] = flat
     return gm

@@ -111,6 +111,46 @@ class FieldInteractions(nn.Module):
         return self.out(h).squeeze(-1)
 
 
+class TargetAttention(nn.Module):
+    """DIN-style target attention with the sequence folded into the batch dim: the candidate
+    ``q`` expanded over the user's history ``k``, ``cat([q, k, q - k, q * k])`` folded to
+    ``[B * L, 4E]`` (``view(-1, 4E)`` or ``reshape(B * L, 4E)``) through an MLP, unfolded to
+    ``[B, L]`` scores, masked softmax, weighted sum of ``k``."""
+
+    def __init__(self, style: str = "view", L: int = 6):
+        super().__init__()
+        self.style, self.L = style, L
+        self.emb = nn.Embedding(V, E)
+        self.att = mlp([4 * E, 16, 1], last_act=False)
+        self.mlp = mlp([3 * E, 16])
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, user_hist, item_ids):
+        B, L = user_hist.shape
+        k = self.emb(user_hist)  # [B, L, E]
+        q = self.emb(item_ids[:, 0])  # [B, E]
+        qe = q.unsqueeze(1).expand(-1, L, -1)
+        x = torch.cat([qe, k, qe - k, qe * k], dim=-1)
+        if self.style == "view":
+            s = self.att(x.view(-1, 4 * E)).view(B, L)
+        else:
+            s = self.att(x.reshape(B * L, 4 * E)).squeeze(-1).reshape(B, L)
+        w = torch.softmax(s.masked_fill(user_hist == 0, -1e9), dim=1)
+        pooled = (w.unsqueeze(-1) * k).sum(1)
+        return self.out(self.mlp(torch.cat([pooled, q, k.mean(1)], dim=-1))).squeeze(-1)
+
+
+def _hist_pairs(L: int = 6):
+    def pairs(U: int, N: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        idx = ragged_index(U, N, seed)
+        hist = torch.randint(V, (U, L), generator=g)
+        hist[:, -1] = 0  # padding: masked out
+        return (hist[idx], torch.randint(1, V, (N, 1), generator=g)), idx
+
+    return pairs
+
+
 def _ids_pairs(fu: int, fi: int, dense: int = 0):
     def pairs(U: int, N: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -129,6 +169,8 @@ def own_cases() -> List[Case]:
     cases = [Case(f"per_feature_{s}", lambda s=s: PerFeatureCTR(s).eval(), ["user_ids", "user_dense"],
                   _ids_pairs(2, 2, dense=3)) for s in ("cat1_flatten", "catlast_view", "cat1_reshape")]
     cases.append(Case("field_interactions", lambda: FieldInteractions().eval(), ["user_ids"], _ids_pairs(3, 2)))
+    cases += [Case(f"target_attention_{s}", lambda s=s: TargetAttention(s).eval(), ["user_hist"], _hist_pairs())
+              for s in ("view", "reshape")]
     return cases
 
 
@@ -204,11 +246,12 @@ def measured_user_columns(model: nn.Module, args: tuple, idx: torch.Tensor) -> L
     first = torch.zeros(int(idx.max()) + 1, dtype=torch.long)
     first.scatter_reduce_(0, idx, torch.arange(idx.numel()), reduce="amin", include_self=False)
     out = []
+    P = idx.numel()
     for x, out_features in seen:
-        if x.ndim < 2 or x.shape[0] != idx.numel():
+        if x.ndim < 2 or x.shape[0] % P:
             out.append((0, 1, out_features))
             continue
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        x3 = x.reshape(P, -1, x.shape[-1])  # rows beyond P: a batch-major fold [P * L, K]
         per_user = (x3 == x3[first[idx]]).all(0).all(0)
         varies = (x3 != x3[:1]).any(0).any(0)
         out.append((int((per_user & varies).sum()), x3.shape[1], out_features))

@@ -23,6 +23,9 @@ EXPECTED_SPLITS = {
     "DLRM_Projection": {"inter_arch.interaction_branch1.model._mlp.0._linear": 16,
                         "inter_arch.interaction_branch2.model._mlp.0._linear": 16},
     "SimpleDeepFMNN": {"inter_arch.deep_fm.dense_module.0": 16},  # through the fx.wrap-ed _get_flatten_input
+    # the fold [B * L, 4E] sunk past the attention MLP: k's block (8) at U * L rows, q's before its expand
+    "target_attention_view": {"att.0": 8, "mlp.0": 8},
+    "target_attention_reshape": {"att.0": 8, "mlp.0": 8},
 }
 _T = {}
 
@@ -229,3 +232,65 @@ def test_exported_gram_gather_splits_its_user_pairs():
         torch.testing.assert_close(got, want)
     args, idx = pairs(5, 120, seed=3)
     assert realised(model, T, args[:2], idx) >= 1.0  # the Gram matrix's user rows are saved too
+
+
+@pytest.mark.parametrize("style", ["view", "reshape"])
+def test_batch_fold_is_sunk_past_the_row_wise_mlp(style):
+    """``att(x.view(-1, 4E)).view(B, L)``: the attention MLP runs on [B, L, .] rows (the fold and
+    unfold cancel), its first Linear splits: k at U rows ([U, L, E]), q once per candidate
+    before the expand ([N, 1, E]), q - k and q * k at N rows unless reassociate=True folds q - k."""
+    case = CASES[f"target_attention_{style}"]
+    model = case.build()
+    ex = case.pairs(2, 6, 1)[0]
+    tagged = mari_fx.trace(model, case.selectors, ex)
+    unfolded = [n.target for n in tagged.graph.nodes if n.meta.get("mari_fx.unfolded") not in (None, "refold")]
+    assert unfolded[:3] == ["att.0", "att.1", "att.2"]
+    # reassociate: W_k k + W_d (q - k) = (W_k - W_d) k + W_d q -- one block per source (k, q, q * k)
+    for reassociate, user_cols, item_cols in [(False, 8, 16), (True, 8, 8)]:
+        T = mari_fx.transform(model, case.selectors, ex, reassociate=reassociate)
+        (att,) = [n for n in T.graph.nodes if n.target == "att.0"]
+        user, item, _, bcast = att.args
+        assert user.meta[ROWS_KEY] == "U" and item.meta[ROWS_KEY] == "N" and bcast.meta[ROWS_KEY] == "N"
+        mod = T.get_submodule("att.0")
+        assert (mod.weight_user.shape[1], mod.weight_item.shape[1], mod.weight_broadcast.shape[1]) == (
+            user_cols, item_cols, 8)
+        for U, N in [(1, 1), (1, 300), (3, 300), (3, 3)]:
+            args, idx = case.pairs(U, N, seed=U + N)
+            with torch.no_grad():
+                got, want = T(**mari_fx.pairs_to_request(T, *args, user_index=idx)), model(*args)
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)
+        args, idx = case.pairs(5, 120, seed=3)
+        assert realised(model, T, args, idx) >= 0.9
+
+
+class NotRowWise(nn.Module):
+    """Folds whose readers mix rows: a softmax over the folded rows, a sum over all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, user_ids, item_ids):
+        B, L = user_ids.shape
+        x = self.emb(user_ids) * self.emb(item_ids)  # [B, L, 4]
+        f = x.reshape(B * L, 4)
+        a = torch.softmax(self.lin(f), dim=0).view(B, L)  # across rows: the fold stays
+        b = self.lin(f).relu()  # row-wise ...
+        return a + b.sum() + b.view(B, L)  # ... but summed over all rows: refolded for the sum
+
+
+def test_fold_readers_that_mix_rows_see_the_folded_value():
+    model = NotRowWise().eval()
+    idx = torch.tensor([0, 0, 1, 1, 1])
+    ex = (torch.randint(50, (2, 3))[idx], torch.randint(50, (5, 3)))
+    tagged = mari_fx.trace(model, ["user_ids"], ex)
+    marks = {n.name: n.meta.get("mari_fx.unfolded") for n in tagged.graph.nodes}
+    assert marks.get("softmax") is None and marks["relu"] == "reshape" and marks["flatten"] == "refold"
+    T = mari_fx.transform(model, ["user_ids"], ex)
+    for U, N in [(1, 1), (3, 7)]:
+        idx = torch.arange(N) % U
+        u, i = torch.randint(50, (U, 3)), torch.randint(50, (N, 3))
+        with torch.no_grad():
+            torch.testing.assert_close(T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i))
