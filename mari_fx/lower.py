@@ -379,14 +379,16 @@ class Lowerer:
 
     # ----------------------------------------------------------------- records
     def _record(self, nodes: List[fx.Node]) -> Record:
-        refusals, hoisted = [], []
+        refusals, recovered, hoisted = [], [], []
         for n in nodes:
             if n.op in ("placeholder", "output", "get_attr"):
                 continue
             note = n.meta.get(NOTE_KEY)
             if note:
-                refusals.append(RefusalRecord(node=n.name, op=_describe(n, self.modules), reason=note,
-                                              location=_location(n)))
+                kept = _kept_elements(n)
+                (recovered if kept else refusals).append(RefusalRecord(
+                    node=n.name, op=_describe(n, self.modules), location=_location(n),
+                    reason=f"{note}; the element map kept its user elements ({kept})" if kept else note))
             v = self.env.get(n)
             if isinstance(v, Rows) and v.level == U and _is_compute(n):
                 hoisted.append(_qualname(n))
@@ -398,6 +400,7 @@ class Lowerer:
             refused=tuple(refusals),
             split_matmuls=self.options.split_matmuls,
             capture=self.gm.meta.get("mari_fx.capture", "torch.fx"),
+            recovered=tuple(recovered),
         )
 
 
@@ -426,6 +429,17 @@ def batch_numel(x: torch.Tensor, n: int) -> int:
     for d in x.shape[1:]:
         out = out * d
     return out
+
+
+def _kept_elements(n: fx.Node) -> str:
+    """``"elements[user:1, ...]"`` when ``n``'s element map (exact where it exists, see
+    :mod:`mari_fx.elements`) holds user elements that its MIXED tag does not show; else ``""``."""
+    from .elements import ELEM_KEY, has_user
+
+    e = n.meta.get(ELEM_KEY)
+    items = e if isinstance(e, tuple) else (e,)
+    kept = [x for x in items if x is not None and hasattr(x, "map") and has_user(x.map)]
+    return ", ".join(str(x) for x in kept)
 
 
 def _reads_feature_dim(user: fx.Node) -> bool:

@@ -79,6 +79,9 @@ class Record:
     refused: Tuple[RefusalRecord, ...]
     split_matmuls: bool
     capture: str = "torch.fx"  # or "torch.export", for models torch.fx cannot trace
+    # Ops a tag rule called MIXED whose user elements the element map kept (mari_fx.elements):
+    # the reason says what was kept; they are not losses, so they are not in ``refused``.
+    recovered: Tuple[RefusalRecord, ...] = ()
 
     @property
     def split_layers(self) -> Tuple[str, ...]:

@@ -232,6 +232,28 @@ def test_exported_gram_gather_splits_its_user_pairs():
         torch.testing.assert_close(got, want)
     args, idx = pairs(5, 120, seed=3)
     assert realised(model, T, args[:2], idx) >= 1.0  # the Gram matrix's user rows are saved too
+    # aten.index.Tensor has no tag rule (MIXED), but its element map kept the u0 . u1 pair: not a loss
+    record = T.meta["mari_fx.record"]
+    assert [r.node for r in record.refused] == []
+    (kept,) = record.recovered
+    assert kept.node == "index" and "elements[user:1, item:1, mixed:4]" in kept.reason
+
+
+def test_report_does_not_claim_recovered_ops_as_losses():
+    """SimpleDeepFMNN's fx.wrap-ed _get_flatten_input has no tag rule; the element map traces through it."""
+    from mari_fx.cli import format_report
+    from mari_fx.report import build_report
+
+    case = CASES["SimpleDeepFMNN"]
+    model, T = transformed(case)
+    record = T.meta["mari_fx.record"]
+    assert record.refused == ()
+    assert {r.node for r in record.recovered} == {"_get_flatten_input", "_get_flatten_input_1"}
+    data = build_report(model, T, candidates=8)
+    assert data["refused"] == [] and [r["node"] for r in data["recovered"]] == ["_get_flatten_input",
+                                                                                 "_get_flatten_input_1"]
+    text = format_report(data)
+    assert "ops that blocked a rewrite: none" in text and "not a loss): _get_flatten_input" in text
 
 
 @pytest.mark.parametrize("style", ["view", "reshape"])
