@@ -140,6 +140,7 @@ class _UserCone:
         if isinstance(v, Pieces) and isinstance(info, TensorInfo) and isinstance(m, torch.Tensor):
             pieces = self._pieces(v, m, info)
             if pieces is not None:
+                lw.elements_at_u.add(a)
                 return pieces
         if a.meta.get(ELEM_KEY) is None or isinstance(v, Seq) and not isinstance(info, tuple):
             raise _NoSplit
@@ -150,6 +151,7 @@ class _UserCone:
         new = lw.graph.node_copy(a, self.value)
         lw._port_meta(a, new)
         new.meta[ROWS_KEY] = U
+        lw.elements_at_u.add(a)
         return new
 
     def _zeros(self, sample, dtype) -> fx.Node:

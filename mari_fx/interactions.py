@@ -199,6 +199,7 @@ def _lower_gram_gather(lw: Lowerer, node: fx.Node, _module) -> Optional[Value]:
             return None
         t_user = _pick(lw, _emit_gram(lw, _rows(lw, xu, ufields, fields, U, "gram_user_fields"), U), user_at, U,
                        "gram_user_pairs")
+        lw.elements_at_u.add(node)
     t_item = None
     if N in levels:
         xn = lw._materialize(lw._value(x))

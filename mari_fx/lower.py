@@ -114,6 +114,9 @@ class Lowerer:
             if n.op == "call_module":
                 self.call_counts[n.target] = self.call_counts.get(n.target, 0) + 1
         self._consumer: Optional[fx.Node] = None
+        # Original MIXED nodes whose user elements a lowering computed at U rows (by element maps):
+        # a tag rule's refusal there is no loss (see _record).
+        self.elements_at_u: set = set()
 
     # ----------------------------------------------------------------- driver
     def run(self) -> Tuple[fx.Graph, Record]:
@@ -385,10 +388,11 @@ class Lowerer:
                 continue
             note = n.meta.get(NOTE_KEY)
             if note:
-                kept = _kept_elements(n)
+                kept = _kept_elements(n) if n in self.elements_at_u else ""
                 (recovered if kept else refusals).append(RefusalRecord(
                     node=n.name, op=_describe(n, self.modules), location=_location(n),
-                    reason=f"{note}; the element map kept its user elements ({kept})" if kept else note))
+                    reason=f"{note}; the element map kept its user elements ({kept}), computed at U rows" if kept
+                    else note))
             v = self.env.get(n)
             if isinstance(v, Rows) and v.level == U and _is_compute(n):
                 hoisted.append(_qualname(n))
@@ -433,7 +437,8 @@ def batch_numel(x: torch.Tensor, n: int) -> int:
 
 def _kept_elements(n: fx.Node) -> str:
     """``"elements[user:1, ...]"`` when ``n``'s element map (exact where it exists, see
-    :mod:`mari_fx.elements`) holds user elements that its MIXED tag does not show; else ``""``."""
+    :mod:`mari_fx.elements`) holds user elements that its MIXED tag does not show; else ``""``.
+    Asked only for nodes a lowering computed at U rows by their element map."""
     from .elements import ELEM_KEY, has_user
 
     e = n.meta.get(ELEM_KEY)

@@ -240,20 +240,27 @@ def test_exported_gram_gather_splits_its_user_pairs():
 
 
 def test_report_does_not_claim_recovered_ops_as_losses():
-    """SimpleDeepFMNN's fx.wrap-ed _get_flatten_input has no tag rule; the element map traces through it."""
+    """SimpleDeepFMNN's fx.wrap-ed _get_flatten_input has no tag rule; the element map traces through it.
+    Its deep-FM call feeds a split Linear, whose user columns it computes at U rows: recovered, not a
+    loss. Its FM call feeds the FM's sums, which run at N rows: still a refusal."""
     from mari_fx.cli import format_report
     from mari_fx.report import build_report
 
     case = CASES["SimpleDeepFMNN"]
     model, T = transformed(case)
     record = T.meta["mari_fx.record"]
-    assert record.refused == ()
-    assert {r.node for r in record.recovered} == {"_get_flatten_input", "_get_flatten_input_1"}
+    assert [(r.node, r.location) for r in record.refused] == [("_get_flatten_input_1", "inter_arch.fm")]
+    (kept,) = record.recovered
+    assert (kept.node, kept.location) == ("_get_flatten_input", "inter_arch.deep_fm")
+    assert "elements[user:16, item:16, mixed:8]" in kept.reason
     data = build_report(model, T, candidates=8)
-    assert data["refused"] == [] and [r["node"] for r in data["recovered"]] == ["_get_flatten_input",
-                                                                                 "_get_flatten_input_1"]
+    assert [r["node"] for r in data["refused"]] == ["_get_flatten_input_1"]
+    assert [r["node"] for r in data["recovered"]] == ["_get_flatten_input"]
     text = format_report(data)
-    assert "ops that blocked a rewrite: none" in text and "not a loss): _get_flatten_input" in text
+    assert "not a loss): _get_flatten_input (" in text
+    blocked = text.split("ops that blocked a rewrite")[1].split("not a loss")[0]
+    rows = [l.split()[0] for l in blocked.splitlines()[3:] if l.strip()]  # the table's node column
+    assert rows[:1] == ["_get_flatten_input_1"] and "_get_flatten_input" not in rows
 
 
 @pytest.mark.parametrize("style", ["view", "reshape"])
