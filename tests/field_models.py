@@ -140,6 +140,38 @@ class TargetAttention(nn.Module):
         return self.out(self.mlp(torch.cat([pooled, q, k.mean(1)], dim=-1))).squeeze(-1)
 
 
+class FieldCrossStack(nn.Module):
+    """Chained DCN-v2 crosses over field rows: every field's embedding next to a user context
+    (``x0 = cat([fields, ctx.expand(-1, F, -1)], -1)``, [B, F, E + D]), two cross layers
+    ``x_{l+1} = x0 * c_l(x_l) + x_l`` applied per field row, flattened into an MLP.  ``c0`` splits
+    on the context columns; its output rows at user fields are user-only, so the MLP's split
+    re-computes them at U rows through ``c0``'s split."""
+
+    def __init__(self, fu: int = 2, fi: int = 2, D: int = 4):
+        super().__init__()
+        self.fu, self.fi = fu, fi
+        self.emb = nn.ModuleList(nn.Embedding(V, E) for _ in range(fu + fi))
+        self.ctx = nn.Linear(3, D)
+        self.c0 = nn.Linear(E + D, E + D)
+        self.c1 = nn.Linear(E + D, E + D)
+        self.mlp = mlp([(fu + fi) * (E + D), 16])
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, user_ids, item_ids, user_dense):
+        fs = []
+        for k in range(max(self.fu, self.fi)):  # u0, i0, u1, i1
+            if k < self.fu:
+                fs.append(self.emb[2 * k](user_ids[:, k]))
+            if k < self.fi:
+                fs.append(self.emb[2 * k + 1](item_ids[:, k]))
+        X = torch.stack(fs, dim=1)
+        ctx = self.ctx(user_dense)
+        x0 = torch.cat([X, ctx.unsqueeze(1).expand(-1, X.shape[1], -1)], dim=-1)
+        x1 = x0 * self.c0(x0) + x0
+        x2 = x0 * self.c1(x1) + x1
+        return self.out(self.mlp(x2.flatten(1))).squeeze(-1)
+
+
 def _hist_pairs(L: int = 6):
     def pairs(U: int, N: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -169,6 +201,8 @@ def own_cases() -> List[Case]:
     cases = [Case(f"per_feature_{s}", lambda s=s: PerFeatureCTR(s).eval(), ["user_ids", "user_dense"],
                   _ids_pairs(2, 2, dense=3)) for s in ("cat1_flatten", "catlast_view", "cat1_reshape")]
     cases.append(Case("field_interactions", lambda: FieldInteractions().eval(), ["user_ids"], _ids_pairs(3, 2)))
+    cases.append(Case("field_cross_stack", lambda: FieldCrossStack().eval(), ["user_ids", "user_dense"],
+                      _ids_pairs(2, 2, dense=3)))
     cases += [Case(f"target_attention_{s}", lambda s=s: TargetAttention(s).eval(), ["user_hist"], _hist_pairs())
               for s in ("view", "reshape")]
     return cases

@@ -24,6 +24,8 @@ EXPECTED_SPLITS = {
                         "inter_arch.interaction_branch2.model._mlp.0._linear": 16},
     "SimpleDeepFMNN": {"inter_arch.deep_fm.dense_module.0": 16},  # through the fx.wrap-ed _get_flatten_input
     # the fold [B * L, 4E] sunk past the attention MLP: k's block (8) at U * L rows, q's before its expand
+    # c0 splits on the user context; mlp.0's user fields (2 x 12) re-computed at U rows through c0's split
+    "field_cross_stack": {"c0": 4, "mlp.0": 24},
     "target_attention_view": {"att.0": 8, "mlp.0": 8},
     "target_attention_reshape": {"att.0": 8, "mlp.0": 8},
 }
@@ -323,3 +325,32 @@ def test_fold_readers_that_mix_rows_see_the_folded_value():
         u, i = torch.randint(50, (U, 3)), torch.randint(50, (N, 3))
         with torch.no_grad():
             torch.testing.assert_close(T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i))
+
+
+def test_chained_split_reads_the_upstream_split_at_u_rows():
+    """field_cross_stack: mlp.0's U-row cone passes through c0, already a SplitLinear: it runs
+    F.linear on the U-row cone with the split's own blocks (so mari_fx.refresh keeps it current)."""
+    case = CASES["field_cross_stack"]
+    model, T = transformed(case)
+    at_u = [n for n in T.graph.nodes if n.target is torch.nn.functional.linear and n.meta.get(ROWS_KEY) == "U"]
+    assert sorted(n.args[1].target for n in at_u) == ["c0.weight_item", "c0.weight_user"]
+    with torch.no_grad():
+        model.c0.weight.mul_(1.5)
+    mari_fx.refresh(T, model)
+    args, idx = case.pairs(3, 300, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args, user_index=idx)), model(*args))
+    _T.pop(case.name)  # the model changed
+
+
+def test_field_split_layers_refresh():
+    """A field split records its weight columns (SplitSource): refresh re-derives its blocks."""
+    case = CASES["per_feature_cat1_flatten"]
+    model = case.build()
+    T = mari_fx.transform(model, case.selectors, case.pairs(2, 6, 1)[0])
+    with torch.no_grad():
+        model.mlp[0].weight.mul_(-2)
+    mari_fx.refresh(T, model)
+    args, idx = case.pairs(3, 30, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args, user_index=idx)), model(*args))
