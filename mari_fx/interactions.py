@@ -164,6 +164,8 @@ def _lower_gram_gather(lw: Lowerer, node: fx.Node, _module) -> Optional[Value]:
     rows off the user fields' Gram matrix, the rest at N rows off the non-user fields' rows."""
     from .elements import element_map
 
+    if not lw.options.split_matmuls:
+        return None  # the one-shot baseline: user-only subgraphs hoisted, no matmul split
     gram, pairs = _gram_gather_args(lw, node)
     if gram is None:
         return None
