@@ -115,6 +115,13 @@ def _row_wise(node: fx.Node, region: Set[fx.Node], modules: Dict[str, nn.Module]
     out = _info(node)
     if out is None or out.ndim < 1:
         return False
+    t = node.target
+    if node.op != "call_module" and (t in _LINEARS or t in _MATMULS):
+        # the weight (and bias) are parameters; on a 1-d value the "features" would be the rows
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        rest = [a for a in node.all_input_nodes if a is not node.args[0]]
+        return (node.args[0] in region and nd >= 2 and not any(a in region or a in batched for a in rest)
+                and (t in _LINEARS or (_info(w) is not None and _info(w).ndim == 2)))
     for a in node.all_input_nodes:  # every other tensor: batch-free, broadcasting over trailing dims only
         if a in region:
             continue
@@ -125,11 +132,9 @@ def _row_wise(node: fx.Node, region: Set[fx.Node], modules: Dict[str, nn.Module]
         mod = modules.get(node.target)
         if isinstance(mod, nn.LayerNorm):
             return len(mod.normalized_shape) < nd
+        if isinstance(mod, nn.Linear) and nd < 2:
+            return False
         return isinstance(mod, _ROW_MODULES) and ins == [node.args[0]] and len(node.args) == 1
-    t = node.target
-    if t in _LINEARS or t in _MATMULS:
-        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        return node.args[0] in region and w not in region and (t in _LINEARS or (_info(w) is not None and _info(w).ndim == 2))
     if t in _NORMS:
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
         return node.args[0] in region and isinstance(shape, (list, tuple)) and len(shape) < nd
@@ -159,6 +164,8 @@ def unfold_batch_folds(gm: fx.GraphModule, rows: int) -> List[str]:
         >>> [(n.name, tuple(n.meta["mari_fx.value"].shape)) for n in gm.graph.nodes if "mari_fx.unfolded" in n.meta]
         [('lin', (2, 3, 1)), ('relu', (2, 3, 1))]
     """
+    if any(_in_place(n) for n in gm.graph.nodes):
+        return []  # aliasing through views would matter: keep the graph as written
     modules = dict(gm.named_modules())
     batched = _batched_nodes(gm)
     done: List[str] = []
@@ -184,6 +191,18 @@ def unfold_batch_folds(gm: fx.GraphModule, rows: int) -> List[str]:
     return done
 
 
+def _in_place(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        name = n.target
+    elif n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        if n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem):
+            return True
+    else:
+        return False
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
 def _after(node: fx.Node):
     n = node.next
     while n.op != "root":
@@ -192,6 +211,9 @@ def _after(node: fx.Node):
 
 
 def _rewrite(gm: fx.GraphModule, fold: fx.Node, x: fx.Node, region: Set[fx.Node], order: List[fx.Node]) -> None:
+    # A reshape / flatten fold may have copied a non-contiguous x, where a later `view` of the folded
+    # values worked; on the unfolded values (same strides as x) it might not: such exits reshape.
+    relax = fold.target not in ("view", aten.view.default)
     for n in order:
         n.meta[UNFOLDED_KEY] = fold.name
         n.replace_input_with(fold, x)
@@ -202,6 +224,8 @@ def _rewrite(gm: fx.GraphModule, fold: fx.Node, x: fx.Node, region: Set[fx.Node]
                 continue
             if c.op in ("call_function", "call_method") and c.target in _RESHAPES and c.args[0] is v:
                 c.replace_input_with(v, unfolded)  # a reshape reads the row-major order, which is the same
+                if relax and c.target in ("view", aten.view.default):
+                    c.target = "reshape" if c.op == "call_method" else aten.reshape.default
             elif v is not fold:  # the fold itself stays for readers outside the region
                 if refold is None:
                     with gm.graph.inserting_after(v):

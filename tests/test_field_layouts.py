@@ -354,3 +354,71 @@ def test_field_split_layers_refresh():
     args, idx = case.pairs(3, 30, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args, user_index=idx)), model(*args))
+
+
+class FoldVariants(nn.Module):
+    """Folds written every way: F.linear and ``@`` on a 2-d fold, a reshape of a non-contiguous
+    tensor read by an elementwise op and a ``view`` exit, squeeze / unsqueeze of trailing dims,
+    a size read of a region value, and the folded value as an output."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.w = nn.Parameter(torch.randn(3, 8) * 0.3)
+        self.b = nn.Parameter(torch.randn(3) * 0.1)
+        self.m = nn.Parameter(torch.randn(3, 1) * 0.3)
+
+    def forward(self, user_ids, item_ids):
+        B, L = user_ids.shape
+        k, q = self.emb(user_ids), self.emb(item_ids[:, :1]).expand(-1, L, -1)
+        x = torch.cat([k, q], dim=-1)  # [B, L, 8]
+        h = torch.nn.functional.linear(x.reshape(-1, 8), self.w, self.b).relu()  # [B * L, 3]
+        s = (h @ self.m).squeeze(-1).unsqueeze(-1) * 2  # [B * L, 1]
+        xt = x.transpose(1, 2).transpose(1, 2).transpose(0, 0)  # same layout, via views
+        y = torch.sigmoid(x.permute(0, 2, 1).reshape(B, 8, L).transpose(1, 2).reshape(B * L, 8))
+        n = h.size(0)  # a size read of a region value: the folded count
+        return s.view(B, L).sum(1) + y.view(B, L, 8).mean((1, 2)) * n / (B * L) + xt.sum((1, 2)), h
+
+
+def test_fold_variants_are_exact():
+    model = FoldVariants().eval()
+    idx = torch.tensor([0, 0, 1, 1, 1, 1])
+    ex = (torch.randint(50, (2, 5))[idx], torch.randint(50, (6, 1)))
+    tagged = mari_fx.trace(model, ["user_ids"], ex)
+    marked = {n.name for n in tagged.graph.nodes if n.meta.get("mari_fx.unfolded") not in (None, "refold")}
+    assert {"linear", "relu", "matmul", "squeeze", "unsqueeze", "mul", "sigmoid"} <= marked
+    T = mari_fx.transform(model, ["user_ids"], ex)
+    assert T.meta["mari_fx.record"].split_layers == ("linear",)  # k's columns at U * L rows
+    for U, N in [(1, 1), (3, 7), (3, 300)]:
+        idx = torch.arange(N) % U
+        u, i = torch.randint(50, (U, 5)), torch.randint(50, (N, 1))
+        with torch.no_grad():
+            got, want = T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            torch.testing.assert_close(g, w)
+
+
+class FoldedSizeRead(nn.Module):
+    """``h.size(0)`` of a folded ``[B * L, 3]`` tensor is B * L, not the batch size (main returned
+    ``h.sum() / N`` here: a silent wrong answer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, user_ids, item_ids):
+        B, L = user_ids.shape
+        x = torch.cat([self.emb(user_ids), self.emb(item_ids[:, :1]).expand(-1, L, -1)], -1)
+        h = self.lin(x.reshape(-1, 8))
+        return h.sum() / h.size(0) + h.view(B, L, 3).sum((1, 2))
+
+
+def test_size_of_a_folded_tensor_is_not_a_batch_size():
+    model = FoldedSizeRead().eval()
+    idx = torch.tensor([0, 0, 1, 1, 1, 1])
+    T = mari_fx.transform(model, ["user_ids"], (torch.randint(50, (2, 5))[idx], torch.randint(50, (6, 1))))
+    u, i, idx = torch.randint(50, (2, 5)), torch.randint(50, (3, 1)), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i))
