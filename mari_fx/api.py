@@ -15,6 +15,7 @@ from .capture import capture, check_state, guard_state, private_state, state_ver
 from .errors import DeclarationError
 from .example_prop import ExampleProp
 from .functionalize import functionalize
+from .folds import unfold_batch_folds
 from .inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
 from .lower import LowerOptions, lower
 from .propagate import propagate_tags
@@ -92,6 +93,9 @@ def trace(
         gm = _functionalize_pass()(gm)
         with torch.no_grad():  # on clones: the example tensors are the caller's
             ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
+            first = next(iter(flat.values()), None)
+            if first is not None and unfold_batch_folds(gm, batch_ops(first).rows(first)):  # new shapes
+                ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
         check_state(gm, state, "running the model on the example")
     propagate_tags(gm, spec)
     return gm

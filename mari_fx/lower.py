@@ -115,6 +115,9 @@ class Lowerer:
             if n.op == "call_module":
                 self.call_counts[n.target] = self.call_counts.get(n.target, 0) + 1
         self._consumer: Optional[fx.Node] = None
+        # Original MIXED nodes whose user elements a lowering computed at U rows (by element maps):
+        # a tag rule's refusal there is no loss (see _record).
+        self.elements_at_u: set = set()
 
     # ----------------------------------------------------------------- driver
     def run(self) -> Tuple[fx.Graph, Record]:
@@ -390,7 +393,7 @@ class Lowerer:
 
     # ----------------------------------------------------------------- records
     def _record(self, nodes: List[fx.Node]) -> Record:
-        refusals, hoisted = [], []
+        refusals, recovered, hoisted = [], [], []
         for n in nodes:
             if n.op in ("placeholder", "output", "get_attr"):
                 continue
@@ -399,8 +402,11 @@ class Lowerer:
             if isinstance(v, Lazy) and id(v) not in self.materialized:
                 note = None  # never computed (e.g. a mask fold an attention module read at U rows)
             if note:
-                refusals.append(RefusalRecord(node=n.name, op=_describe(n, self.modules), reason=note,
-                                              location=_location(n)))
+                kept = _kept_elements(n) if n in self.elements_at_u else ""
+                (recovered if kept else refusals).append(RefusalRecord(
+                    node=n.name, op=_describe(n, self.modules), location=_location(n),
+                    reason=f"{note}; the element map kept its user elements ({kept}), computed at U rows" if kept
+                    else note))
             if isinstance(v, Rows) and v.level == U and _is_compute(n):
                 hoisted.append(_qualname(n))
         return Record(
@@ -411,6 +417,7 @@ class Lowerer:
             refused=tuple(refusals),
             split_matmuls=self.options.split_matmuls,
             capture=self.gm.meta.get("mari_fx.capture", "torch.fx"),
+            recovered=tuple(recovered),
         )
 
 
@@ -439,6 +446,18 @@ def batch_numel(x: torch.Tensor, n: int) -> int:
     for d in x.shape[1:]:
         out = out * d
     return out
+
+
+def _kept_elements(n: fx.Node) -> str:
+    """``"elements[user:1, ...]"`` when ``n``'s element map (exact where it exists, see
+    :mod:`mari_fx.elements`) holds user elements that its MIXED tag does not show; else ``""``.
+    Asked only for nodes a lowering computed at U rows by their element map."""
+    from .elements import ELEM_KEY, has_user
+
+    e = n.meta.get(ELEM_KEY)
+    items = e if isinstance(e, tuple) else (e,)
+    kept = [x for x in items if x is not None and hasattr(x, "map") and has_user(x.map)]
+    return ", ".join(str(x) for x in kept)
 
 
 def _reads_feature_dim(user: fx.Node) -> bool:

@@ -17,12 +17,24 @@ from .tags import TAG_KEY
 
 @register_lowering(torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
 def _lower_cat(lw: Lowerer, node: fx.Node, _m) -> Optional[Value]:
-    if not node.meta[TAG_KEY].has_user_columns:
+    tensors = node.args[0] if node.args else node.kwargs["tensors"]
+    if not node.meta[TAG_KEY].has_user_columns and not _pieces_on_last_dim(lw, node, tensors):
         return None
     parts: List = []
-    for t in node.args[0] if node.args else node.kwargs["tensors"]:
+    for t in tensors:
         parts += lw._parts_of(t)
     return Pieces(tuple(parts))
+
+
+def _pieces_on_last_dim(lw: Lowerer, node: fx.Node, tensors) -> bool:
+    """A MIXED cat along the last dim of a value a lowering kept as pieces (e.g. pair products of
+    user fields at U rows): keep the pieces, a Linear over it can still split."""
+    info = node.meta.get(VALUE_KEY)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return (getattr(info, "ndim", 0) >= 2 and isinstance(dim, int) and dim % info.ndim == info.ndim - 1
+            and any(isinstance(t, fx.Node) and isinstance(lw._value(t), Pieces) for t in tensors)
+            and all(isinstance(t, fx.Node) and getattr(t.meta.get(VALUE_KEY), "ndim", None) == info.ndim
+                    for t in tensors))
 
 
 @register_lowering(operator.getitem)

@@ -685,7 +685,20 @@ register(*{F.prelu, torch.prelu, "prelu"})(rowwise_in("input"))  # the weight is
 
 def _is_batched_node(a: Any) -> bool:
     return (isinstance(a, fx.Node) and TAG_KEY in a.meta and a.meta[TAG_KEY].side != Side.CONST
-            and isinstance(a.meta.get(VALUE_KEY), TensorInfo) and a.meta[VALUE_KEY].ndim >= 1)
+            and isinstance(a.meta.get(VALUE_KEY), TensorInfo) and a.meta[VALUE_KEY].ndim >= 1
+            and a.meta[VALUE_KEY].shape[0] in (_example_rows(a.graph), None))
+
+
+def _example_rows(graph: fx.Graph) -> Optional[int]:
+    """The example's pair count (dim 0 of the tensor inputs): a tensor whose dim 0 has another size
+    in the example (the batch folded into it, ``[B * L, d]``, or moved) has no batch size to read."""
+    for p in graph.nodes:
+        if p.op != "placeholder":
+            break
+        info = p.meta.get(VALUE_KEY)
+        if isinstance(info, TensorInfo) and info.ndim >= 1:
+            return info.shape[0]
+    return None
 
 
 def size_read(a: Any) -> Optional[Tuple[str, fx.Node]]:
