@@ -1575,8 +1575,9 @@ _MORE_ATEN_ELEMENTWISE = [
     aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Tensor, aten.mul.Scalar, aten.add.Scalar,
     aten.sub.Scalar, aten.div.Scalar,
 ]
-_MORE_ATEN_ELEMENTWISE = [t for t in _MORE_ATEN_ELEMENTWISE if t not in RULES]
-_BINARY_FUNCS += _MORE_ATEN_ELEMENTWISE  # the column-piece lowering applies them piece by piece too
-register(*_MORE_ATEN_ELEMENTWISE)(constant_if_constant(elementwise))
+# the column-piece lowering and the element maps apply these (and the logical ops above) per element too
+_BINARY_FUNCS += [t for t in _MORE_ATEN_ELEMENTWISE + _LOGICAL_FUNCS if t not in _BINARY_FUNCS]
+_BINARY_METHODS += [t for t in _LOGICAL_METHODS if t not in _BINARY_METHODS]
+register(*[t for t in _MORE_ATEN_ELEMENTWISE if t not in RULES])(constant_if_constant(elementwise))
 register(*[t for t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                        aten.sym_constrain_range_for_size.default) if t not in RULES])(lambda ctx: CONST)
