@@ -29,8 +29,11 @@ _INPLACE_FLOPS = {
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call ``fn()`` (2 per multiply-add), torch.utils.flop_counter plus in-place GEMMs."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_INPLACE_FLOPS) as counter:
+    """FLOPs of one call ``fn()`` (2 per multiply-add), torch.utils.flop_counter plus in-place GEMMs,
+    with the attention fast paths off (their fused kernels are invisible to the counter)."""
+    from mari_fx.report.flops import attention_fastpath_off
+
+    with torch.no_grad(), attention_fastpath_off(), FlopCounterMode(display=False, custom_mapping=_INPLACE_FLOPS) as counter:
         fn()
     return counter.get_total_flops()
 

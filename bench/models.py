@@ -69,6 +69,15 @@ class Sizes:
     dcn_hist_len: int = 50
     dcn_cross: int = 3
     dcn_deep: Tuple[int, ...] = (512, 256)
+    # masked-sequence ranker (transformer encoder over a padded history)
+    seq_user_sparse: int = 8
+    seq_item_sparse: int = 3
+    seq_hist_len: int = 50
+    seq_layers: int = 2
+    seq_heads: int = 2
+    seq_ff: int = 64
+    seq_tower: Tuple[int, ...] = (256, 128)
+    seq_fusion: Tuple[int, ...] = (512, 256)
 
 
 SIZES: Dict[str, Sizes] = {
@@ -77,7 +86,9 @@ SIZES: Dict[str, Sizes] = {
                   coarse_user_sparse=5, coarse_item_sparse=2, coarse_hist_len=7, coarse_tower=(24, 12),
                   coarse_fusion=(16, 8), fine_user_sparse=3, fine_item_sparse=2, fine_hist_len=9,
                   fine_att=(8, 4), fine_tower=(12, 8), fine_fusion=(12, 6), dcn_user_sparse=4,
-                  dcn_item_sparse=2, dcn_hist_len=5, dcn_cross=2, dcn_deep=(16, 8)),
+                  dcn_item_sparse=2, dcn_hist_len=5, dcn_cross=2, dcn_deep=(16, 8), seq_user_sparse=3,
+                  seq_item_sparse=2, seq_hist_len=7, seq_layers=1, seq_heads=2, seq_ff=8, seq_tower=(12, 8),
+                  seq_fusion=(12, 6)),
 }
 
 
@@ -379,7 +390,88 @@ class DCNv2(_Base):
                 + sum(linear_flops(candidates, l) for l in d_rest) + linear_flops(candidates, self.head))
 
 
-MODELS = {"coarse": CoarseRanker, "fine": FineRanker, "dcn": DCNv2}
+def encoder_flops(sequences: int, length: int, d: int, ff: int, layers: int) -> int:
+    """FLOPs of ``layers`` TransformerEncoderLayers (width ``d``, feed-forward ``ff``) over
+    ``sequences`` sequences of ``length`` (q/k/v and output projections, the two attention
+    matmuls, the feed-forward), as counted with the fast path off."""
+    rows = sequences * length
+    per_layer = 2 * rows * d * 3 * d + 2 * 2 * sequences * length * length * d + 2 * rows * d * d + 2 * 2 * rows * d * ff
+    return layers * per_layer
+
+
+class SeqRanker(_Base):
+    """Masked-sequence ranker: a transformer encoder over the user's padded behaviour sequence.
+
+    ``user_hist`` (``seq_hist_len`` item ids, padded with 0) is embedded (``item_id_emb`` plus a
+    learned position embedding), encoded by ``nn.TransformerEncoder`` (``seq_layers`` layers,
+    ``batch_first``, ``src_key_padding_mask = user_hist == 0``) and mean-pooled over its real
+    items; a user tower reads the user sparse and dense features.  The fusion MLP reads
+    ``[tower, pooled, q, item features]`` (order set by ``layout``), ``q`` the candidate's id
+    embedding.
+
+    Analytic minimum: the tower and the whole encoder at U rows; the first fusion layer split
+    (tower and pooled columns at U rows); the rest at N rows.  The encoder lives inside one
+    module, so the record's per-layer FLOPs leave it out: :meth:`unrecorded_flops` adds it.
+    """
+
+    NAME = "seq"
+    padded_hist = True
+
+    def __init__(self, sizes: Sizes = SIZES["full"], layout: str = "neat"):
+        super().__init__()
+        s, self.sizes, self.layout = sizes, sizes, layout
+        self.n_user_sparse, self.n_item_sparse, self.hist_len = s.seq_user_sparse, s.seq_item_sparse, s.seq_hist_len
+        self.user_emb = self._tables(s.seq_user_sparse, s.vocab, s.emb_dim)
+        self.item_id_emb = nn.Embedding(s.item_vocab, s.seq_dim, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(s.seq_hist_len, s.seq_dim) * 0.1)
+        layer = nn.TransformerEncoderLayer(s.seq_dim, s.seq_heads, s.seq_ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, s.seq_layers, enable_nested_tensor=False)
+        self.item_emb = self._tables(s.seq_item_sparse - 1, s.vocab, s.emb_dim)
+        self.user_tower = mlp([s.seq_user_sparse * s.emb_dim + s.user_dense, *s.seq_tower])
+        self.user_blocks = ["tower", "pooled"]
+        self.item_blocks = ["q", *[f"i{k}" for k in range(1, s.seq_item_sparse)], "item_dense"]
+        self.order = block_order(self.user_blocks, self.item_blocks, layout)
+        self.fusion = mlp([sum(self._widths().values()), *s.seq_fusion, 1], last_act=False)
+
+    def _widths(self) -> Dict[str, int]:
+        s = self.sizes
+        w = {"tower": s.seq_tower[-1], "pooled": s.seq_dim, "q": s.seq_dim, "item_dense": s.item_dense}
+        w.update({f"i{k}": s.emb_dim for k in range(1, s.seq_item_sparse)})
+        return w
+
+    def user_features(self, user_sparse, user_dense, user_hist) -> Dict[str, torch.Tensor]:
+        u = torch.cat([emb(user_sparse[:, k]) for k, emb in enumerate(self.user_emb)] + [user_dense], dim=-1)
+        pad = user_hist == 0
+        h = self.encoder(self.item_id_emb(user_hist) + self.pos, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return {"tower": self.user_tower(u), "pooled": (h * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)}
+
+    def item_features(self, item_sparse, item_dense) -> Dict[str, torch.Tensor]:
+        blocks = {"q": self.item_id_emb(item_sparse[:, 0]), "item_dense": item_dense}
+        for k, emb in enumerate(self.item_emb, start=1):
+            blocks[f"i{k}"] = emb(item_sparse[:, k])
+        return blocks
+
+    def forward(self, user_sparse, user_dense, user_hist, item_sparse, item_dense):
+        blocks = self.user_features(user_sparse, user_dense, user_hist)
+        blocks.update(self.item_features(item_sparse, item_dense))
+        x = torch.cat([blocks[name] for name in self.order], dim=-1)
+        return self.fusion(x).squeeze(-1)
+
+    def unrecorded_flops(self, users: int, candidates: int, transformed: bool) -> int:
+        """The encoder's FLOPs (at U rows transformed, at N rows in the pair-shaped model)."""
+        s = self.sizes
+        return encoder_flops(users if transformed else candidates, s.seq_hist_len, s.seq_dim, s.seq_ff, s.seq_layers)
+
+    def analytic_min_flops(self, users: int, candidates: int) -> int:
+        first, *rest = [l for l in self.fusion if isinstance(l, nn.Linear)]
+        u_cols = len(self.fusion_columns()[0])
+        return (mlp_flops(users, self.user_tower) + self.unrecorded_flops(users, candidates, True)
+                + linear_flops(users, first, u_cols) + linear_flops(candidates, first, first.in_features - u_cols)
+                + sum(linear_flops(candidates, l) for l in rest))
+
+
+MODELS = {"coarse": CoarseRanker, "fine": FineRanker, "dcn": DCNv2, "seq": SeqRanker}
 
 
 def build(name: str, layout: str = "neat", sizes: str = "full", seed: int = 0) -> _Base:
@@ -390,6 +482,9 @@ def build(name: str, layout: str = "neat", sizes: str = "full", seed: int = 0) -
     for m in model.modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             nn.init.normal_(m.weight, std=0.1)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
     return model.eval()
 
 

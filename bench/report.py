@@ -10,7 +10,7 @@ PAPER = {"runtime": 1.58, "flops": 10.95}  # MaRI paper, coarse ranking, large c
 TARGET_EFFICIENCY = 0.8                   # latency speedup >= 0.8 x FLOPs-bound speedup (MLP-style models)
 TARGET_VS_HAND = 1.05                     # mari_fx latency / hand-written latency
 TARGET_FRAGMENTED = 1.03                  # fragmented / neat latency, transformed (paper lost ~38%)
-MLP_STYLE = {"coarse": True, "fine": False, "dcn": True, "torchrec": True}
+MLP_STYLE = {"coarse": True, "fine": False, "dcn": True, "seq": True, "torchrec": True, "dlrm": False, "ctr": True}
 GEMM_OPS = ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear",
             "aten::matmul", "mkldnn", "aten::_mkldnn")
 

@@ -40,6 +40,7 @@ import mari_fx
 
 from . import measure, report
 from .handwritten import handwritten
+from .field_cases import NAMES as FIELD_CASES
 from .models import LAYOUTS, MODELS, USER_INPUTS, build, request_inputs
 
 VARIANTS = ("vanilla", "one-shot", "mari_fx", "mari_fx+check", "hand-written")
@@ -93,10 +94,11 @@ def _transforms(model, selectors, example):
 
 
 def make_subject(name: str, layout: str, sizes: str) -> Subject:
-    if name == "torchrec":
+    if name == "torchrec" or name in FIELD_CASES:
+        from .field_cases import make_case as field_case
         from .torchrec_case import make_case
 
-        case = make_case(layout, sizes)
+        case = make_case(layout, sizes) if name == "torchrec" else field_case(name, layout, sizes)
         T, T_os, T_chk, transform_s = _transforms(case["model"], case["selectors"], case["example"])
         case["bind"](T)
         return Subject(name, layout, case["model"], T, T_os, T_chk, case["handwritten"], transform_s, case["make_inputs"],
@@ -227,7 +229,10 @@ def record_flops(subject: Subject, variant: str, users: int, candidates: int) ->
         return None
     rec = subject.record(variant)
     transformed = variant != "vanilla"
-    return sum(l.flops(users, candidates, transformed) for l in rec.layers)
+    # work inside modules the record does not itemise (the seq ranker's transformer encoder)
+    extra = getattr(subject.model, "unrecorded_flops", None)
+    return (sum(l.flops(users, candidates, transformed) for l in rec.layers)
+            + (extra(users, candidates, transformed) if extra is not None else 0))
 
 
 def run_cell(subjects: Sequence[Subject], users: int, candidates: int, modes: Sequence[str],
@@ -322,7 +327,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="tiny model sizes, N in {10, 100}, 3 rounds, no compile/export (the smoke test)")
     p.add_argument("--models", default=",".join([*MODELS, "torchrec"]),
-                   help=f"comma list of {[*MODELS, 'torchrec']} (default: all)")
+                   help=f"comma list of {[*MODELS, 'torchrec', *FIELD_CASES]} (default: {[*MODELS, 'torchrec']}; "
+                        "the field-layout rows dlrm, ctr on request, see bench/field_cases.py)")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of neat,fragmented")
     p.add_argument("--candidates", default=None, help="comma list of N (default 10,100,500,1000,5000; quick: 10,100)")
     p.add_argument("--users", default="1,8", help="comma list of U; U > 1 gets ragged candidate lists (default 1,8)")
@@ -361,8 +367,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.layouts = [l.strip() for l in args.layouts.split(",") if l.strip()]
     for m in args.models:
-        if m not in MODELS and m != "torchrec":
-            p.error(f"unknown model {m!r}; choose from {list(MODELS)} (or torchrec)")
+        if m not in MODELS and m != "torchrec" and m not in FIELD_CASES:
+            p.error(f"unknown model {m!r}; choose from {list(MODELS)} (or torchrec, {', '.join(FIELD_CASES)})")
     for l in args.layouts:
         if l not in LAYOUTS:
             p.error(f"unknown layout {l!r}; choose from {list(LAYOUTS)}")

@@ -37,6 +37,10 @@ ALIASES = {
     "mari_fx.factories": "mari_fx.testing.factories",
     "mari_fx.demo": "mari_fx.testing.demo",
     "mari_fx.coverage": "mari_fx.testing.coverage",
+    "mari_fx.jagged": "mari_fx.runtime.jagged",
+    "mari_fx.folds": "mari_fx.analysis.folds",
+    "mari_fx.sequences": "mari_fx.lowering.ops.sequences",
+    "mari_fx.bags": "mari_fx.lowering.ops.bags",
 }
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 from .frontend.capture import capture, check_state, guard_state, private_state, state_versions
 from .errors import DeclarationError
 from .analysis.example_prop import ExampleProp
+from .analysis.folds import unfold_batch_folds
 from .frontend.functionalize import functionalize
 from .frontend.inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
 from .lowering import LowerOptions, lower
@@ -102,6 +103,9 @@ def _trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules, ext
         gm = _functionalize_pass()(gm)
         with torch.no_grad():  # on clones: the example tensors are the caller's
             ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
+            first = next(iter(flat.values()), None)
+            if first is not None and unfold_batch_folds(gm, batch_ops(first).rows(first)):  # new shapes
+                ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
         check_state(gm, state, "running the model on the example")
     propagate_tags(gm, spec)
     return gm
@@ -180,9 +184,12 @@ def _check_pair_rows(flat: Mapping[str, torch.Tensor]) -> None:
     n = next(iter(rows.values()), None)
     for name, r in rows.items():
         if r != n:
+            jagged = any(isinstance(t, torch.Tensor) and t.dim() == 1 for t in (flat[name], next(iter(flat.values()))))
             raise DeclarationError(
                 f"example input {name!r} has {r} rows but {next(iter(rows))!r} has {n}: pair-shaped "
                 "examples have one row per (user, candidate) pair in every input"
+                + ("; flat jagged ids + offsets (one bag per pair, for an EmbeddingBag) are declared together "
+                   "as one bag input: mari_fx.Bag('ids', 'offsets') or 'bag(ids, offsets)'" if jagged else "")
             )
     if n is not None and n < 2:
         raise DeclarationError(

@@ -281,6 +281,9 @@ def format_report(data: Dict[str, Any]) -> str:
         out.append("ops that blocked a rewrite: none")
     if "item_cache" in data:
         out.extend(_format_item_cache(data["item_cache"], N))
+    if data.get("recovered"):
+        out.append("ops a tag rule calls mixed whose user elements the element map kept (not a loss): "
+                   + ", ".join(f"{r['node']} ({_short(r['op'])})" for r in data["recovered"]))
     if "nodes" in data:
         out.append("")
         out.append("all nodes of the transformed graph (rows: U = once per user, N = per candidate, C = once):")

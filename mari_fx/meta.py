@@ -11,7 +11,9 @@ Per node (``node.meta``):
 * :data:`ELEM_KEY` -- element maps where user data left the last dim (field layouts);
 * :data:`FACT_KEY` -- a fact functionalize proved about a node (e.g. a static int);
 * :data:`FUNCTIONALIZED_KEY` -- on rewritten nodes: the in-place op they replace;
-* :data:`ROWS_KEY` -- on transformed graphs: ``"U"``, ``"N"`` or ``"C"`` (batch-free).
+* :data:`UNFOLDED_KEY` -- on nodes the batch-fold pass (:mod:`mari_fx.analysis.folds`) rewrote;
+* :data:`ROWS_KEY` -- on transformed graphs: ``"U"``, ``"N"`` or ``"C"`` (batch-free);
+* :data:`ITEM_PRODUCT_KEY` -- on product nodes item precompute exposed: ``(split call, "item" | "broadcast")``.
 
 Per module (``GraphModule.meta``):
 
@@ -19,7 +21,8 @@ Per module (``GraphModule.meta``):
 * :data:`REQUEST_KEY` -- the :class:`~mari_fx.frontend.inputs.RequestSpec`;
 * :data:`RECORD_KEY` -- the :class:`~mari_fx.report.record.Record` of what was split, hoisted, refused;
 * :data:`ROUTE_KEY` -- which capture route made the graph;
-* :data:`EXTENSIONS_KEY` -- the :class:`~mari_fx.registry.Extension` objects it was made with.
+* :data:`EXTENSIONS_KEY` -- the :class:`~mari_fx.registry.Extension` objects it was made with;
+* :data:`PRECOMPUTE_KEY` -- on a :class:`~mari_fx.deploy.precompute.PrecomputedModule`: what its refresh needs.
 """
 
 VALUE_KEY = "mari_fx.value"
@@ -28,10 +31,13 @@ NOTE_KEY = "mari_fx.note"
 ELEM_KEY = "mari_fx.elements"
 FACT_KEY = "mari_fx.fact"
 FUNCTIONALIZED_KEY = "mari_fx.functionalized"
+UNFOLDED_KEY = "mari_fx.unfolded"
 ROWS_KEY = "mari_fx.rows"
+ITEM_PRODUCT_KEY = "mari_fx.item_product"
 
 EXAMPLE_KEY = "mari_fx.example"
 REQUEST_KEY = "mari_fx.request"
 RECORD_KEY = "mari_fx.record"
 ROUTE_KEY = "mari_fx.capture"
 EXTENSIONS_KEY = "mari_fx.extensions"
+PRECOMPUTE_KEY = "mari_fx.precompute"

@@ -190,6 +190,8 @@ RULES = Registry("rules", "op target -> tag rule (ctx) -> Tag, or None to defer"
 LOWERINGS = Registry("lowerings", "op target -> lowering (ctx, node, module) -> Value, or None to defer")
 LAZY_BUILDERS = Registry("lazy_builders", "name -> (ctx, node) -> a structured value (Combo, Blocks ...) or None")
 ROW_GATHERS = Registry("row_gathers", "predicate(value summary) -> gather(value, user_index)")
+ROW_TENSORS = Registry("row_tensors", "predicate(value summary) -> rows(value): a tensor the request check counts")
+INPUT_GROUPS = Registry("input_groups", "group -> group(...): forward arguments declared together (e.g. bags)")
 INPUT_KINDS = Registry("input_kinds", "predicate(example value) -> InputHandler")
 BATCH_TYPES = Registry("batch_types", "predicate(value) -> BatchOps")
 REQUEST_KINDS = Registry("request_kinds", "InputSpec.kind -> RequestKind")
@@ -201,7 +203,7 @@ DYNAMIC_KINDS = Registry("dynamic_kinds", "InputSpec.kind -> shapes(spec, rows, 
 # Functions transformed graphs call, kept as calls when a pickled module is traced again: global
 # (unpickling runs outside any extension scope), filled by mari_fx.runtime.graph_function.
 GRAPH_FUNCTIONS = Registry("graph_functions", "fn -> fn")
-TABLES = (RULES, LOWERINGS, LAZY_BUILDERS, ROW_GATHERS, INPUT_KINDS, BATCH_TYPES, REQUEST_KINDS, SUMMARIES,
+TABLES = (RULES, LOWERINGS, LAZY_BUILDERS, ROW_GATHERS, ROW_TENSORS, INPUT_GROUPS, INPUT_KINDS, BATCH_TYPES, REQUEST_KINDS, SUMMARIES,
           LEAF_MODULES, PROBE_TYPES, CAPTURE_HOOKS, DYNAMIC_KINDS, GRAPH_FUNCTIONS)
 
 
@@ -264,8 +266,14 @@ class Extension:
         """Trace ``cls`` as one call; ``share``: copies of a model share (not copy) its instances."""
         self.add(LEAF_MODULES, cls, share, override=True)
 
-    def row_gather(self, predicate: Callable, gather: Callable, priority: int = 0) -> None:
+    def row_gather(self, predicate: Callable, gather: Callable, rows: Optional[Callable] = None,
+                   priority: int = 0) -> None:
         self.add(ROW_GATHERS, predicate, gather, priority=priority)
+        if rows is not None:
+            self.add(ROW_TENSORS, predicate, rows, priority=priority)
+
+    def input_group(self, group: Callable, priority: int = 0) -> None:
+        self.add(INPUT_GROUPS, group, group, priority=priority)
 
     def input_kind(self, predicate: Callable, handler: Any, priority: int = 0) -> None:
         self.add(INPUT_KINDS, predicate, handler, priority=priority)

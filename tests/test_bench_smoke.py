@@ -61,6 +61,30 @@ def test_torchrec_handwritten_is_exact_minimal_and_scripts(layout):
     assert measure.count_flops(lambda: H(**request)) == case["min_flops"](users, candidates)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["dlrm", "ctr"])
+def test_field_case_variants_equal_their_model(name, layout):
+    """The field-layout rows (bench/field_cases.py): every request-shaped variant equals the model,
+    and mari_fx's FLOPs are the hand-written minimum the row is compared with."""
+    if name == "dlrm":
+        pytest.importorskip("torchrec")
+    from bench.run import make_subject
+
+    s = make_subject(name, layout, "tiny")
+    for users, candidates in [(1, 1), (3, 17)]:
+        request, pairs = s.make_inputs(users, candidates, seed=users + candidates)
+        with torch.no_grad():
+            want = s.model(*pairs)
+            for variant in ("one-shot", "mari_fx", "mari_fx+check"):
+                got = s.eager_module(variant)(**request)
+                assert got.dtype == want.dtype
+                torch.testing.assert_close(got, want)
+        flops = {v: measure.count_flops(lambda m=s.eager_module(v): m(**request)) for v in ("one-shot", "mari_fx")}
+        vanilla = measure.count_flops(lambda: s.model(*pairs))
+        assert flops["mari_fx"] == s.min_flops(users, candidates) <= flops["one-shot"] <= vanilla
+    assert len(s.T.meta["mari_fx.record"].split_layers) == (2 if name == "dlrm" else 1)
+
+
 def test_layouts_differ_only_in_column_order():
     assert block_order(["u0", "u1", "u2", "u3"], ["i0", "i1"], "fragmented") == ["u0", "i0", "u1", "u2", "i1", "u3"]
     for name in MODELS:

@@ -142,8 +142,9 @@ def test_interaction_layers(kind, U, N):
     at_u = [n for n in T.graph.nodes if n.meta.get(ROWS_KEY) == "U"]
     if kind == "dot":  # the user x user block of e e^T runs once per user
         assert any(n.target is torch.bmm for n in at_u)
-        # uu at U; ui and ii at N (the Linear over the pair products re-reads uu pairs at U rows)
-        assert sum(n.target is torch.bmm and n.meta.get(ROWS_KEY) == "N" for n in T.graph.nodes) == 2
+        # uu at U; the item fields' rows against all fields (ui and ii) in one bmm at N rows, the triu
+        # pairs picked off them (the Linear over the pair products reads the uu pairs at U rows)
+        assert sum(n.target is torch.bmm and n.meta.get(ROWS_KEY) == "N" for n in T.graph.nodes) == 1
     else:  # (s_u + s_i)^2 expanded: s_u * s_u at U rows
         assert any(n.target is operator.mul and n.args[0] is n.args[1] for n in at_u)
     if kind == "bi":

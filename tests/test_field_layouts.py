@@ -23,6 +23,11 @@ EXPECTED_SPLITS = {
     "DLRM_Projection": {"inter_arch.interaction_branch1.model._mlp.0._linear": 16,
                         "inter_arch.interaction_branch2.model._mlp.0._linear": 16},
     "SimpleDeepFMNN": {"inter_arch.deep_fm.dense_module.0": 16},  # through the fx.wrap-ed _get_flatten_input
+    # the fold [B * L, 4E] sunk past the attention MLP: k's block (8) at U * L rows, q's before its expand
+    # c0 splits on the user context; mlp.0's user fields (2 x 12) re-computed at U rows through c0's split
+    "field_cross_stack": {"c0": 4, "mlp.0": 24},
+    "target_attention_view": {"att.0": 8, "mlp.0": 8},
+    "target_attention_reshape": {"att.0": 8, "mlp.0": 8},
 }
 _T = {}
 
@@ -164,3 +169,256 @@ def test_export_fallback_keeps_field_elements():
             torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args[:2], user_index=idx)), model(*args[:2]))
     args, idx = pairs(5, 120, seed=3)
     assert realised(model, T, args[:2], idx) >= 0.9
+
+
+def _dlrm_hand_flops(U: int, N: int) -> int:
+    """DLRM (tests' sizes) rewritten by hand: dense arch split (4 user columns), the user x user
+    Gram block at U rows, the rows of the 3 non-user fields (dense, item_id, item_cat) against all
+    5 fields at N rows, over-arch split (1 user pair product)."""
+    D, F, Fu = E_DIM, 5, 2
+    dense = 2 * 16 * 4 * (U + N) + 2 * N * 16 * 8
+    gram = 2 * U * Fu * Fu * D + 2 * N * (F - Fu) * F * D
+    over = 2 * 32 * (U * 1 + N * 17) + 2 * N * 32
+    return dense + gram + over
+
+
+E_DIM = 8
+
+
+def test_dlrm_interaction_flops_are_the_hand_written_minimum():
+    model, T = transformed(CASES["DLRM"])
+    bmms = [n for n in T.graph.nodes if n.target is torch.bmm]
+    assert sorted(n.meta[ROWS_KEY] for n in bmms) == ["N", "U"]  # no full-size Gram matrix, at any level
+    for U, N in [(1, 1000), (3, 300)]:
+        args, idx = CASES["DLRM"].pairs(U, N, seed=N)
+        request = mari_fx.pairs_to_request(T, *args, user_index=idx)
+        assert mari_fx.count_flops(T, **request) == _dlrm_hand_flops(U, N)
+        # the pair model: the same layers at N rows and the full 5 x 5 Gram matrix
+        assert mari_fx.count_flops(model, *args) == _dlrm_hand_flops(N, N) + 2 * N * (2 * 5 - 2 * 2) * E_DIM
+
+
+class ExportedGram(nn.Module):
+    """Captured through torch.export: fields [u0, i0, u1, i1] stacked, their Gram matrix's
+    triu pairs (``aten.index.Tensor`` after an all-rows slice) next to the flattened fields."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        iu, ju = torch.triu_indices(4, 4, offset=1)
+        self.register_buffer("iu", iu)
+        self.register_buffer("ju", ju)
+        self.mlp = nn.Sequential(nn.Linear(32 + 6, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, user_ids, item_ids):
+        assert len(user_ids) > 0
+        X = self.emb(torch.stack([user_ids[:, 0], item_ids[:, 0], user_ids[:, 1], item_ids[:, 1]], dim=1))
+        p = torch.bmm(X, X.transpose(1, 2))[:, self.iu, self.ju]
+        return self.mlp(torch.cat([X.flatten(1), p], dim=1)).squeeze(-1)
+
+
+def test_exported_gram_gather_splits_its_user_pairs():
+    model = ExportedGram().eval()
+    pairs = own_cases()[0].pairs
+    T = mari_fx.transform(model, ["user_ids"], pairs(2, 6, 1)[0][:2])
+    assert T.meta["mari_fx.record"].capture == "torch.export"
+    # 2 user fields x 8 + the one user x user pair (u0 . u1)
+    assert [(l.name, l.split_user_features) for l in T.meta["mari_fx.record"].layers if l.action == "split"] == [
+        ("linear", 17)]
+    bmms = [n for n in T.graph.nodes if n.target in (torch.bmm, torch.ops.aten.bmm.default)]
+    assert sorted(n.meta[ROWS_KEY] for n in bmms) == ["N", "U"]
+    for U, N in [(1, 1), (3, 300)]:
+        args, idx = pairs(U, N, seed=N)
+        with torch.no_grad():
+            got, want = T(**mari_fx.pairs_to_request(T, *args[:2], user_index=idx)), model(*args[:2])
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    args, idx = pairs(5, 120, seed=3)
+    assert realised(model, T, args[:2], idx) >= 1.0  # the Gram matrix's user rows are saved too
+    # aten.index.Tensor has no tag rule (MIXED), but its element map kept the u0 . u1 pair: not a loss
+    record = T.meta["mari_fx.record"]
+    assert [r.node for r in record.refused] == []
+    (kept,) = record.recovered
+    assert kept.node == "index" and "elements[user:1, item:1, mixed:4]" in kept.reason
+
+
+def test_report_does_not_claim_recovered_ops_as_losses():
+    """SimpleDeepFMNN's fx.wrap-ed _get_flatten_input has no tag rule; the element map traces through it.
+    Its deep-FM call feeds a split Linear, whose user columns it computes at U rows: recovered, not a
+    loss. Its FM call feeds the FM's sums, which run at N rows: still a refusal."""
+    from mari_fx.cli import format_report
+    from mari_fx.report import build_report
+
+    case = CASES["SimpleDeepFMNN"]
+    model, T = transformed(case)
+    record = T.meta["mari_fx.record"]
+    assert [(r.node, r.location) for r in record.refused] == [("_get_flatten_input_1", "inter_arch.fm")]
+    (kept,) = record.recovered
+    assert (kept.node, kept.location) == ("_get_flatten_input", "inter_arch.deep_fm")
+    assert "elements[user:16, item:16, mixed:8]" in kept.reason
+    data = build_report(model, T, candidates=8)
+    assert [r["node"] for r in data["refused"]] == ["_get_flatten_input_1"]
+    assert [r["node"] for r in data["recovered"]] == ["_get_flatten_input"]
+    text = format_report(data)
+    assert "not a loss): _get_flatten_input (" in text
+    blocked = text.split("ops that blocked a rewrite")[1].split("not a loss")[0]
+    rows = [l.split()[0] for l in blocked.splitlines()[3:] if l.strip()]  # the table's node column
+    assert rows[:1] == ["_get_flatten_input_1"] and "_get_flatten_input" not in rows
+
+
+@pytest.mark.parametrize("style", ["view", "reshape"])
+def test_batch_fold_is_sunk_past_the_row_wise_mlp(style):
+    """``att(x.view(-1, 4E)).view(B, L)``: the attention MLP runs on [B, L, .] rows (the fold and
+    unfold cancel), its first Linear splits: k at U rows ([U, L, E]), q once per candidate
+    before the expand ([N, 1, E]), q - k and q * k at N rows unless reassociate=True folds q - k."""
+    case = CASES[f"target_attention_{style}"]
+    model = case.build()
+    ex = case.pairs(2, 6, 1)[0]
+    tagged = mari_fx.trace(model, case.selectors, ex)
+    unfolded = [n.target for n in tagged.graph.nodes if n.meta.get("mari_fx.unfolded") not in (None, "refold")]
+    assert unfolded[:3] == ["att.0", "att.1", "att.2"]
+    # reassociate: W_k k + W_d (q - k) = (W_k - W_d) k + W_d q -- one block per source (k, q, q * k)
+    for reassociate, user_cols, item_cols in [(False, 8, 16), (True, 8, 8)]:
+        T = mari_fx.transform(model, case.selectors, ex, reassociate=reassociate)
+        (att,) = [n for n in T.graph.nodes if n.target == "att.0"]
+        user, item, _, bcast = att.args
+        assert user.meta[ROWS_KEY] == "U" and item.meta[ROWS_KEY] == "N" and bcast.meta[ROWS_KEY] == "N"
+        mod = T.get_submodule("att.0")
+        assert (mod.weight_user.shape[1], mod.weight_item.shape[1], mod.weight_broadcast.shape[1]) == (
+            user_cols, item_cols, 8)
+        for U, N in [(1, 1), (1, 300), (3, 300), (3, 3)]:
+            args, idx = case.pairs(U, N, seed=U + N)
+            with torch.no_grad():
+                got, want = T(**mari_fx.pairs_to_request(T, *args, user_index=idx)), model(*args)
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)
+        args, idx = case.pairs(5, 120, seed=3)
+        assert realised(model, T, args, idx) >= 0.9
+
+
+class NotRowWise(nn.Module):
+    """Folds whose readers mix rows: a softmax over the folded rows, a sum over all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, user_ids, item_ids):
+        B, L = user_ids.shape
+        x = self.emb(user_ids) * self.emb(item_ids)  # [B, L, 4]
+        f = x.reshape(B * L, 4)
+        a = torch.softmax(self.lin(f), dim=0).view(B, L)  # across rows: the fold stays
+        b = self.lin(f).relu()  # row-wise ...
+        return a + b.sum() + b.view(B, L)  # ... but summed over all rows: refolded for the sum
+
+
+def test_fold_readers_that_mix_rows_see_the_folded_value():
+    model = NotRowWise().eval()
+    idx = torch.tensor([0, 0, 1, 1, 1])
+    ex = (torch.randint(50, (2, 3))[idx], torch.randint(50, (5, 3)))
+    tagged = mari_fx.trace(model, ["user_ids"], ex)
+    marks = {n.name: n.meta.get("mari_fx.unfolded") for n in tagged.graph.nodes}
+    assert marks.get("softmax") is None and marks["relu"] == "reshape" and marks["flatten"] == "refold"
+    T = mari_fx.transform(model, ["user_ids"], ex)
+    for U, N in [(1, 1), (3, 7)]:
+        idx = torch.arange(N) % U
+        u, i = torch.randint(50, (U, 3)), torch.randint(50, (N, 3))
+        with torch.no_grad():
+            torch.testing.assert_close(T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i))
+
+
+def test_chained_split_reads_the_upstream_split_at_u_rows():
+    """field_cross_stack: mlp.0's U-row cone passes through c0, already a SplitLinear: it runs
+    F.linear on the U-row cone with the split's own blocks (so mari_fx.refresh keeps it current)."""
+    case = CASES["field_cross_stack"]
+    model, T = transformed(case)
+    at_u = [n for n in T.graph.nodes if n.target is torch.nn.functional.linear and n.meta.get(ROWS_KEY) == "U"]
+    assert sorted(n.args[1].target for n in at_u) == ["c0.weight_item", "c0.weight_user"]
+    with torch.no_grad():
+        model.c0.weight.mul_(1.5)
+    mari_fx.refresh(T, model)
+    args, idx = case.pairs(3, 300, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args, user_index=idx)), model(*args))
+    _T.pop(case.name)  # the model changed
+
+
+def test_field_split_layers_refresh():
+    """A field split records its weight columns (SplitSource): refresh re-derives its blocks."""
+    case = CASES["per_feature_cat1_flatten"]
+    model = case.build()
+    T = mari_fx.transform(model, case.selectors, case.pairs(2, 6, 1)[0])
+    with torch.no_grad():
+        model.mlp[0].weight.mul_(-2)
+    mari_fx.refresh(T, model)
+    args, idx = case.pairs(3, 30, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *args, user_index=idx)), model(*args))
+
+
+class FoldVariants(nn.Module):
+    """Folds written every way: F.linear and ``@`` on a 2-d fold, a reshape of a non-contiguous
+    tensor read by an elementwise op and a ``view`` exit, squeeze / unsqueeze of trailing dims,
+    a size read of a region value, and the folded value as an output."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.w = nn.Parameter(torch.randn(3, 8) * 0.3)
+        self.b = nn.Parameter(torch.randn(3) * 0.1)
+        self.m = nn.Parameter(torch.randn(3, 1) * 0.3)
+
+    def forward(self, user_ids, item_ids):
+        B, L = user_ids.shape
+        k, q = self.emb(user_ids), self.emb(item_ids[:, :1]).expand(-1, L, -1)
+        x = torch.cat([k, q], dim=-1)  # [B, L, 8]
+        h = torch.nn.functional.linear(x.reshape(-1, 8), self.w, self.b).relu()  # [B * L, 3]
+        s = (h @ self.m).squeeze(-1).unsqueeze(-1) * 2  # [B * L, 1]
+        xt = x.transpose(1, 2).transpose(1, 2).transpose(0, 0)  # same layout, via views
+        y = torch.sigmoid(x.permute(0, 2, 1).reshape(B, 8, L).transpose(1, 2).reshape(B * L, 8))
+        n = h.size(0)  # a size read of a region value: the folded count
+        return s.view(B, L).sum(1) + y.view(B, L, 8).mean((1, 2)) * n / (B * L) + xt.sum((1, 2)), h
+
+
+def test_fold_variants_are_exact():
+    model = FoldVariants().eval()
+    idx = torch.tensor([0, 0, 1, 1, 1, 1])
+    ex = (torch.randint(50, (2, 5))[idx], torch.randint(50, (6, 1)))
+    tagged = mari_fx.trace(model, ["user_ids"], ex)
+    marked = {n.name for n in tagged.graph.nodes if n.meta.get("mari_fx.unfolded") not in (None, "refold")}
+    assert {"linear", "relu", "matmul", "squeeze", "unsqueeze", "mul", "sigmoid"} <= marked
+    T = mari_fx.transform(model, ["user_ids"], ex)
+    assert T.meta["mari_fx.record"].split_layers == ("linear",)  # k's columns at U * L rows
+    for U, N in [(1, 1), (3, 7), (3, 300)]:
+        idx = torch.arange(N) % U
+        u, i = torch.randint(50, (U, 5)), torch.randint(50, (N, 1))
+        with torch.no_grad():
+            got, want = T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            torch.testing.assert_close(g, w)
+
+
+class FoldedSizeRead(nn.Module):
+    """``h.size(0)`` of a folded ``[B * L, 3]`` tensor is B * L, not the batch size (main returned
+    ``h.sum() / N`` here: a silent wrong answer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, user_ids, item_ids):
+        B, L = user_ids.shape
+        x = torch.cat([self.emb(user_ids), self.emb(item_ids[:, :1]).expand(-1, L, -1)], -1)
+        h = self.lin(x.reshape(-1, 8))
+        return h.sum() / h.size(0) + h.view(B, L, 3).sum((1, 2))
+
+
+def test_size_of_a_folded_tensor_is_not_a_batch_size():
+    model = FoldedSizeRead().eval()
+    idx = torch.tensor([0, 0, 1, 1, 1, 1])
+    T = mari_fx.transform(model, ["user_ids"], (torch.randint(50, (2, 5))[idx], torch.randint(50, (6, 1))))
+    u, i, idx = torch.randint(50, (2, 5)), torch.randint(50, (3, 1)), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .. import registry as _registry, targets
 from .arguments import bind, nodes_in
 from .example_prop import VALUE_KEY, TensorInfo
+from ..runtime.jagged import bag_ids, bag_offsets, bag_weights
 from .tags import CONST, NOTE_KEY, TAG_KEY, Segment, SeqTag, Side, Tag, TensorTag, join_all
 
 Target = Union[Callable, str, type]
@@ -254,7 +255,11 @@ def rowwise(ctx: RuleContext, data: Optional[Sequence[str]] = None, min_ndim: in
     batched = [n for n in operands if ctx.side(n) != Side.CONST and ctx.ndim(n) is not None]
     ranks = {ctx.ndim(n) for n in batched}
     if len(ranks) > 1:
-        return ctx.refuse("batched operands of different rank: broadcasting could move the batch dimension")
+        # name the culprit (typically a mask of fewer dims): its batch lines up with another dim
+        low = ", ".join(f"'{n.name}' ({ctx.ndim(n)}-d)" for n in batched if ctx.ndim(n) < max(ranks))
+        return ctx.refuse(f"batched operands of different rank: broadcasting could move the batch dimension "
+                          f"of {low} against {max(ranks)}-d operands; give it the same rank (e.g. "
+                          f"mask[:, None, None, :])")
     if ranks:
         (rank,) = ranks
         if rank < min_ndim:
@@ -379,6 +384,38 @@ def _where_indices(ctx: RuleContext) -> Optional[Tag]:
     return None
 
 
+
+# --------------------------------------------------------------------------- masks and logical ops
+# Boolean masks (``hist == 0``, ``~pad``, ``a & b``, ``torch.where(m, x, y)``) are elementwise: the
+# generic rule applies, including its rank check (a [B, L] mask against [B, H, L, L] scores would
+# line the batch up with dim 2; its message names the mask).
+_LOGICAL_FUNCS, _LOGICAL_METHODS = targets.LOGICAL_FUNCS, targets.LOGICAL_METHODS
+register(*_LOGICAL_FUNCS, *_LOGICAL_METHODS)(constant_if_constant(elementwise))
+
+
+@register(torch.tril, torch.triu, "tril", "triu", aten.tril.default, aten.triu.default)
+def _triangle(ctx: RuleContext) -> Tag:
+    """Causal masks: ``tril`` / ``triu`` act on the last two dims, so on a batched tensor of
+    >= 3 dims they are row-wise (a batch-free ``torch.ones(L, L).tril()`` is CONST)."""
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    if (ctx.ndim(ctx.arg(0)) or 0) < 3:
+        return ctx.refuse("tril/triu of a 2-d batched tensor takes the batch as a matrix dimension")
+    return rowwise(ctx)
+
+
+@register(torch.repeat_interleave, "repeat_interleave", aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx: RuleContext) -> Tag:
+    """Row-wise when it repeats along a non-batch dim by a constant count; along dim 0 it makes
+    several rows per row (a batch-major fold: see :func:`batch_major_fold`)."""
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    dim = ctx.norm_dim(ctx.arg(2, "dim", None), ctx.ndim(ctx.arg(0)))
+    if dim in (0, None) or ctx.side(ctx.arg(1, "repeats")) != Side.CONST:
+        return ctx.refuse("repeat_interleave along the batch dimension (or by batched counts) repeats rows")
+    return ctx.rowwise()
+
+
 @register(*_DROPOUTS[:4])
 def _dropout_module(ctx: RuleContext) -> Tag:
     if ctx.module.training and ctx.module.p > 0:
@@ -492,9 +529,46 @@ register(nn.Embedding, F.embedding)(rowwise_in("input"))
 
 @register(nn.EmbeddingBag, F.embedding_bag)
 def _embedding_bag(ctx: RuleContext) -> Tag:
-    if ctx.ndim(ctx.arg(0, "input")) != 2 or ctx.arg(1, "offsets", None) is not None:
-        return ctx.refuse("EmbeddingBag with a 1-d input and offsets: bags are not rows")
-    return rowwise(ctx, ("input", "per_sample_weights"))
+    """2-d input: one bag per row.  1-d input + offsets: row-wise only over the parts of one
+    declared bag input (``Bag("ids", "offsets")``), whose rows are its bags."""
+    fn = ctx.module is None  # F.embedding_bag(input, weight, offsets, ..., per_sample_weights at 8)
+    ids = ctx.arg(0, "input")
+    offsets = ctx.arg(2 if fn else 1, "offsets", None)
+    weights = ctx.arg(8 if fn else 2, "per_sample_weights", None)
+    last = ctx.arg(9, "include_last_offset", False) if fn else ctx.module.include_last_offset
+    if fn and ctx.side(ctx.arg(1, "weight")) != Side.CONST:
+        return ctx.refuse("embedding_bag's weight 'weight' is batched: rows of a per-sample table")
+    if offsets is not None:
+        bag = _bag_of(ids, bag_ids)
+        if bag is None:
+            return ctx.refuse(f"EmbeddingBag with 1-d input '{getattr(ids, 'name', ids)}' and offsets: bags are not "
+                              "rows; declare the pair as one bag input, e.g. Bag('ids', 'offsets')")
+        info = ctx.value(bag)
+        if _bag_of(offsets, bag_offsets) is not bag or (weights is not None and _bag_of(weights, bag_weights) is not bag):
+            return ctx.refuse(f"EmbeddingBag reads the ids of bag input '{bag.name}' with offsets or weights "
+                              "that are not that bag's")
+        if bool(last) != getattr(info, "include_last_offset", False):
+            return ctx.refuse(f"EmbeddingBag's include_last_offset differs from bag input '{bag.name}'")
+        return ctx.result(ctx.side(bag))
+    if ctx.ndim(ids) != 2:
+        return ctx.refuse("EmbeddingBag with a 1-d input and no offsets")
+    return ctx.result(ctx.side(ids).join(ctx.side(weights)))
+
+
+def _bag_of(a: Any, part: Callable) -> Optional[fx.Node]:
+    """The bag input ``a`` reads with ``part`` (``bag_ids(bag)``), if it does."""
+    if isinstance(a, fx.Node) and a.op == "call_function" and a.target is part:
+        return a.args[0]
+    return None
+
+
+@register(bag_ids, bag_offsets, bag_weights)
+def _bag_part(ctx: RuleContext) -> Tag:
+    """A part of a bag input is not one row per row (its ids are every bag's ids): MIXED for a
+    user bag (rebuilt from the pair-shaped bag at N rows if anything but an EmbeddingBag reads
+    it); an item bag's parts are item-side, as in the pair model."""
+    side = ctx.side(ctx.arg(0))
+    return ctx.result(Side.MIXED if side == Side.USER else side)
 
 
 # --------------------------------------------------------------------------- indexing by tensors
@@ -552,7 +626,20 @@ register(*{F.prelu, torch.prelu, "prelu"})(rowwise_in("input"))  # the weight is
 
 def _is_batched_node(a: Any) -> bool:
     return (isinstance(a, fx.Node) and TAG_KEY in a.meta and a.meta[TAG_KEY].side != Side.CONST
-            and isinstance(a.meta.get(VALUE_KEY), TensorInfo) and a.meta[VALUE_KEY].ndim >= 1)
+            and isinstance(a.meta.get(VALUE_KEY), TensorInfo) and a.meta[VALUE_KEY].ndim >= 1
+            and a.meta[VALUE_KEY].shape[0] in (_example_rows(a.graph), None))
+
+
+def _example_rows(graph: fx.Graph) -> Optional[int]:
+    """The example's pair count (dim 0 of the tensor inputs): a tensor whose dim 0 has another size
+    in the example (the batch folded into it, ``[B * L, d]``, or moved) has no batch size to read."""
+    for p in graph.nodes:
+        if p.op != "placeholder":
+            break
+        info = p.meta.get(VALUE_KEY)
+        if isinstance(info, TensorInfo) and info.ndim >= 1:
+            return info.shape[0]
+    return None
 
 
 def size_read(a: Any) -> Optional[Tuple[str, fx.Node]]:
@@ -1064,6 +1151,7 @@ def _factory(ctx: RuleContext) -> Tag:
 
 # shaped like arg 0; a node fill value (full_like(x, x.size(0))) joins in
 register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)(lambda ctx: ctx.result(ctx.input_side()))
+register(torch.eye, aten.eye.default)(constant_if_constant(refuse_with("eye sized by a batch size")))
 
 
 # int arithmetic on sizes, python builtins
@@ -1072,27 +1160,145 @@ register(builtins.len)(_size_tag)
 
 
 # --------------------------------------------------------------------------- sequence models
+# What each argument of the attention modules is, so that every argument (masks passed by keyword
+# included) is checked for what it is: a sequence [B, L, E], a key padding mask [B, S] (one row per
+# sample), an attention mask ([L, S]: shared by every sample, so batch-free; [B*H, L, S]: the batch
+# folded with the heads) or a flag.
+_SEQ, _PAD, _ATTN, _FLAG = "sequence", "key padding mask", "attention mask", "flag"
+_DECODER_ARGS = (("tgt", _SEQ), ("memory", _SEQ), ("tgt_mask", _ATTN), ("memory_mask", _ATTN),
+                 ("tgt_key_padding_mask", _PAD), ("memory_key_padding_mask", _PAD), ("tgt_is_causal", _FLAG),
+                 ("memory_is_causal", _FLAG))
+ATTENTION_ARGS: Dict[type, Tuple[Tuple[str, str], ...]] = {
+    nn.MultiheadAttention: (("query", _SEQ), ("key", _SEQ), ("value", _SEQ), ("key_padding_mask", _PAD),
+                            ("need_weights", _FLAG), ("attn_mask", _ATTN), ("average_attn_weights", _FLAG),
+                            ("is_causal", _FLAG)),
+    nn.TransformerEncoderLayer: (("src", _SEQ), ("src_mask", _ATTN), ("src_key_padding_mask", _PAD),
+                                 ("is_causal", _FLAG)),
+    nn.TransformerEncoder: (("src", _SEQ), ("mask", _ATTN), ("src_key_padding_mask", _PAD), ("is_causal", _FLAG)),
+    nn.TransformerDecoderLayer: _DECODER_ARGS,
+    nn.TransformerDecoder: _DECODER_ARGS,
+    nn.Transformer: (("src", _SEQ), ("tgt", _SEQ), ("src_mask", _ATTN), ("tgt_mask", _ATTN), ("memory_mask", _ATTN),
+                     ("src_key_padding_mask", _PAD), ("tgt_key_padding_mask", _PAD),
+                     ("memory_key_padding_mask", _PAD), ("src_is_causal", _FLAG), ("tgt_is_causal", _FLAG),
+                     ("memory_is_causal", _FLAG)),
+}
+
+
+def attention_args(node: fx.Node, module: nn.Module) -> Optional[Dict[str, Tuple[str, Any]]]:
+    """``{name: (kind, value)}`` of an attention module call's arguments (positional and keyword),
+    kind one of "sequence", "key padding mask", "attention mask", "flag"; None for a subclass with
+    its own ``forward`` or an argument the module does not take."""
+    base = next((c for c in type(module).__mro__ if c in ATTENTION_ARGS), None)
+    if base is None or type(module).forward is not base.forward:
+        return None
+    schema = ATTENTION_ARGS[base]
+    if len(node.args) > len(schema) or any(k not in dict(schema) for k in node.kwargs):
+        return None
+    kinds = dict(schema)
+    bound = {name: (kind, a) for (name, kind), a in zip(schema, node.args)}
+    bound.update({k: (kinds[k], v) for k, v in node.kwargs.items()})
+    return bound
+
+
+def batch_major_fold(a: Any) -> Optional[Tuple[fx.Node, str, int]]:
+    """``(src, how, k)`` if ``a`` is a batched tensor ``src`` with its batch folded into dim 0
+    *batch-major* (row ``b * H + h`` belongs to sample ``b``), the layout of a ``[B*H, L, S]``
+    attention mask: ``("flatten", k)`` for ``src.flatten(0, k)`` or a reshape / view that merges
+    dims ``0..k`` (``src.reshape(-1, L, S)`` of ``[B, H, L, S]``), ``("repeat", H)`` for
+    ``src.repeat_interleave(H, dim=0)``.  None for anything else (``src.repeat(H, 1, 1)`` is
+    head-major: sample ``b``'s rows are not contiguous).
+
+    Example:
+        >>> import torch, mari_fx
+        >>> from mari_fx.analysis.rules import batch_major_fold
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, m, x):
+        ...         return m.unsqueeze(1).expand(-1, 2, -1, -1).reshape(-1, 3, 3), m.repeat(2, 1, 1), x
+        >>> gm = mari_fx.trace(M(), ["m"], (torch.ones(4, 3, 3), torch.ones(4, 1)))
+        >>> [batch_major_fold(n)[1:] if batch_major_fold(n) else None for n in gm.graph.nodes
+        ...  if n.target in ("reshape", "repeat")]
+        [('flatten', 1), None]
+    """
+    if not (isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and a.args):
+        return None
+    src, out = a.args[0], a.meta.get(VALUE_KEY)
+    if not (_is_batched_node(src) and isinstance(out, TensorInfo)):
+        return None
+    shape = src.meta[VALUE_KEY].shape
+    if a.target in ("flatten", torch.flatten, aten.flatten.using_ints):
+        start = a.args[1] if len(a.args) > 1 else a.kwargs.get("start_dim", 0)
+        end = a.args[2] if len(a.args) > 2 else a.kwargs.get("end_dim", -1)
+        if start == 0 and isinstance(end, int) and 1 <= end % len(shape):
+            return src, "flatten", end % len(shape)
+        return None
+    if a.target in ("reshape", "view", torch.reshape, aten.view.default, aten.reshape.default,
+                    aten._unsafe_view.default):
+        for k in range(1, len(shape)):
+            rows = 1
+            for d in shape[:k + 1]:
+                rows *= d
+            if out.shape[0] == rows and tuple(out.shape[1:]) == tuple(shape[k + 1:]):
+                return src, "flatten", k
+        return None
+    if a.target in ("repeat_interleave", torch.repeat_interleave, aten.repeat_interleave.self_int):
+        reps = a.args[1] if len(a.args) > 1 else a.kwargs.get("repeats")
+        dim = a.args[2] if len(a.args) > 2 else a.kwargs.get("dim")
+        if isinstance(reps, int) and dim == 0 and a.kwargs.get("output_size") is None:
+            return src, "repeat", reps
+    return None
+
+
 @register(nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
           nn.TransformerDecoder, nn.Transformer)
 def _attention_module(ctx: RuleContext) -> Tag:
-    """Attention within each sample's own sequence is row-wise when the batch comes first."""
+    """Attention within each sample's own sequence is row-wise when the batch comes first; each
+    argument is checked for what it is (see :data:`ATTENTION_ARGS`), and a refusal names the
+    argument at fault (typically a mask)."""
     m = ctx.module
+    name = type(m).__name__
     # Transformer layers keep the flag on their attention submodules.
     batch_first = all(a.batch_first for a in m.modules() if isinstance(a, nn.MultiheadAttention))
     if not batch_first:
-        return ctx.refuse(f"{type(m).__name__}(batch_first=False) keeps the batch in dim 1")
+        return ctx.refuse(f"{name}(batch_first=False) keeps the batch in dim 1")
     if m.training and any(getattr(d, "p", 0) > 0 for d in m.modules() if isinstance(d, nn.Dropout)):
-        return ctx.refuse(f"{type(m).__name__} in training mode applies dropout: call model.eval()")
-    named = ctx.named
-    if named is None:
-        return ctx.refuse(f"the arguments of {type(m).__name__} could not be read by name")
-    # Sequences are [batch, seq, feature] (an unbatched [seq, feature] input would attend across the
-    # batch); a key padding mask is per sample ([batch, seq]); attention masks are shared by every sample.
-    kpm = [k for k in named if k.endswith("key_padding_mask")]
-    for k in kpm:
-        if ctx.side(named[k]) != Side.CONST and ctx.ndim(named[k]) != 2:
-            return ctx.refuse(f"{type(m).__name__}'s {k} is batched but not [batch, seq]")
-    return rowwise(ctx, [k for k in named if "mask" not in k], min_ndim=3, per_row=kpm)
+        return ctx.refuse(f"{name} in training mode applies dropout: call model.eval()")
+    args = attention_args(ctx.node, m)
+    if args is None:
+        return rowwise(ctx)
+    sides: Dict[str, Side] = {}
+    for arg, (kind, a) in args.items():
+        side, ndim = ctx.side(a), ctx.ndim(a)
+        culprit = f"{name}'s {arg} '{a.name if isinstance(a, fx.Node) else a}'"
+        if side == Side.CONST:
+            continue
+        if kind == _FLAG:
+            return ctx.refuse(f"{culprit} depends on the request: pass a constant flag")
+        if kind == _SEQ and ndim != 3:
+            return ctx.refuse(f"{culprit} is {ndim}-d, not a batched [B, L, E] sequence")
+        if kind == _PAD and ndim != 2:
+            return ctx.refuse(f"{culprit} ({kind}) is {ndim}-d, not [B, S] with one row per sample")
+        if kind == _ATTN:
+            if ndim == 3:
+                fold = batch_major_fold(a)
+                if fold is None:
+                    return ctx.refuse(
+                        f"{culprit} ({kind}, [B*H, L, S]) folds the batch with the heads in a layout mari_fx "
+                        f"cannot prove batch-major: build it as m.repeat_interleave(num_heads, dim=0) from "
+                        f"[B, L, S] or m.flatten(0, 1) from [B, H, L, S]")
+                side = ctx.side(fold[0])
+            else:
+                return ctx.refuse(f"{culprit} ({kind}) is {ndim}-d: a 2-d mask is shared by every sample "
+                                  f"and must not depend on the request; pass [B*H, L, S] for a mask per sample")
+        sides[arg] = side
+    out = join_all(sides.values())
+    seq = join_all(s for arg, s in sides.items() if args[arg][0] == _SEQ)
+    masks = [arg for arg, s in sides.items() if args[arg][0] != _SEQ and s.join(seq) != seq]
+    if out == Side.MIXED and seq == Side.USER and masks:  # name the mask that keeps it off U rows
+        arg = masks[0]
+        return ctx.refuse(f"{name}'s {arg} '{args[arg][1].name}' ({args[arg][0]}) is {sides[arg]}-side but its "
+                          f"sequences are user-only: the {name} runs at N rows (declare the mask's inputs "
+                          "user-side if they are)")
+    return ctx.result(out)
 
 
 @register(nn.RNN, nn.GRU, nn.LSTM)
@@ -1111,11 +1317,101 @@ def _rnn(ctx: RuleContext) -> Tag:
 
 @register(F.scaled_dot_product_attention)
 def _sdpa(ctx: RuleContext) -> Tag:
+    """Row-wise over batched ``[B, ..., L, E]`` q / k / v of one rank; a batched ``attn_mask``
+    must have that rank too (dim 0 its batch), a lower-rank mask must be batch-free."""
     if ctx.arg(4, "dropout_p", 0.0):
         return ctx.refuse("scaled_dot_product_attention with dropout")
-    # [batch, (heads,) seq, feature]: a 2-d query would attend across the batch; a batched mask
-    # must carry the batch in dim 0 (same rank), a batch-free one broadcasts over it.
-    return rowwise(ctx, ("query", "key", "value", "attn_mask"), min_ndim=3)
+    qkv = [ctx.arg(i, n) for i, n in enumerate(("query", "key", "value"))]
+    ranks = {ctx.ndim(a) for a in qkv if ctx.side(a) != Side.CONST}
+    if len(ranks) > 1 or (ranks and min(ranks) < 3):
+        return ctx.refuse("scaled_dot_product_attention of batched query/key/value of different ranks or < 3 dims")
+    rank = max(ranks) if ranks else max(ctx.ndim(a) or 0 for a in qkv)
+    mask = ctx.arg(3, "attn_mask", None)
+    if isinstance(mask, fx.Node):
+        if ctx.side(mask) != Side.CONST and ctx.ndim(mask) != rank:
+            return ctx.refuse(f"scaled_dot_product_attention's attn_mask '{mask.name}' is {ctx.ndim(mask)}-d "
+                              f"against {rank}-d query/key/value: its batch would line up with another dim; "
+                              f"give it {rank} dims (e.g. mask[:, None, None, :])")
+        if ctx.side(mask) == Side.CONST and (ctx.ndim(mask) or 0) > rank:
+            return ctx.refuse(f"scaled_dot_product_attention's attn_mask '{mask.name}' adds leading dims")
+    for k, flag in ((5, "is_causal"), (6, "scale"), (7, "enable_gqa")):
+        if ctx.side(ctx.arg(k, flag, None)) != Side.CONST:
+            return ctx.refuse(f"scaled_dot_product_attention's {flag} depends on the request")
+    return ctx.rowwise()
+
+
+# --------------------------------------------------------------------------- einsum
+def _einsum_tokens(term: str) -> Optional[List[str]]:
+    out, i = [], 0
+    while i < len(term):
+        if term.startswith("...", i):
+            out.append("...")
+            i += 3
+        elif term[i].isalpha():
+            out.append(term[i])
+            i += 1
+        else:
+            return None
+    return out
+
+
+def parse_einsum(equation: str, n_operands: int) -> Optional[Tuple[List[List[str]], List[str]]]:
+    """``(operand index lists, output index list)`` of an einsum equation (``"..."`` one token;
+    an implicit output is the indices used once, sorted, after any ``...``); None if malformed.
+
+    Example:
+        >>> parse_einsum("bld, bd -> bl", 2)
+        ([['b', 'l', 'd'], ['b', 'd']], ['b', 'l'])
+        >>> parse_einsum("...d,de", 2)
+        ([['...', 'd'], ['d', 'e']], ['...', 'e'])
+    """
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = [_einsum_tokens(t) for t in lhs.split(",")]
+    if len(terms) != n_operands or any(t is None for t in terms):
+        return None
+    if arrow:
+        out = _einsum_tokens(rhs)
+        if out is None:
+            return None
+    else:
+        letters = [c for t in terms for c in t if c != "..."]
+        out = (["..."] if any("..." in t for t in terms) else []) + sorted(c for c in set(letters) if letters.count(c) == 1)
+    return terms, out
+
+
+@register(torch.einsum, aten.einsum.default)
+def _einsum(ctx: RuleContext) -> Tag:
+    """Row-wise when one index is the batch: the first index of every batched operand and of the
+    output, used once in each, never contracted and carried by no constant operand."""
+    equation = ctx.arg(0, "equation")
+    ops = list(ctx.args[1:])
+    if ctx.node.target is aten.einsum.default or (len(ops) == 1 and isinstance(ops[0], (list, tuple))):
+        ops = list(ops[0])
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    parsed = parse_einsum(equation, len(ops)) if isinstance(equation, str) else None
+    if parsed is None:
+        return ctx.refuse("einsum in sublist form or with a malformed equation")
+    terms, out = parsed
+    batched = [k for k, o in enumerate(ops) if ctx.side(o) != Side.CONST]
+    b = terms[batched[0]][0] if terms[batched[0]] else None
+    if b is None:
+        return ctx.refuse(f"einsum {equation!r}: a batched operand is 0-d")
+    for k, (term, o) in enumerate(zip(terms, ops)):
+        if k in batched and (term[:1] != [b] or term.count(b) != 1):
+            return ctx.refuse(f"einsum {equation!r}: batched operand {k} does not have the batch index "
+                              f"{b!r} first (exactly once)")
+        if k not in batched and b in term:
+            return ctx.refuse(f"einsum {equation!r}: constant operand {k} carries the batch index {b!r}")
+    if out[:1] != [b] or out.count(b) != 1:
+        return ctx.refuse(f"einsum {equation!r}: the output does not keep the batch index {b!r} first "
+                          "(it is contracted or moved)")
+    if b == "...":  # the batch is the ellipsis' first dim: the ellipses must line up exactly
+        widths = {ctx.ndim(ops[k]) - (len(terms[k]) - 1) for k in batched}
+        if len(widths) != 1:
+            return ctx.refuse(f"einsum {equation!r}: batched operands' '...' cover different numbers of dims")
+    return ctx.rowwise()
 
 
 # --------------------------------------------------------------------------- torch.export (aten) spellings
@@ -1215,7 +1511,6 @@ def _aten_select(ctx: RuleContext) -> Tag:
 # --------------------------------------------------------------------------- more torch.export spellings
 # Comparisons and selections follow their operands; metadata asserts return nothing (no data).
 _MORE_ATEN_ELEMENTWISE = targets.ATEN_MORE_ELEMENTWISE
-_MORE_ATEN_ELEMENTWISE = [t for t in _MORE_ATEN_ELEMENTWISE if t not in RULES]
-register(*_MORE_ATEN_ELEMENTWISE)(constant_if_constant(elementwise))
+register(*[t for t in _MORE_ATEN_ELEMENTWISE if t not in RULES])(constant_if_constant(elementwise))
 register(*[t for t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                        aten.sym_constrain_range_for_size.default) if t not in RULES])(lambda ctx: CONST)

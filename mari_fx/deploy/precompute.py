@@ -53,7 +53,7 @@ from ..report.record import RECORD_KEY, CacheRecord, Record
 from ..analysis.tags import ROWS_KEY, TAG_KEY, SeqTag, Side
 
 ITEM_ROW = "item_row"
-PRECOMPUTE_KEY = "mari_fx.precompute"  # P.meta: what refresh needs (a _CatalogProgram)
+from ..meta import ITEM_PRODUCT_KEY as _PRODUCT, PRECOMPUTE_KEY  # noqa: E402  (P.meta: what refresh needs)
 CACHE_PREFIX = "item_cache_"
 BYTE_COST = 4.0  # FLOP-equivalents per gathered byte; a written byte counts 1 (see module docstring)
 CHUNK_ROWS = 16384
@@ -248,7 +248,6 @@ def plan_item_cache(T: fx.GraphModule, catalog_inputs: Sequence[str], sample: Ma
     return _Plan(work, names, order, cached, recomputed, records)
 
 
-_PRODUCT = "mari_fx.item_product"  # on exposed product nodes: (split call, "item" | "broadcast")
 
 
 def _is_split_call(n: fx.Node, modules) -> bool:

@@ -8,8 +8,16 @@ selector string        selector object             meaning
 ``"user_dense"``       ``Arg("user_dense")``        a whole tensor argument (or a whole dict)
 ``"x[user_id]"``       ``Key("x", "user_id")``      one key of a dict-of-tensors argument
 ``"X[:, 0:3]"``        ``Columns("X", 0, 3)``       columns ``[0, 3)`` of a packed 2-D input
+``"bag(ids, offs)"``   ``Bag("ids", "offs")``       a jagged bag per row: flat ``ids`` + ``offsets``
+                                                   (+ weights: ``"bag(ids, offs, w)"``) feeding
+                                                   ``nn.EmbeddingBag(ids, offs)``
 (KJT keys)             see ``torchrec_integration``
 =====================  ==========================  =====================================
+
+A bag input is one flat input, a :class:`mari_fx.runtime.jagged.JaggedBag` named after the common
+prefix of its arguments (``bag(tag_ids, tag_offsets)`` -> ``tag``): a request carries U users'
+bags.  Item-side bags need no declaration: an (ids, offsets) pair of forward arguments read
+together by an ``EmbeddingBag`` is grouped into an item-side bag of N bags.
 
 Everything not declared user-side is item-side.  Declaring inputs rewrites the
 pair-shaped graph so that every placeholder is one plain tensor with one side
@@ -75,10 +83,49 @@ class Columns:
         return f"{self.arg}[:, {self.start}:{self.stop}]"
 
 
-Selector = Union[Arg, Key, Columns]
+@dataclass(frozen=True)
+class Bag:
+    """A jagged bag per row, given as flat forward arguments: ``ids`` (all bags' ids), ``offsets``
+    (bag starts, as ``nn.EmbeddingBag`` takes them) and optionally ``weights``
+    (``per_sample_weights``).  ``name`` names the flat input (default: the arguments' common
+    prefix, e.g. ``tag`` for ``tag_ids`` / ``tag_offsets``).
+
+    Example:
+        >>> parse_selector("bag(tag_ids, tag_offsets)")
+        Bag(ids='tag_ids', offsets='tag_offsets', weights=None, name=None)
+        >>> Bag("tag_ids", "tag_offsets").flat_name
+        'tag'
+    """
+
+    ids: str
+    offsets: str
+    weights: Optional[str] = None
+    name: Optional[str] = None
+
+    @property
+    def args(self) -> Tuple[str, ...]:
+        return (self.ids, self.offsets) + ((self.weights,) if self.weights else ())
+
+    @property
+    def flat_name(self) -> str:
+        if self.name:
+            return self.name
+        prefix = self.ids
+        for a in self.args[1:]:
+            while not a.startswith(prefix):
+                prefix = prefix[:-1]
+        prefix = prefix.rstrip("_")
+        return prefix if prefix and prefix not in self.args else f"{self.ids}_bag"
+
+    def __str__(self) -> str:
+        return f"bag({', '.join(self.args)})"
+
+
+Selector = Union[Arg, Key, Columns, Bag]
 
 _ARG_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*$")
 _KEY_RE = re.compile(r"""^\s*([A-Za-z_]\w*)\s*\[\s*(['"]?)([^'":\]]+)\2\s*\]\s*$""")
+_BAG_RE = re.compile(r"^\s*bag\s*\(\s*([A-Za-z_]\w*)\s*,\s*([A-Za-z_]\w*)\s*(?:,\s*([A-Za-z_]\w*)\s*)?\)\s*$")
 _COLS_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*\[\s*(?::\s*,|\.\.\.\s*,)\s*(\d*)\s*:\s*(\d*)\s*\]\s*$")
 
 
@@ -95,6 +142,8 @@ def parse_selector(sel: Union[str, Selector]) -> Selector:
         if hasattr(sel, "arg") or hasattr(sel, "name"):
             return sel
         raise DeclarationError(f"cannot use {sel!r} as an input selector")
+    if m := _BAG_RE.match(sel):
+        return Bag(m.group(1), m.group(2), m.group(3))
     if m := _COLS_RE.match(sel):
         if not m.group(3):
             raise DeclarationError(f"selector {sel!r}: give an explicit end column, e.g. 'X[:, 0:3]'")
@@ -104,7 +153,7 @@ def parse_selector(sel: Union[str, Selector]) -> Selector:
     if m := _ARG_RE.match(sel):
         return Arg(m.group(1))
     raise DeclarationError(
-        f"cannot parse input selector {sel!r}: use 'arg', 'arg[key]' or 'arg[:, start:stop]'"
+        f"cannot parse input selector {sel!r}: use 'arg', 'arg[key]', 'arg[:, start:stop]' or 'bag(ids, offsets)'"
     )
 
 
@@ -181,6 +230,17 @@ def register_input_kind(predicate: Callable[[Any], bool], handler: InputHandler,
     _INPUT_HANDLERS.add(predicate, handler, priority=priority)
 
 
+# An input group turns several original placeholders into one flat input (e.g. a jagged bag's ids
+# and offsets): ``group(gm, selectors, example, flat_example, taken) -> (remaining selectors,
+# {placeholder name: specs})``; a placeholder mapped to [] is consumed by a group listed elsewhere.
+_INPUT_GROUPS = registry.INPUT_GROUPS
+
+
+def register_input_group(group: Callable[..., Tuple[List[Any], Dict[str, List[InputSpec]]]], priority: int = 0) -> None:
+    """Teach :func:`flatten_inputs` a kind of input spread over several forward arguments."""
+    _INPUT_GROUPS.add(group, group, priority=priority)
+
+
 def bind_example(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """Map each placeholder name of ``gm`` to its example value."""
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
@@ -224,6 +284,12 @@ def flatten_inputs(
     if not selectors:
         raise DeclarationError("user_inputs is empty: declare at least one user-side input")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    taken = {p.target for p in placeholders}
+    flat_example: Dict[str, torch.Tensor] = {}
+    grouped: Dict[str, List[InputSpec]] = {}
+    for group in _INPUT_GROUPS.keys():
+        selectors, found = group(gm, selectors, example, flat_example, taken)
+        grouped.update(found)
     by_arg: Dict[str, List[Selector]] = {}
     for sel in selectors:
         arg = getattr(sel, "arg", None) or getattr(sel, "name")
@@ -235,10 +301,11 @@ def flatten_inputs(
         by_arg.setdefault(arg, []).append(sel)
     _check_duplicates(by_arg)
 
-    taken = {p.target for p in placeholders}
     specs: List[InputSpec] = []
-    flat_example: Dict[str, torch.Tensor] = {}
     for ph in placeholders:
+        if ph.target in grouped:
+            specs += grouped[ph.target]
+            continue
         value, sels = example[ph.target], by_arg.get(ph.target, [])
         handler = _handler_for(value)
         if handler is None:
@@ -425,6 +492,9 @@ class RequestKind:
 
     extract: Callable[[InputSpec, Any], Any]
     assemble: Callable[[List[Tuple[InputSpec, Any]]], Any]
+    # True for a kind spread over several arguments (a bag's ids and offsets): extract then gets
+    # every bound argument by name and assemble returns {argument: value}.
+    spans_args: bool = False
 
 
 _REQUEST_KINDS = registry.REQUEST_KINDS
@@ -450,7 +520,8 @@ def _bind(spec: RequestSpec, args: Sequence[Any], kwargs: Mapping[str, Any]) -> 
 def _extract(s: InputSpec, bound: Mapping[str, Any]) -> torch.Tensor:
     value = bound[s.arg]
     if s.kind in _REQUEST_KINDS:
-        return _REQUEST_KINDS[s.kind].extract(s, value)
+        kind = _REQUEST_KINDS[s.kind]
+        return kind.extract(s, bound if kind.spans_args else value)
     if s.key is not None:
         if s.key not in value:
             raise RequestError(f"input '{s.arg}' has no key {s.key!r}")
@@ -565,7 +636,11 @@ def request_to_pairs(spec_or_module: Any, request: Mapping[str, torch.Tensor]) -
                 full[..., list(cols)] = v
             out[arg] = full
     for arg, parts in custom.items():
-        out[arg] = _REQUEST_KINDS[parts[0][0].kind].assemble(parts)
+        kind = _REQUEST_KINDS[parts[0][0].kind]
+        if kind.spans_args:
+            out.update(kind.assemble(parts))
+        else:
+            out[arg] = kind.assemble(parts)
     return out
 
 

@@ -81,6 +81,9 @@ class LoweringContext:
                 self.call_counts[n.target] = self.call_counts.get(n.target, 0) + 1
         self._consumer: Optional[fx.Node] = None
         self._states: Dict[str, Any] = {}
+        # Original MIXED nodes whose user elements a lowering computed at U rows (by element maps):
+        # a tag rule's refusal there is no loss (the driver's record lists it as recovered).
+        self.elements_at_u: set = set()
 
     def emit(self, node: fx.Node, level: str, convert: Optional[Callable[[Value], Any]] = None) -> Rows:
         """``node`` re-emitted at ``level`` (U, N or C), each input converted by ``convert``
@@ -96,7 +99,7 @@ class LoweringContext:
     def emit_on(self, node: fx.Node, src: fx.Node, part: Any, level: str) -> Rows:
         """``node`` re-emitted with ``src`` replaced by ``part`` (one piece, block or term of it)
         and every other input as it is: how structured values apply an op piece by piece."""
-        new = self._copy(node, lambda a: part if a is src else self._as_is(self.value(a)), level)
+        new = self._copy(node, lambda a: part if a is src else self.as_is(self.value(a)), level)
         self.port_meta(node, new)
         new.meta[ROWS_KEY] = level
         return Rows(new, level)
@@ -117,9 +120,10 @@ class LoweringContext:
         """The lowered value of original node ``a`` (lowered already: nodes go in order)."""
         return self.env[a]
 
-    def _as_is(self, v: Value) -> Any:
+    def as_is(self, v: Value) -> Any:
+        """A U- or C-row value's node as it is (an error for N-row values: they cannot run at U rows)."""
         if isinstance(v, Seq):
-            return tuple(self._as_is(i) for i in v.items)
+            return tuple(self.as_is(i) for i in v.items)
         if isinstance(v, Pieces) or v.level == N:
             raise MariError(f"internal: an N-row value reached {self._consumer.format_node()}, run at U rows")
         return v.node
@@ -277,6 +281,15 @@ class LoweringContext:
         signature is unknown (:func:`mari_fx.analysis.arguments.bind`)."""
         return bind(node, self.modules.get(node.target) if node.op == "call_module" else None)
 
+    def lowered(self, a: Any) -> Optional[Value]:
+        """The lowered value of ``a``, or None (not a node, or not lowered yet)."""
+        return self.env.get(a) if isinstance(a, fx.Node) else None
+
+    def mark_user_elements(self, node: fx.Node) -> None:
+        """Note that the user elements of MIXED original ``node`` were computed at U rows (by its
+        element map): the record then lists a rule's refusal there as recovered, not lost."""
+        self.elements_at_u.add(node)
+
     def state(self, key: str, factory: Callable[[], Any]) -> Any:
         """Per-lowering state of an extension, created by ``factory()`` on first use (one
         lowering pass = one state; nothing is kept on the context's attributes)."""
@@ -355,10 +368,14 @@ def register_lowering(*targets, priority: int = 0, override: bool = False):
     return deco
 
 
-def register_row_gather(predicate, gather, priority: int = 0) -> None:
+def register_row_gather(predicate, gather, rows=None, priority: int = 0) -> None:
     """Materialize a USER value whose example summary (``node.meta["mari_fx.value"]``) matches
-    ``predicate`` at N rows as ``gather(value, user_index)`` (tensors use ``index_select``)."""
+    ``predicate`` at N rows as ``gather(value, user_index)`` (tensors use ``index_select``).
+    ``rows(value)``, if given, is a tensor with one row per row of such a value: the request
+    check then checks the row count of inputs of that type too."""
     registry.ROW_GATHERS.add(predicate, gather, priority=priority)
+    if rows is not None:
+        registry.ROW_TENSORS.add(predicate, rows, priority=priority)
 
 
 def _row_gather(v: Rows):

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
+from .. import registry
 from ..analysis import rules
 from ..analysis.example_prop import VALUE_KEY, TensorInfo
 from ..analysis.tags import NOTE_KEY, ROWS_KEY, TAG_KEY, SeqTag, Side
@@ -61,18 +62,24 @@ class Lowerer(LoweringContext):
         return self.graph, self._record(nodes)
 
     def _emit_check(self) -> None:
-        # tensors only: extensions check their own input kinds (e.g. KJTs) where they lower them
-        tensors = [p for p in self.env if isinstance(p.meta.get(VALUE_KEY), TensorInfo)]
-        users = [self.env[p] for p in tensors if self.env[p].level == U]
-        items = [self.env[p] for p in tensors if self.env[p].level == N]
-        # the example's shape (-1: the row dim) and dtype: checked as metadata on every call
-        infos = {p: p.meta[VALUE_KEY] for p in tensors}
-        by_level = {lvl: [p for p in tensors if self.env[p].level == lvl] for lvl in (U, N)}
+        # tensors, and types with a registered row tensor (bags); extensions check their other
+        # input kinds (e.g. KJTs) where they lower them.  Each with the example's shape (-1: the
+        # row dim) and dtype, checked as metadata on every call.
+        checked = []  # (value, tensor checked, shape, dtype)
+        for p, v in self.env.items():
+            info = p.meta.get(VALUE_KEY)
+            if isinstance(info, TensorInfo):
+                checked.append((v, v.node, [-1] + list(info.shape[1:]), info.dtype))
+            else:
+                rows = next(iter(registry.ROW_TENSORS.matching(info)), None)
+                if rows is not None:  # [rows] int64 offsets
+                    checked.append((v, self.graph.call_function(rows, (v.node,)), [-1], torch.int64))
+        by = {lvl: [c for c in checked if c[0].level == lvl] for lvl in (U, N)}
         self.graph.call_function(check_request, (
-            self.user_index, [v.node for v in users], [v.node for v in items],
-            [v.node.target for v in users], [v.node.target for v in items],
-            [[-1] + list(infos[p].shape[1:]) for p in by_level[U]], [[-1] + list(infos[p].shape[1:]) for p in by_level[N]],
-            [infos[p].dtype for p in by_level[U]], [infos[p].dtype for p in by_level[N]]))
+            self.user_index, [t for _, t, _, _ in by[U]], [t for _, t, _, _ in by[N]],
+            [v.node.target for v, _, _, _ in by[U]], [v.node.target for v, _, _, _ in by[N]],
+            [s for _, _, s, _ in by[U]], [s for _, _, s, _ in by[N]],
+            [d for _, _, _, d in by[U]], [d for _, _, _, d in by[N]]))
 
     def _lower(self, node: fx.Node) -> Value:
         tag = node.meta[TAG_KEY]
@@ -89,7 +96,7 @@ class Lowerer(LoweringContext):
                 return value
         level = _level_of(tag)
         if level == U:
-            return self.emit(node, U, self._as_is)
+            return self.emit(node, U, self.as_is)
         if level == C:  # batch-free (e.g. a feature size): read it off whatever level its input has
             return self.emit(node, C, lambda v: v.node if isinstance(v, Rows) else self.materialize(v))
         for build in (e.value for e in LAZY_BUILDERS.all()):  # keep structure (linear combinations, field blocks) when possible
@@ -99,7 +106,7 @@ class Lowerer(LoweringContext):
         return self.emit(node, N, self.materialize)
 
     def _lower_size_read(self, node: fx.Node, kind: str, src: fx.Node) -> Optional[Value]:
-        """A size of a batched tensor (:func:`mari_fx.rules.size_read`) at N rows, read off
+        """A size of a batched tensor (:func:`mari_fx.analysis.rules.size_read`) at N rows, read off
         ``user_index`` or the U-row tensor: never a tensor gathered to N rows just for its size."""
         if kind == "batch":
             return Rows(self.num_candidates(), N, node)
@@ -125,15 +132,20 @@ class Lowerer(LoweringContext):
             raise MariError(f"internal: {node.format_node()} tagged {tag} was lowered to {got}, not {want}")
 
     def _record(self, nodes: List[fx.Node]) -> Record:
-        refusals, hoisted = [], []
+        refusals, recovered, hoisted = [], [], []
         for n in nodes:
             if n.op in ("placeholder", "output", "get_attr"):
                 continue
             note = n.meta.get(NOTE_KEY)
-            if note:
-                refusals.append(RefusalRecord(node=n.name, op=_describe(n, self.modules), reason=note,
-                                              location=_location(n)))
             v = self.env.get(n)
+            if isinstance(v, Lazy) and id(v) not in self.materialized:
+                note = None  # never computed (e.g. a mask fold an attention module read at U rows)
+            if note:
+                kept = _kept_elements(n) if n in self.elements_at_u else ""
+                (recovered if kept else refusals).append(RefusalRecord(
+                    node=n.name, op=_describe(n, self.modules), location=_location(n),
+                    reason=f"{note}; the element map kept its user elements ({kept}), computed at U rows" if kept
+                    else note))
             if isinstance(v, Rows) and v.level == U and _is_compute(n):
                 hoisted.append(_qualname(n))
         return Record(
@@ -144,6 +156,7 @@ class Lowerer(LoweringContext):
             refused=tuple(refusals),
             split_matmuls=self.options.split_matmuls,
             capture=self.gm.meta.get("mari_fx.capture", "torch.fx"),
+            recovered=tuple(recovered),
         )
 
 
@@ -171,6 +184,18 @@ def batch_numel(x: torch.Tensor, n: int) -> int:
     for d in x.shape[1:]:
         out = out * d
     return out
+
+
+def _kept_elements(n: fx.Node) -> str:
+    """``"elements[user:1, ...]"`` when ``n``'s element map (exact where it exists, see
+    :mod:`mari_fx.analysis.elements`) holds user elements that its MIXED tag does not show; else ``""``.
+    Asked only for nodes a lowering computed at U rows by their element map."""
+    from ..analysis.elements import ELEM_KEY, has_user
+
+    e = n.meta.get(ELEM_KEY)
+    items = e if isinstance(e, tuple) else (e,)
+    kept = [x for x in items if x is not None and hasattr(x, "map") and has_user(x.map)]
+    return ", ".join(str(x) for x in kept)
 
 
 def _reads_feature_dim(user: fx.Node) -> bool:
@@ -225,7 +250,7 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
 
     Example:
         >>> import torch, mari_fx
-        >>> from mari_fx.examples import CoarseRanker
+        >>> from mari_fx.testing.examples import CoarseRanker
         >>> u, i, idx = torch.randn(2, 16), torch.randn(3, 8), torch.tensor([0, 1, 1])
         >>> tagged = mari_fx.trace(CoarseRanker().eval(), user_inputs=["user"], example_inputs=(u[idx], i))
         >>> T = lower(tagged, tagged.meta["mari_fx.request"])

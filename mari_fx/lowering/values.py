@@ -49,7 +49,7 @@ class Combo:
 @dataclass(frozen=True, eq=False)
 class Lazy:
     """A MIXED value not emitted yet: whoever needs it gets ``orig`` computed at N rows.
-    Lets a consumer that knows better (see :mod:`mari_fx.interactions`) skip it."""
+    Lets a consumer that knows better (see :mod:`mari_fx.lowering.ops.interactions`) skip it."""
 
     orig: fx.Node
 

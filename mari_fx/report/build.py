@@ -113,6 +113,8 @@ def build_report(model: nn.Module, T: fx.GraphModule, *, users: int = 1, candida
         "hoisted": list(record.hoisted),
         "broadcasts": [{"source": b.source, "at": b.at} for b in record.broadcasts],
         "refused": [{"node": r.node, "op": r.op, "location": r.location, "reason": r.reason} for r in record.refused],
+        "recovered": [{"node": r.node, "op": r.op, "location": r.location, "reason": r.reason}
+                      for r in getattr(record, "recovered", ())],
         "flops": {
             "method": "torch.utils.flop_counter",
             "before": before,

@@ -104,6 +104,9 @@ class Record:
     catalog_size: int = 0
     item_cache: Tuple[CacheRecord, ...] = ()
     byte_cost: float = 0.0
+    # Ops a tag rule called MIXED whose user elements the element map kept (mari_fx.analysis.elements):
+    # the reason says what was kept; they are not losses, so they are not in ``refused``.
+    recovered: Tuple[RefusalRecord, ...] = ()
 
     @property
     def split_layers(self) -> Tuple[str, ...]:

@@ -32,6 +32,8 @@ def _families() -> List[Tuple[str, Callable, List[str], Callable]]:
          [ids(50, 10), ids(20), ids(50)]),
         ("DIN + transformer encoder over the user sequence (BST)", lambda: ex.DINRanker(), ["hist", "user_id"],
          [ids(50, 10), ids(20), ids(50)]),
+        ("  same, with a key padding mask (src_key_padding_mask)", lambda: ex.DINRanker(padding_mask=True),
+         ["hist", "user_id"], [ids(50, 10), ids(20), ids(50)]),
         ("DCN-v2 cross network", lambda: ex.DCNRanker(), ["user"], [dense(12), dense(6)]),
         ("DCN-Mix (low-rank cross)", lambda: ex.DCNRanker(low_rank=4), ["user"], [dense(12), dense(6)]),
         ("MMoE multi-task (3 experts, 2 gates)", lambda: ex.MMoERanker(), ["user"], [dense(10), dense(6)]),

@@ -128,8 +128,9 @@ class DINRanker(nn.Module):
     """
 
     def __init__(self, num_items: int = 50, num_users: int = 20, dim: int = 8, att_hidden: int = 16,
-                 encoder: bool = True):
+                 encoder: bool = True, padding_mask: bool = False):
         super().__init__()
+        self.padding_mask = padding_mask  # item id 0 pads the history: the encoder masks it out
         self.item_emb = nn.Embedding(num_items, dim)
         self.user_emb = nn.Embedding(num_users, dim)
         self.encoder = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True) if encoder else None
@@ -138,7 +139,9 @@ class DINRanker(nn.Module):
 
     def forward(self, hist: torch.Tensor, user_id: torch.Tensor, item_id: torch.Tensor) -> torch.Tensor:
         k = self.item_emb(hist)                                     # [B, S, D]   user-only
-        if self.encoder is not None:
+        if self.encoder is not None and self.padding_mask:
+            k = self.encoder(k, src_key_padding_mask=hist == 0)     # user-only, with a user-side mask
+        elif self.encoder is not None:
             k = self.encoder(k)                                     # user-only sequence encoder
         q = self.item_emb(item_id)                                  # [B, D]      the candidate
         qe = q.unsqueeze(1).expand(-1, k.size(1), -1)               # [B, S, D]

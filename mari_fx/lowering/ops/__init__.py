@@ -5,8 +5,10 @@
 * :mod:`.split` -- the MaRI matmul split (priority 0);
 * :mod:`.combos` -- linear combinations (``q - k``) kept as terms (builder, priority 20);
 * :mod:`.interactions` -- FM / DLRM field blocks (builder 10, block products priority 10);
-* :mod:`.field_split` -- a Linear over user element positions of any layout (priority 20).
+* :mod:`.field_split` -- a Linear over user element positions of any layout (priority 20);
+* :mod:`.sequences` -- attention modules reading a batch-major mask fold at U rows;
+* :mod:`.bags` -- jagged bag inputs (declaration, request helpers, ``EmbeddingBag`` lowering).
 
 They import only :mod:`mari_fx.lowering.values` and :mod:`mari_fx.lowering.context`.
 """
-from . import combos, field_split, interactions, pieces, split  # noqa: F401
+from . import bags, combos, field_split, interactions, pieces, sequences, split  # noqa: F401

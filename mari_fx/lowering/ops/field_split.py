@@ -17,18 +17,18 @@ The N-row matmul shrinks from ``K`` to ``|C_i|`` columns; no N-row matmul work i
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
-from ...analysis import rules
 from ... import targets
+from ...analysis import rules
 from ...analysis.elements import ELEM_KEY, element_map, has_user
 from ...analysis.example_prop import VALUE_KEY, TensorInfo
 from ..context import LoweringContext, register_lowering
 from ..values import C, N, U, Combo, Pieces, Rows, Seq, Value
-from ...runtime.modules import SplitLinear
+from ...runtime.modules import SplitLinear, SplitSource
 from ...report.record import LayerRecord
 from .split import _linear_view, _module_name
 from ...analysis.tags import ROWS_KEY, TAG_KEY, Side
@@ -63,7 +63,7 @@ def _lower_field_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[
     cu = user.nonzero().flatten().tolist()
     ci = (~user).nonzero().flatten().tolist()
     try:
-        xu = _UserCone(lw).value(x)
+        xu = user_cone(lw).value(x)
     except _NoSplit:
         return None
     w = view.weight.detach()
@@ -71,7 +71,11 @@ def _lower_field_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[
     item_in = _columns(lw, lw.materialize(xv), ci, K, N, f"{view.name}_item_cols") if ci else None
     mod = SplitLinear(w[:, cu].contiguous(), w[:, ci].contiguous(),
                       None if view.bias is None else view.bias.detach().clone())
+    weight, bias, transposed = view.source
+    if weight is not None:  # how to re-derive the blocks from the pair-shaped model (mari_fx.refresh)
+        mod.source = SplitSource(weight, bias, transposed, _runs(cu), _runs(ci), ())
     name = _module_name(lw, view.name, node)
+    mod._mari_fx_name = name
     lw.add_submodule(name, mod)
     out = lw.graph.call_module(name, (user_in, item_in, lw.user_index))
     lw.port_meta(node, out)
@@ -84,6 +88,17 @@ def _lower_field_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[
         rows_per_sample=flat.shape[0] if isinstance(info, TensorInfo) and info.ndim > 2 else 1,
         action="split", split_user_features=len(cu), split_item_features=len(ci)))
     return Rows(out, N, node)
+
+
+def _runs(cols: List[int]) -> Tuple[Tuple[Tuple[float, int, int], ...], ...]:
+    """SplitSource blocks of a sorted column list: one ``((1.0, first, width),)`` per run."""
+    out: List[List[int]] = []
+    for c in cols:
+        if out and out[-1][0] + out[-1][1] == c:
+            out[-1][1] += 1
+        else:
+            out.append([c, 1])
+    return tuple(((1.0, a, n),) for a, n in out)
 
 
 def _columns(lw: LoweringContext, x: Any, cols: List[int], width: int, level: str, name: str) -> Any:
@@ -104,6 +119,42 @@ def _columns(lw: LoweringContext, x: Any, cols: List[int], width: int, level: st
 
 
 _getitem = rules.operator.getitem
+
+
+def _split_module(lw: LoweringContext, v: Any) -> Optional[Tuple[str, SplitLinear]]:
+    """``(path, module)`` when the lowered value ``v`` is the output of a SplitLinear."""
+    node = v.node if isinstance(v, Rows) else None
+    if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(lw.modules.get(node.target), SplitLinear):
+        return node.target, lw.modules[node.target]
+    return None
+
+
+def _block_columns(mod: SplitLinear) -> Optional[Tuple[List[int], List[int], List[int]]]:
+    """The input columns of ``weight_user`` / ``weight_item`` / ``weight_broadcast``, in block order,
+    when every block is one column range of the original weight with coefficient 1 and the blocks
+    cover every column once (no folded combinations); else None."""
+    src = mod.source
+    if src is None:
+        return None
+    out = []
+    for blocks in (src.user, src.item, src.broadcast):
+        cols: List[int] = []
+        for terms in blocks:
+            if len(terms) != 1 or terms[0][0] != 1.0:
+                return None
+            _, first, width = terms[0]
+            cols += range(first, first + width)
+        out.append(cols)
+    flat = out[0] + out[1] + out[2]
+    if sorted(flat) != list(range(len(flat))) or len(flat) != mod.in_features + (
+            0 if mod.weight_broadcast is None else mod.weight_broadcast.shape[1]):
+        return None
+    return out[0], out[1], out[2]
+
+
+def user_cone(lw: LoweringContext) -> "_UserCone":
+    """The lowerer's :class:`_UserCone` (one per lowering, so a value's U-row form is emitted once)."""
+    return lw.state("field_split.user_cone", lambda: _UserCone(lw))
 
 
 class _UserCone:
@@ -129,10 +180,16 @@ class _UserCone:
             return lw.num_users()
         info, m = a.meta.get(VALUE_KEY), element_map(a)
         if isinstance(info, TensorInfo) and isinstance(m, torch.Tensor) and bool(((m & 2) != 0).all()):
-            # no element of it is read by a user element: any values do
-            out = lw.graph.call_method("new_zeros", (lw.user_index, (lw.num_users(), *info.shape[1:])),
-                                       {"dtype": info.dtype})
-            out.meta[ROWS_KEY] = U
+            return self._zeros(info.shape[1:], info.dtype)  # no element of it is read by a user element
+        if isinstance(v, Pieces) and isinstance(info, TensorInfo) and isinstance(m, torch.Tensor):
+            pieces = self._pieces(v, m, info)
+            if pieces is not None:
+                lw.mark_user_elements(a)
+                return pieces
+        split = _split_module(lw, v)
+        if split is not None:
+            out = self._through_split(a, *split)
+            lw.mark_user_elements(a)
             return out
         if a.meta.get(ELEM_KEY) is None or isinstance(v, Seq) and not isinstance(info, tuple):
             raise _NoSplit
@@ -143,7 +200,59 @@ class _UserCone:
         new = lw.graph.node_copy(a, self.value)
         lw.port_meta(a, new)
         new.meta[ROWS_KEY] = U
+        lw.mark_user_elements(a)
         return new
+
+    def _through_split(self, a: fx.Node, name: str, mod: SplitLinear) -> fx.Node:
+        """A Linear that was split already (a chained cross), at U rows: ``x @ W.T + b`` on the
+        U-row cone of its input, with ``W``'s columns read off the split's blocks (the Linear's
+        user output elements are rows whose every input element is USER or CONST)."""
+        lw = self.lw
+        order = _block_columns(mod)
+        x = a.args[1] if a.target in (torch.addmm, torch.ops.aten.addmm.default) else (
+            a.args[0] if a.args else a.kwargs.get("input"))
+        if order is None or not isinstance(x, fx.Node):
+            raise _NoSplit
+        xu = self.value(x)
+        info = x.meta.get(VALUE_KEY)
+        width = info.shape[-1] if isinstance(info, TensorInfo) and info.ndim else None
+        out = None
+        for attr, cols in zip(("weight_user", "weight_item", "weight_broadcast"), order):
+            if not cols:
+                continue
+            part = _columns(lw, xu, cols, width, U, f"{name}_{attr}_cols") if cols != list(range(width)) else xu
+            w = lw.graph.get_attr(f"{name}.{attr}")
+            bias = lw.graph.get_attr(f"{name}.bias") if out is None and mod.bias is not None else None
+            y = lw.graph.call_function(torch.nn.functional.linear, (part, w, bias))
+            out = y if out is None else lw.graph.call_function(rules.operator.add, (out, y))
+            for n in (w, y, out):
+                n.meta[ROWS_KEY] = C if n is w else U
+        if bias is not None:
+            bias.meta[ROWS_KEY] = C
+        return out
+
+    def _zeros(self, sample, dtype) -> fx.Node:
+        lw = self.lw
+        out = lw.graph.call_method("new_zeros", (lw.user_index, (lw.num_users(), *sample)), {"dtype": dtype})
+        out.meta[ROWS_KEY] = U
+        return out
+
+    def _pieces(self, v: Pieces, m: torch.Tensor, info: TensorInfo) -> Optional[fx.Node]:
+        """A column-pieces value at U rows from its U pieces as they are, its N pieces as zeros --
+        when no USER or CONST element lies in an N piece (else None: re-emit the node)."""
+        flat, pos, parts = m.reshape(-1, m.shape[-1]), 0, []
+        for level, width, rows in v.parts:
+            if level == U and isinstance(rows, Rows):
+                parts.append(rows.node)
+            elif level == N and bool(((flat[:, pos:pos + width] & 2) != 0).all()):
+                parts.append(self._zeros((*info.shape[1:-1], width), info.dtype))
+            else:
+                return None
+            pos += width
+        out = self.lw.cat(parts, U)
+        if isinstance(out, fx.Node):
+            out.meta[ROWS_KEY] = U
+        return out
 
 
 register_lowering(*targets.LINEAR_LIKE, priority=20)(_lower_field_linear)  # before the gram and piece splits

@@ -8,7 +8,13 @@ MIXED; the lowering keeps it as :class:`~mari_fx.lowering.Blocks` so that
 * ``e.sum(1)`` becomes the combination ``sum(user blocks) + sum(item blocks)``, and
   products of such sums expand so that user x user terms run at U rows (FM);
 * ``bmm(e, e.transpose(1, 2))`` is computed block by block: the user x user block at
-  U rows, user x item and item x item blocks at N rows (DLRM).
+  U rows, user x item and item x item blocks at N rows (DLRM);
+* ``bmm(X, X.transpose(1, 2))[:, I, J]`` (pairs picked by constant indices, DLRM's triu
+  gather, PNN) for any field stack ``X`` whose fields the element map of
+  :mod:`mari_fx.analysis.elements` calls user-only or not: the user x user pairs come from the
+  Gram matrix of the user fields at U rows, every other pair from the rows of the
+  non-user fields, ``bmm(X[:, R], X.transpose(1, 2))`` at N rows (the Gram matrix is
+  symmetric), and the result stays column pieces so the Linear over it splits.
 
 Anything else reading a block value gets it concatenated at N rows, as in the pair model.
 """
@@ -20,11 +26,11 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ...analysis import rules
 from ... import targets
+from ...analysis import rules
 from ...analysis.example_prop import VALUE_KEY, TensorInfo
 from ..context import LAZY_BUILDERS, LoweringContext, register_lowering
-from ..values import N, U, Blocks, Combo, Lazy, Pieces, Rows, Value
+from ..values import C, N, U, Blocks, Combo, Lazy, Pieces, Rows, Value
 from ...analysis.tags import ROWS_KEY
 
 _ELEMENTWISE = targets.ELEMENTWISE
@@ -164,5 +170,167 @@ def _lower_gram(lw: LoweringContext, node: fx.Node, _module) -> Optional[Value]:
     return Rows(out, N, node)
 
 
+def _lower_gram_gather(lw: LoweringContext, node: fx.Node, _module) -> Optional[Value]:
+    """``bmm(X, X.transpose(1, 2))[:, I, J]`` with constant ``I``, ``J``: user x user pairs at U
+    rows off the user fields' Gram matrix, the rest at N rows off the non-user fields' rows."""
+    from ...analysis.elements import element_map
+
+    if not lw.options.split_matmuls:
+        return None  # the one-shot baseline: user-only subgraphs hoisted, no matmul split
+    gram, pairs = _gram_gather_args(lw, node)
+    if gram is None:
+        return None
+    x = gram.args[0]
+    m = element_map(x)
+    if not isinstance(m, torch.Tensor) or m.ndim != 2:
+        return None
+    user = ((m & 2) == 0).all(1).tolist()  # fields whose every element is USER or CONST
+    if all(user) or not any(user):
+        return None  # a USER or an all-item stack: the default lowering is as good
+    if not all(_gram_gather_args(lw, g)[0] is gram for u in gram.users for g in _past_batch_slices(u)):
+        return None  # the full Gram matrix is needed anyway
+    fields = len(user)
+    rest = [f for f in range(fields) if not user[f]]
+    ufields = [f for f in range(fields) if user[f]]
+    pos_r, pos_u = {f: k for k, f in enumerate(rest)}, {f: k for k, f in enumerate(ufields)}
+    levels, item_at, user_at = [], ([], []), ([], [])
+    for i, j in pairs:
+        if user[i] and user[j]:
+            levels.append(U)
+            user_at[0].append(pos_u[i]), user_at[1].append(pos_u[j])
+        else:
+            levels.append(N)
+            r, c = (i, j) if not user[i] else (j, i)  # G[i, j] == G[j, i]: read it off a non-user row
+            item_at[0].append(pos_r[r]), item_at[1].append(c)
+    t_user = None
+    if U in levels:
+        from .field_split import _NoSplit, user_cone
+
+        try:
+            xu = user_cone(lw).value(x)
+        except _NoSplit:
+            return None
+        t_user = _pick(lw, _emit_gram(lw, _rows(lw, xu, ufields, fields, U, "gram_user_fields"), U), user_at, U,
+                       "gram_user_pairs")
+        lw.mark_user_elements(node)
+    t_item = None
+    if N in levels:
+        xn = lw.materialize(lw.value(x))
+        t_item = _pick(lw, _emit_gram(lw, _rows(lw, xn, rest, fields, N, "gram_item_fields"), N, xn), item_at, N,
+                       "gram_item_pairs")
+    parts, pos = [], {U: 0, N: 0}
+    for k, level in enumerate(levels):
+        if parts and parts[-1][0] == level:
+            parts[-1][1] += 1
+        else:
+            parts.append([level, 1, pos[level]])
+        pos[level] += 1
+    out = []
+    for level, width, start in parts:
+        src = t_user if level == U else t_item
+        if width == pos[level]:
+            out.append((level, width, Rows(src, level)))
+            continue
+        sl = lw.graph.call_function(operator.getitem, (src, (Ellipsis, slice(start, start + width))))
+        sl.meta[ROWS_KEY] = level
+        out.append((level, width, Rows(sl, level)))
+    if len(out) == 1:
+        return out[0][2]
+    return Pieces(tuple(out))
+
+
+aten_index = aten.index.Tensor
+_GATHERS = (operator.getitem, aten_index)
+_GRAMS = targets.BMM + targets.MATMUL
+
+
+def _gram_gather_args(lw: LoweringContext, node: fx.Node):
+    """``(gram node, [(i, j), ...])`` if ``node`` picks pairs of a Gram matrix by constant indices."""
+    from ...analysis.elements import _Consts
+
+    if len(node.args) != 2 or node.kwargs or node.op != "call_function" or node.target not in _GATHERS:
+        return None, None
+    gram, index = node.args
+    if _is_batch_slice(gram):
+        gram = gram.args[0]  # torch.export writes g[:, I, J] as index(slice(g, 0, 0, INT64_MAX), [None, I, J])
+    if not (isinstance(gram, fx.Node) and gram.op in ("call_function", "call_method") and len(gram.args) == 2
+            and not gram.kwargs and gram.target in _GRAMS):
+        return None, None
+    a, b = gram.args
+    if not (isinstance(a, fx.Node) and _ndim(a) == 3 and _is_transpose_of(lw, b, a)):
+        return None, None
+    if node.target is operator.getitem:
+        ok = isinstance(index, tuple) and len(index) == 3 and index[0] == slice(None)
+    else:
+        ok = isinstance(index, (list, tuple)) and len(index) == 3 and index[0] is None
+    if not ok or not all(isinstance(t, fx.Node) for t in index[1:]):
+        return None, None
+    consts = lw.state("interactions.consts", lambda: _Consts(lw.gm))  # constant index tensors, read once
+    try:
+        iv, jv = (consts.get(t) for t in index[1:])
+    except Exception:
+        return None, None
+    if not (isinstance(iv, torch.Tensor) and isinstance(jv, torch.Tensor) and iv.dim() == jv.dim() == 1
+            and iv.shape == jv.shape and not iv.is_floating_point() and not jv.is_floating_point()
+            and iv.dtype != torch.bool and jv.dtype != torch.bool):
+        return None, None
+    fields = a.meta[VALUE_KEY].shape[1]
+    if iv.numel() and (min(iv.min(), jv.min()) < -fields or max(iv.max(), jv.max()) >= fields):
+        return None, None
+    return gram, [(int(i) % fields, int(j) % fields) for i, j in zip(iv.tolist(), jv.tolist())]
+
+
+def _is_batch_slice(n: Any) -> bool:
+    """``aten.slice(x, 0, 0, INT64_MAX)``: all rows, the value itself."""
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten.slice.Tensor):
+        return False
+    _, dim, start, stop, step = rules.aten_slice_args(n)
+    return dim == 0 and start in (None, 0) and (stop is None or stop >= rules.ALL_ROWS) and step == 1
+
+
+def _past_batch_slices(n: fx.Node):
+    """``n`` itself, or the readers of an all-rows slice ``n``."""
+    return list(n.users) if _is_batch_slice(n) else [n]
+
+
+def _buffer(lw: LoweringContext, name: str, values) -> fx.Node:
+    attr, k = name, 0
+    while hasattr(lw.gm, attr):
+        k += 1
+        attr = f"{name}{k}"
+    lw.gm.register_buffer(attr, torch.tensor(values, dtype=torch.int64))
+    out = lw.graph.get_attr(attr)
+    out.meta[ROWS_KEY] = C
+    return out
+
+
+def _rows(lw: LoweringContext, x: Any, fields, total: int, level: str, name: str) -> Any:
+    """``x[:, fields]`` (a slice when they are contiguous)."""
+    if fields == list(range(fields[0], fields[-1] + 1)):
+        if len(fields) == total:
+            return x
+        out = lw.graph.call_function(operator.getitem, (x, (slice(None), slice(fields[0], fields[-1] + 1))))
+    else:
+        out = lw.graph.call_function(torch.index_select, (x, 1, _buffer(lw, name, fields)))
+    out.meta[ROWS_KEY] = level
+    return out
+
+
+def _emit_gram(lw: LoweringContext, rows: Any, level: str, full: Any = None) -> Any:
+    """``bmm(rows, full.transpose(1, 2))`` (``full`` defaults to ``rows``)."""
+    t = lw.graph.call_method("transpose", (rows if full is None else full, 1, 2))
+    out = lw.graph.call_function(torch.bmm, (rows, t))
+    t.meta[ROWS_KEY] = out.meta[ROWS_KEY] = level
+    return out
+
+
+def _pick(lw: LoweringContext, g: Any, at, level: str, name: str) -> Any:
+    out = lw.graph.call_function(operator.getitem, (g, (slice(None), _buffer(lw, f"{name}_i", at[0]),
+                                                       _buffer(lw, f"{name}_j", at[1]))))
+    out.meta[ROWS_KEY] = level
+    return out
+
+
 LAZY_BUILDERS.add("field_blocks", _as_blocks, priority=10)
+register_lowering(operator.getitem, aten.index.Tensor, priority=10)(_lower_gram_gather)  # before column pieces
 register_lowering(*targets.BMM, *targets.MATMUL, priority=10)(_lower_gram)  # before the column-piece split

@@ -10,8 +10,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...analysis import rules
 from ... import targets
+from ...analysis import rules
 from ...analysis.example_prop import VALUE_KEY
 from ..context import LoweringContext, register_lowering
 from ..values import Pieces, Seq, Value
@@ -19,12 +19,24 @@ from ...analysis.tags import TAG_KEY
 
 @register_lowering(*targets.CAT)
 def _lower_cat(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
-    if not node.meta[TAG_KEY].has_user_columns:
+    tensors = lw.arg(node, 0, "tensors")
+    if not node.meta[TAG_KEY].has_user_columns and not _pieces_on_last_dim(lw, node, tensors):
         return None
     parts: List = []
-    for t in lw.arg(node, 0, "tensors"):
+    for t in tensors:
         parts += lw.parts_of(t)
     return Pieces(tuple(parts))
+
+
+def _pieces_on_last_dim(lw: LoweringContext, node: fx.Node, tensors) -> bool:
+    """A MIXED cat along the last dim of a value a lowering kept as pieces (e.g. pair products of
+    user fields at U rows): keep the pieces, a Linear over it can still split."""
+    info = node.meta.get(VALUE_KEY)
+    dim = lw.arg(node, 1, "dim", 0)
+    return (getattr(info, "ndim", 0) >= 2 and isinstance(dim, int) and dim % info.ndim == info.ndim - 1
+            and any(isinstance(t, fx.Node) and isinstance(lw.value(t), Pieces) for t in tensors)
+            and all(isinstance(t, fx.Node) and getattr(t.meta.get(VALUE_KEY), "ndim", None) == info.ndim
+                    for t in tensors))
 
 
 @register_lowering(operator.getitem)

@@ -1,0 +1,520 @@
+"""Sequence models as users write them: padding masks, causal masks, einsum attention, jagged bags.
+
+Every model is checked lossless at U in {1, 3}, N in {1, 7, 500}, with its whole user-side encoder
+at U rows (node rows of the transformed graph), and FLOPs after the transform equal to the
+analytic minimum (user-only work at U rows, the rest at N rows)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import mari_fx
+from mari_fx.runtime.jagged import JaggedBag, bag_take
+from mari_fx.analysis.tags import ROWS_KEY
+
+D, L, H, FF, HID, VOCAB = 8, 6, 2, 16, 12, 40
+CELLS = [(1, 1), (1, 7), (1, 500), (3, 7), (3, 500)]
+
+
+def hist_batch(rows: int, g: torch.Generator) -> torch.Tensor:
+    """Histories of item ids padded with 0 at the tail; every row has >= 1 real item."""
+    hist = torch.randint(1, VOCAB, (rows, L), generator=g)
+    lengths = torch.randint(1, L + 1, (rows,), generator=g)
+    hist[torch.arange(L)[None, :] >= lengths[:, None]] = 0
+    return hist
+
+
+def ragged(users: int, n: int, g: torch.Generator) -> torch.Tensor:
+    idx = torch.cat([torch.arange(users), torch.randint(users, (n - users,), generator=g)])
+    return idx[torch.randperm(n, generator=g)]
+
+
+def rows_of(T, target):
+    return {n.meta.get(ROWS_KEY) for n in T.graph.nodes if n.target == target or n.name == target}
+
+
+def lin(rows, i, o):
+    return 2 * rows * i * o
+
+
+def encoder_layer_flops(seqs):
+    """One TransformerEncoderLayer(D, H, FF) over ``seqs`` sequences of length L."""
+    return (lin(seqs * L, D, 3 * D) + 2 * 2 * seqs * L * L * D + lin(seqs * L, D, D)
+            + lin(seqs * L, D, FF) + lin(seqs * L, FF, D))
+
+
+def top_flops(users, n, user_cols, item_cols):
+    """A 2-layer head whose first Linear is split: user columns at U rows, item columns at N."""
+    return lin(users, user_cols, HID) + lin(n, item_cols, HID) + lin(n, HID, 1)
+
+
+def masked_mean(h, keep):
+    keep = keep.unsqueeze(-1).to(h.dtype)
+    return (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+# --------------------------------------------------------------------------- models
+class EncoderRanker(nn.Module):
+    """User history -> TransformerEncoder with a key padding mask (and optionally a causal mask)."""
+
+    def __init__(self, causal=False, layers=2):
+        super().__init__()
+        self.causal = causal
+        self.emb = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(L, D) * 0.1)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True), layers)
+        self.item = nn.Embedding(VOCAB, D)
+        self.top = nn.Sequential(nn.Linear(2 * D, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def forward(self, hist, item_id):
+        pad = hist == 0
+        x = self.emb(hist) + self.pos
+        if self.causal:
+            n = hist.size(1)
+            mask = torch.ones((n, n), dtype=torch.bool).triu(1)
+            h = self.enc(x, mask=mask, src_key_padding_mask=pad, is_causal=True)
+        else:
+            h = self.enc(x, src_key_padding_mask=pad)
+        u = masked_mean(h, ~pad)
+        return self.top(torch.cat([u, self.item(item_id)], dim=-1)).squeeze(-1)
+
+    def min_flops(self, users, n):
+        return len(self.enc.layers) * encoder_layer_flops(users) + top_flops(users, n, D, D)
+
+
+class HandAttentionRanker(nn.Module):
+    """Self-attention written by hand: q/k/v Linears, ``masked_fill`` of the padding (and a causal
+    mask), softmax, weighted sum."""
+
+    def __init__(self, causal=False):
+        super().__init__()
+        self.causal = causal
+        self.emb = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.item = nn.Embedding(VOCAB, D)
+        self.top = nn.Sequential(nn.Linear(2 * D, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def forward(self, hist, item_id):
+        keep = hist != 0
+        q, k, v = self.qkv(self.emb(hist)).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(D)                     # [B, L, L]
+        scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))    # padded keys
+        if self.causal:
+            n = hist.size(1)
+            future = torch.ones((n, n), dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(future & keep.unsqueeze(1), -1e4)  # a causal, padding-aware mask
+        h = torch.softmax(scores, dim=-1) @ v
+        u = masked_mean(h, keep)
+        return self.top(torch.cat([u, self.item(item_id)], dim=-1)).squeeze(-1)
+
+    def min_flops(self, users, n):
+        return lin(users * L, D, 3 * D) + 2 * 2 * users * L * L * D + top_flops(users, n, D, D)
+
+
+class EinsumDIN(nn.Module):
+    """BST/DIN-style: the history encoded by einsum self-attention (user-only), then target
+    attention of the candidate over it with einsum (user x item)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.top = nn.Sequential(nn.Linear(3 * D, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def forward(self, hist, item_id):
+        pad = hist == 0
+        q, k, v = self.qkv(self.emb(hist)).chunk(3, dim=-1)
+        s = torch.einsum("bld,bmd->blm", q, k) / math.sqrt(D)
+        s = torch.where(pad.unsqueeze(1), torch.full_like(s, float("-inf")), s)
+        enc = torch.einsum("blm,bmd->bld", torch.softmax(s, dim=-1), v)                # [B, L, D]: user-only
+        pooled = masked_mean(enc, ~pad)
+        cand = self.emb(item_id)                                                         # [B, D]
+        t = torch.einsum("bd,bld->bl", cand, enc).masked_fill(pad, float("-inf"))
+        interest = torch.einsum("bl,bld->bd", torch.softmax(t, dim=1), enc)
+        return self.top(torch.cat([pooled, interest, cand], dim=-1)).squeeze(-1)
+
+    def min_flops(self, users, n):
+        encoder = lin(users * L, D, 3 * D) + 2 * 2 * users * L * L * D
+        target = 2 * 2 * n * L * D
+        return encoder + target + top_flops(users, n, D, 2 * D)
+
+
+class BagRanker(nn.Module):
+    """User tags as flat ids + offsets (+ weights) into an EmbeddingBag; item tags the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags = nn.EmbeddingBag(VOCAB, D, mode="sum")
+        self.item_tags = nn.EmbeddingBag(VOCAB, D, mode="mean")
+        self.tower = nn.Sequential(nn.Linear(D, D), nn.ReLU())
+        self.item = nn.Embedding(VOCAB, D)
+        self.top = nn.Sequential(nn.Linear(3 * D, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def forward(self, tag_ids, tag_offsets, tag_weights, item_id, item_tag_ids, item_tag_offsets):
+        u = self.tower(self.tags(tag_ids, tag_offsets, per_sample_weights=tag_weights))
+        i = self.item_tags(item_tag_ids, item_tag_offsets)
+        return self.top(torch.cat([u, self.item(item_id), i], dim=-1)).squeeze(-1)
+
+    def min_flops(self, users, n):
+        return lin(users, D, D) + top_flops(users, n, D, 2 * D)
+
+
+def bags(rows, g, weights=False):
+    lengths = torch.randint(1, 4, (rows,), generator=g)
+    ids = torch.randint(VOCAB, (int(lengths.sum()),), generator=g)
+    w = torch.rand(ids.numel(), generator=g) if weights else None
+    return JaggedBag(ids, torch.cumsum(lengths, 0) - lengths, w)
+
+
+# --------------------------------------------------------------------------- harness
+def build(cls, **kw):
+    torch.manual_seed(0)
+    return cls(**kw).eval()
+
+
+def seq_case(model):
+    g = torch.Generator().manual_seed(1)
+    idx = torch.tensor([0, 0, 1, 2, 2])
+    example = (hist_batch(3, g)[idx], torch.randint(VOCAB, (5,), generator=g))
+    T = mari_fx.transform(model, ["hist"], example)
+
+    def cell(users, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        hist, item, idx = hist_batch(users, g), torch.randint(VOCAB, (n,), generator=g), ragged(users, n, g)
+        return {"hist": hist, "item_id": item, "user_index": idx}, (hist[idx], item)
+
+    return T, cell
+
+
+def bag_case(model):
+    g = torch.Generator().manual_seed(1)
+    idx = torch.tensor([0, 0, 1, 2, 2])
+    ub, ib = bag_take(bags(3, g, weights=True), idx), bags(5, g)
+    example = dict(tag_ids=ub.ids, tag_offsets=ub.offsets, tag_weights=ub.per_sample_weights,
+                   item_id=torch.randint(VOCAB, (5,), generator=g), item_tag_ids=ib.ids, item_tag_offsets=ib.offsets)
+    T = mari_fx.transform(model, [mari_fx.Bag("tag_ids", "tag_offsets", "tag_weights")], example_kwargs=example)
+
+    def cell(users, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        ub, ib, idx = bags(users, g, weights=True), bags(n, g), ragged(users, n, g)
+        item = torch.randint(VOCAB, (n,), generator=g)
+        request = {"tag": ub, "item_id": item, "item_tag": ib, "user_index": idx}
+        pb = bag_take(ub, idx)
+        pairs = (pb.ids, pb.offsets, pb.per_sample_weights, item, ib.ids, ib.offsets)
+        return request, pairs
+
+    return T, cell
+
+
+CASES = {
+    "encoder_padding": (lambda: build(EncoderRanker), seq_case, ["emb", "enc"]),
+    "encoder_causal": (lambda: build(EncoderRanker, causal=True), seq_case, ["emb", "enc"]),
+    "hand_attention_padding": (lambda: build(HandAttentionRanker), seq_case, ["qkv", "masked_fill", "softmax", "matmul_1"]),
+    "hand_attention_causal": (lambda: build(HandAttentionRanker, causal=True), seq_case,
+                              ["qkv", "masked_fill_1", "softmax", "matmul_1"]),
+    "einsum_din": (lambda: build(EinsumDIN), seq_case, ["qkv", "einsum", "where", "softmax", "einsum_1", "truediv_1"]),
+    "embedding_bag": (lambda: build(BagRanker), bag_case, ["tags", "tower.0", "tower.1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lossless_user_encoder_at_u_rows_and_minimum_flops(case):
+    make, setup, user_nodes = CASES[case]
+    model = make()
+    T, cell = setup(model)
+    record = T.meta["mari_fx.record"]
+    assert not record.refused, record.refused
+    for node in user_nodes:  # the whole user-side encoder runs once per user
+        assert rows_of(T, node) == {"U"}, (node, rows_of(T, node))
+    assert "top.0" in record.split_layers
+    for users, n in CELLS:
+        request, pairs = cell(users, n, seed=users * 1000 + n)
+        with torch.no_grad():
+            want, got = model(*pairs), T(**request)
+        assert got.dtype == want.dtype and got.shape == (n,)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert mari_fx.count_flops(T, **request) == model.min_flops(users, n), (users, n)
+    # the pair-shaped model does all of it at N rows
+    request, pairs = cell(3, 500, seed=0)
+    assert mari_fx.count_flops(model, *pairs) > model.min_flops(3, 500)
+
+
+def test_encoder_with_padding_mask_is_hoisted_and_verify_passes():
+    model = build(EncoderRanker)
+    T, _ = seq_case(model)
+    assert "enc" in T.meta["mari_fx.record"].hoisted
+    assert mari_fx.verify(model, T, num_users=3, num_candidates=9) < 1e-5
+
+
+# --------------------------------------------------------------------------- masks, one by one
+class MHARanker(nn.Module):
+    """MultiheadAttention over the history with a per-sample [B*H, L, L] mask built in ``how``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+        self.item = nn.Embedding(VOCAB, D)
+        self.top = nn.Linear(2 * D, 1)
+
+    def forward(self, hist, item_id):
+        pad = hist == 0
+        n = hist.size(1)
+        m = torch.ones((n, n), dtype=torch.bool).triu(1).unsqueeze(0) | pad.unsqueeze(1)      # [B, L, L]
+        m = m & ~torch.eye(n, dtype=torch.bool)  # a row may always see itself
+        if self.how == "repeat_interleave":
+            m = m.repeat_interleave(H, dim=0)
+        elif self.how == "expand_reshape":
+            m = m.unsqueeze(1).expand(-1, H, -1, -1).reshape(-1, n, n)
+        elif self.how == "head_major":
+            m = m.repeat(H, 1, 1)
+        elif self.how == "key_padding":
+            x = self.emb(hist)
+            h, _ = self.mha(x, x, x, key_padding_mask=pad, need_weights=False)
+            return self.top(torch.cat([h[:, 0], self.item(item_id)], -1)).squeeze(-1)
+        x = self.emb(hist)
+        h, _ = self.mha(x, x, x, attn_mask=m, need_weights=False)
+        return self.top(torch.cat([h[:, 0], self.item(item_id)], -1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("how", ["repeat_interleave", "expand_reshape", "key_padding"])
+def test_mha_with_batch_major_mask_runs_at_u_rows(how):
+    model = build(MHARanker, how=how)
+    T, cell = seq_case(model)
+    assert rows_of(T, "mha") == {"U"}
+    assert not T.meta["mari_fx.record"].refused  # the fold itself is read at U rows, never computed at N
+    for users, n in [(1, 1), (3, 7), (3, 500)]:
+        request, pairs = cell(users, n, seed=n)
+        with torch.no_grad():
+            torch.testing.assert_close(T(**request), model(*pairs), rtol=1e-5, atol=1e-5)
+
+
+def test_head_major_mask_is_refused_naming_the_mask():
+    model = build(MHARanker, how="head_major")
+    T, cell = seq_case(model)
+    assert rows_of(T, "mha") == {"N"}
+    (refusal,) = [r for r in T.meta["mari_fx.record"].refused if r.node == "mha"]
+    assert "attn_mask 'repeat'" in refusal.reason and "batch-major" in refusal.reason
+    request, pairs = cell(3, 7, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(T(**request), model(*pairs))
+
+
+class ItemMaskEncoder(nn.Module):
+    """The padding mask depends on the candidate (mask out the candidate itself): item-side."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True)
+        self.top = nn.Linear(D, 1)
+
+    def forward(self, hist, item_id):
+        # never the first position (every history has one real item): no row is all padding
+        pad = ((hist == 0) | (hist == item_id.unsqueeze(1))) & (torch.arange(hist.size(1)) > 0)
+        return self.top(self.enc(self.emb(hist), src_key_padding_mask=pad)[:, 0]).squeeze(-1)
+
+
+def test_item_side_padding_mask_runs_at_n_rows_and_names_the_mask():
+    model = build(ItemMaskEncoder)
+    T, cell = seq_case(model)
+    assert rows_of(T, "emb") == {"U"} and rows_of(T, "enc") == {"N"}
+    (refusal,) = [r for r in T.meta["mari_fx.record"].refused if r.node == "enc"]
+    assert "src_key_padding_mask 'setitem'" in refusal.reason or "src_key_padding_mask" in refusal.reason
+    assert "mixed-side" in refusal.reason and "broadcast" not in refusal.reason
+    for users, n in [(1, 1), (3, 7)]:
+        request, pairs = cell(users, n, seed=n)
+        with torch.no_grad():
+            torch.testing.assert_close(T(**request), model(*pairs))
+
+
+class RankMismatch(nn.Module):
+    def forward(self, scores, mask, item):
+        return scores.masked_fill(mask, 0.0).sum(-1).sum(-1) + item
+
+
+def test_mask_of_lower_rank_is_named_in_the_refusal():
+    g = torch.Generator().manual_seed(0)
+    scores, mask = torch.randn(4, 4, 4, generator=g), torch.rand(4, 4, generator=g) > 0.5
+    T = mari_fx.transform(RankMismatch(), ["scores", "mask"], (scores, mask, torch.randn(4)))
+    (refusal,) = T.meta["mari_fx.record"].refused
+    assert "'mask' (2-d)" in refusal.reason
+
+
+class TwoDUserMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+
+    def forward(self, x, m, item):
+        return self.mha(x, x, x, attn_mask=m, need_weights=False)[0][:, 0, 0] + item
+
+
+def test_user_dependent_2d_attn_mask_is_refused():
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(4, 4, D, generator=g), torch.rand(4, 4, generator=g) > 0.7
+    T = mari_fx.transform(build(TwoDUserMask), ["x", "m"], (x, m, torch.randn(4)))
+    (refusal,) = T.meta["mari_fx.record"].refused
+    assert "attn_mask 'm'" in refusal.reason and "shared by every sample" in refusal.reason
+
+
+class SDPA(nn.Module):
+    def forward(self, q, pad, item):
+        m = ~pad[:, None, None, :]  # [B, 1, 1, L]
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=m)
+        return out[:, :, 0].sum(-1).sum(-1) + item
+
+
+def test_sdpa_with_a_user_mask_of_full_rank_runs_at_u_rows():
+    g = torch.Generator().manual_seed(0)
+    q, pad = torch.randn(3, H, L, 4, generator=g), hist_batch(3, g) == 0
+    idx = torch.tensor([0, 1, 1, 2])
+    T = mari_fx.transform(SDPA(), ["q", "pad"], (q[idx], pad[idx], torch.randn(4)))
+    assert rows_of(T, "scaled_dot_product_attention") == {"U"}
+    item = torch.randn(4)
+    torch.testing.assert_close(T(q=q, pad=pad, item=item, user_index=idx), SDPA()(q[idx], pad[idx], item))
+
+
+@pytest.mark.parametrize("equation, ok", [
+    ("bld,de->ble", True), ("...d,de->...e", True), ("bld,bd->bl", True),
+    ("bld,bld->ld", False),   # contracts over the batch
+    ("bld,de->lbe", False),   # the output moves the batch
+    ("bld,bde->ble", False),  # a constant operand carrying b (see the test body: W is batch-free)
+])
+def test_einsum_rule(equation, ok):
+    class E(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(D, 5))
+            self.w3 = nn.Parameter(torch.randn(1, D, 5))
+
+        def forward(self, x, y, item):
+            if equation == "bld,bd->bl":
+                return torch.einsum(equation, x, y).sum(-1) + item
+            if equation == "bld,bld->ld":
+                return torch.einsum(equation, x, x).sum() + item
+            if equation == "bld,de->lbe":
+                return torch.einsum(equation, x, self.w).sum(-1).sum(0) + item
+            w = self.w3 if equation == "bld,bde->ble" else self.w
+            return torch.einsum(equation, x, w).sum(-1).sum(-1) + item
+
+    g = torch.Generator().manual_seed(0)
+    x, y, item = torch.randn(4, 3, D, generator=g), torch.randn(4, D, generator=g), torch.randn(4)
+    model = E()
+    T = mari_fx.transform(model, ["x", "y"], (x, y, item))
+    rows = rows_of(T, "einsum")
+    assert rows == ({"U"} if ok else {"N"}), rows
+    if not ok:
+        assert any("einsum" in r.reason for r in T.meta["mari_fx.record"].refused)
+    idx = torch.tensor([0, 0, 1, 3, 2])
+    item = torch.randn(5)
+    torch.testing.assert_close(T(x=x, y=y, item=item, user_index=idx), model(x[idx], y[idx], item))
+
+
+# --------------------------------------------------------------------------- bags: declaration and requests
+def test_bag_selector_string_and_request_round_trip():
+    model = build(BagRanker)
+    T, cell = bag_case(model)
+    spec = T.meta["mari_fx.request"]
+    assert [(s.name, str(s.side), s.kind) for s in spec.inputs] == [
+        ("tag", "user", "bag"), ("item_id", "item", "tensor"), ("item_tag", "item", "bag")]
+    assert mari_fx.frontend.inputs.parse_selector("bag(tag_ids, tag_offsets, tag_weights)") == mari_fx.Bag(
+        "tag_ids", "tag_offsets", "tag_weights")
+    request, pairs = cell(3, 7, seed=5)
+    names = ("tag_ids", "tag_offsets", "tag_weights", "item_id", "item_tag_ids", "item_tag_offsets")
+    rebuilt = mari_fx.pairs_to_request(T, **dict(zip(names, pairs)), user_index=request["user_index"])
+    assert rebuilt["tag"].rows == 3 and rebuilt["item_tag"].rows == 7
+    back = mari_fx.request_to_pairs(T, rebuilt)
+    for k, v in zip(names, pairs):
+        assert torch.equal(back[k], v), k
+    assert mari_fx.verify(model, T) < 1e-5
+
+
+def test_bag_requests_are_checked():
+    model = build(BagRanker)
+    T, cell = bag_case(model)
+    request, _ = cell(3, 7, seed=5)
+    request["tag"] = bag_take(request["tag"], torch.tensor([0, 1]))  # 2 bags for 3 users
+    with pytest.raises(mari_fx.RequestError, match="'tag' has 2 rows"):
+        T(**request)
+
+
+def test_bag_pairs_must_repeat_per_user():
+    model = build(BagRanker)
+    T, cell = bag_case(model)
+    request, pairs = cell(2, 4, seed=5)
+    pairs = list(pairs)
+    pairs[0] = pairs[0].clone()
+    pairs[0][-1] = (pairs[0][-1] + 1) % VOCAB  # the last pair's user bag differs from its user's others
+    names = ("tag_ids", "tag_offsets", "tag_weights", "item_id", "item_tag_ids", "item_tag_offsets")
+    idx = torch.tensor([0, 1, 1, 1])
+    pb = bag_take(request["tag"], idx)
+    kwargs = dict(zip(names, pairs), tag_ids=pb.ids.clone(), tag_offsets=pb.offsets, tag_weights=pb.per_sample_weights)
+    kwargs["tag_ids"][-1] += 1
+    with pytest.raises(mari_fx.RequestError, match="bag\\(tag_ids, tag_offsets, tag_weights\\)"):
+        mari_fx.pairs_to_request(T, **kwargs, user_index=idx)
+
+
+def test_undeclared_flat_ids_are_explained():
+    model = build(BagRanker)
+    g = torch.Generator().manual_seed(1)
+    ub, ib = bags(4, g, weights=True), bags(4, g)
+    example = dict(tag_ids=ub.ids, tag_offsets=ub.offsets, tag_weights=ub.per_sample_weights,
+                   item_id=torch.randint(VOCAB, (4,), generator=g), item_tag_ids=ib.ids, item_tag_offsets=ib.offsets)
+    with pytest.raises(mari_fx.DeclarationError, match="tag_ids.*Bag\\('ids', 'offsets'\\)"):
+        mari_fx.transform(model, ["tag_ids", "tag_offsets"], example_kwargs=example)
+    with pytest.raises(mari_fx.DeclarationError, match="'nope', which forward does not take"):
+        mari_fx.transform(model, ["bag(tag_ids, nope)"], example_kwargs=example)
+    with pytest.raises(mari_fx.DeclarationError, match="declared both"):
+        mari_fx.transform(model, ["bag(tag_ids, tag_offsets)", "tag_ids"], example_kwargs=example)
+
+
+# --------------------------------------------------------------------------- FLOPs count what runs
+def _slow_path_flops(fn):
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as c:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+    return c.get_total_flops()
+
+
+def test_report_flops_of_encoder_models_count_the_encoder():
+    from mari_fx.report import build_report
+
+    model = build(EncoderRanker)
+    T, _ = seq_case(model)
+    r = build_report(model, T, users=1, candidates=50)
+    request = mari_fx.random_request(T, 1, 50, 0)
+    pairs = mari_fx.request_to_pairs(T, request)
+    assert r["flops"]["before"] == _slow_path_flops(lambda: model(**pairs))
+    assert r["flops"]["after"] == _slow_path_flops(lambda: T(**request)) == model.min_flops(1, 50)
+    with torch.no_grad(), FlopCounterMode(display=False) as fast:
+        model(**pairs)
+    assert fast.get_total_flops() < r["flops"]["before"] // 2  # what the fast path used to hide
+
+
+def test_coverage_flops_of_the_bst_family_count_the_encoder(monkeypatch):
+    from mari_fx import coverage
+
+    fams = [f for f in coverage._families() if "BST" in f[0] or "padding mask" in f[0]]
+    assert len(fams) == 2
+    monkeypatch.setattr(coverage, "_families", lambda: fams)
+    counts = []
+
+    def checked(module, *args, **kwargs):
+        n = mari_fx.report.flops.count_flops(module, *args, **kwargs)
+        assert n == _slow_path_flops(lambda: module(*args, **kwargs))
+        counts.append(n)
+        return n
+
+    monkeypatch.setattr(coverage.mari_fx, "count_flops", checked)
+    for row, (before, after) in zip(coverage.coverage_rows(), zip(counts[::2], counts[1::2])):
+        assert (row[1], row[2]) == (f"{before / 1e6:.2f}", f"{after / 1e6:.2f}")
+        # the encoder (user-only) runs at U = 1 row after, at N = 1000 rows before
+        assert before / after > 3 and row[6] == 0  # nothing refused, the mask included
