@@ -285,12 +285,12 @@ def test_debug_prints_the_traceback(capsys):
 
 
 def test_unexpected_errors_exit_1(monkeypatch, capsys):
-    import mari_fx.report
+    import mari_fx.report.build
 
     def boom(*a, **k):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(mari_fx.report, "build_report", boom)
+    monkeypatch.setattr(mari_fx.report.build, "build_report", boom)
     assert main(["report", "mari_fx.testing.factories:coarse_ranker", "--user", "user"]) == 1
     err = capsys.readouterr().err
     assert "internal error: ZeroDivisionError: boom" in err and err.count("\n") == 1
@@ -311,7 +311,7 @@ def test_console_script_entry_point():
     assert scripts["mari-fx"].load() is main
 
 
-@pytest.mark.parametrize("module", ["mari_fx.cli", "mari_fx.report", "mari_fx.testing.factories"])
+@pytest.mark.parametrize("module", ["mari_fx.cli", "mari_fx.report.build", "mari_fx.testing.factories"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -17,6 +17,7 @@ The N-row matmul shrinks from ``K`` to ``|C_i|`` columns; no N-row matmul work i
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -118,7 +119,7 @@ def _columns(lw: LoweringContext, x: Any, cols: List[int], width: int, level: st
     return out
 
 
-_getitem = rules.operator.getitem
+_getitem = operator.getitem
 
 
 def _split_module(lw: LoweringContext, v: Any) -> Optional[Tuple[str, SplitLinear]]:
@@ -224,7 +225,7 @@ class _UserCone:
             w = lw.graph.get_attr(f"{name}.{attr}")
             bias = lw.graph.get_attr(f"{name}.bias") if out is None and mod.bias is not None else None
             y = lw.graph.call_function(torch.nn.functional.linear, (part, w, bias))
-            out = y if out is None else lw.graph.call_function(rules.operator.add, (out, y))
+            out = y if out is None else lw.graph.call_function(operator.add, (out, y))
             for n in (w, y, out):
                 n.meta[ROWS_KEY] = C if n is w else U
         if bias is not None:
