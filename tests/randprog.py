@@ -75,21 +75,26 @@ INPUT_METAS = [Meta("f", (X_WIDTH,)), Meta("f", (T_WIDTH,)), Meta("i", bound=ID_
 class Gen:
     """What an op's ``draw`` sees: the hypothesis ``draw``, the pool metas and the step index."""
 
-    def __init__(self, draw, metas: List[Meta], focus: Optional[int]):
-        self.draw, self.metas, self.focus = draw, metas, focus
+    def __init__(self, draw, metas: List[Meta], focus: Optional[int], used: set):
+        self.draw, self.metas, self.focus, self.used = draw, metas, focus, used
 
     @property
     def k(self) -> int:  # the pool index the step's output gets
         return len(self.metas)
 
     def pick(self, pred: Callable[[Meta], bool], prefer_focus: bool = True) -> Optional[int]:
-        """Index of a pool entry satisfying ``pred`` (the last mutated entry half of the time)."""
+        """Index of a pool entry satisfying ``pred``: the last mutated entry or one no step has
+        read yet half of the time (so that most values reach an output)."""
         cands = [j for j, m in enumerate(self.metas) if pred(m)]
         if not cands:
             return None
         if prefer_focus and self.focus in cands and self.draw(st.booleans()):
-            return self.focus
-        return self.draw(st.sampled_from(cands))
+            j = self.focus
+        else:
+            unread = [j for j in cands if j not in self.used]
+            j = self.draw(st.sampled_from(unread if unread and self.draw(st.booleans()) else cands))
+        self.used.add(j)
+        return j
 
     def int_(self, lo: int, hi: int) -> int:
         return self.draw(st.integers(lo, hi))
@@ -210,11 +215,11 @@ class Split(Op):
         first = g.int_(1, w - 1)
         part = g.int_(0, 1)
         # split outputs are multi-output views: autograd refuses in-place writes to them
-        return (a, first, part), Meta("f", (first if part == 0 else w - first,), root=-1, contig=False)
+        return (a, first, part, w), Meta("f", (first if part == 0 else w - first,), root=-1, contig=False)
 
     def run(self, net, k, pool, p):
-        a, first, part = p
-        return torch.split(pool[a], [first, pool[a].shape[-1] - first], dim=-1)[part]
+        a, first, part, w = p
+        return torch.split(pool[a], [first, w - first], dim=-1)[part]
 
 
 @op("linear", "base", "field")
@@ -655,7 +660,7 @@ class ICmp(Op):
         return torch.stack([x > c, y > c], dim=1).sum(dim=1)
 
 
-@op("iemb", "int")
+@op("iemb", "int", "field")
 class IEmb(Op):
     """A hashed id (``c % M``) into an ``nn.Embedding``: the output joins the float pool."""
 
@@ -744,19 +749,26 @@ class BatchedArg(Op):
 # --------------------------------------------------------------------------- field tensors (issue 10)
 @op("stack", "field")
 class Stack(Op):
-    """``[B, F, E]`` field stacks: ``cat([a.unsqueeze(1), ...], dim=1)`` or ``torch.stack(dim=1)``."""
+    """``[B, F, E]`` field stacks of E-wide column windows of 2-4 entries (per-feature embeddings
+    of either side): ``cat([a.unsqueeze(1), ...], dim=1)`` or ``torch.stack(dim=1)``."""
 
     def draw(self, g):
-        a = g.pick(is_f)
-        E = g.metas[a].width
-        others = [g.pick(lambda m: is_f(m) and m.width == E, prefer_focus=False) for _ in range(g.int_(1, 3))]
-        return (a, tuple(others), g.choice(["cat", "stack"])), fresh("g", (1 + len(others), E), g.k)
+        E = g.int_(1, 4)
+        parts = []
+        for n in range(g.int_(2, 4)):
+            j = g.pick(lambda m: is_f(m) and m.width >= E, prefer_focus=n == 0)
+            if j is None:
+                return None
+            w = g.metas[j].width
+            parts.append((j, None if w == E else g.int_(0, w - E)))  # None: the whole entry
+        return (tuple(parts), E, g.choice(["cat", "stack"])), fresh("g", (len(parts), E), g.k)
 
     def run(self, net, k, pool, p):
-        parts = [pool[p[0]]] + [pool[j] for j in p[1]]
-        if p[2] == "stack":
-            return torch.stack(parts, dim=1)
-        return torch.cat([x.unsqueeze(1) for x in parts], dim=1)
+        parts, E, how = p
+        cols = [pool[j] if lo is None else pool[j][:, lo:lo + E] for j, lo in parts]
+        if how == "stack":
+            return torch.stack(cols, dim=1)
+        return torch.cat([x.unsqueeze(1) for x in cols], dim=1)
 
 
 @op("stack_cat", "field")
@@ -768,13 +780,15 @@ class StackCat(Op):
         if x is None:
             return None
         Fn, E = g.metas[x].shape
-        d = g.pick(lambda m: is_f(m) and m.width == E, prefer_focus=False)
+        d = g.pick(lambda m: is_f(m) and m.width >= E, prefer_focus=False)
         if d is None:
             return None
-        return (x, d), fresh("g", (Fn + 1, E), g.k)
+        return (x, d, E if g.metas[d].width > E else None), fresh("g", (Fn + 1, E), g.k)
 
     def run(self, net, k, pool, p):
-        return torch.cat((pool[p[1]].unsqueeze(1), pool[p[0]]), dim=1)
+        x, d, E = p
+        dense = pool[d] if E is None else pool[d][:, :E]
+        return torch.cat((dense.unsqueeze(1), pool[x]), dim=1)
 
 
 @op("unflatten", "field")
@@ -946,7 +960,7 @@ class Din3(Op):
         if kx is None:
             return None
         L, E = g.metas[kx].shape
-        q = g.pick(lambda m: is_f(m) and m.width == E, prefer_focus=False)
+        q = g.pick(lambda m: is_f(m) and m.width >= E, prefer_focus=False)
         if q is None:
             return None
         return (q, kx, L, E), fresh("f", (L,), g.k)
@@ -956,7 +970,7 @@ class Din3(Op):
 
     def run(self, net, k, pool, p):
         q, kx, L, E = p
-        qe = pool[q].unsqueeze(1).expand(-1, L, -1)
+        qe = pool[q][:, :E].unsqueeze(1).expand(-1, L, -1)
         key = pool[kx]
         z = torch.cat([qe, key, qe - key, qe * key], dim=-1).reshape(-1, 4 * E)
         return net.mods[f"m{k}"](z).view(-1, L)
@@ -984,26 +998,25 @@ def programs(draw, families: Sequence[str] = ("base",), min_steps: int = 3, max_
     metas = list(INPUT_METAS)
     steps: List[Tuple[str, tuple]] = []
     focus = None
+    used: set = set()
     n_steps = draw(st.integers(min_steps, max_steps))
     for _ in range(4 * n_steps):
         if len(steps) == n_steps:
             break
         use_own = draw(st.integers(0, 9)) < int(family_weight * 10)
         name = draw(st.sampled_from(own if use_own else base))
-        drawn = OPS[name].draw(Gen(draw, metas, focus))
+        trial = set(used)
+        drawn = OPS[name].draw(Gen(draw, metas, focus, trial))
         if drawn is None:
             continue
         params, meta = drawn
         steps.append((name, params))
         metas.append(meta)
+        used = trial
         focus = params[0] if "inplace" in OPS[name].families else None
-    outputs = [len(metas) - 1]
-    floats = [j for j in range(N_INPUTS, len(metas) - 1) if metas[j].kind in "fg"]
-    ints = [j for j in range(N_INPUTS, len(metas)) if metas[j].kind in "ib" and j not in outputs]
-    if floats:
-        outputs.append(floats[-1])
-    if ints:
-        outputs.append(ints[-1])
+    # every computed value no step reads is an output (the 4 latest), so that little is dead code
+    unread = [j for j in range(N_INPUTS, len(metas)) if j not in used]
+    outputs = unread[-4:] or [len(metas) - 1]
     return Program(tuple(steps), tuple(metas), tuple(outputs))
 
 
@@ -1119,6 +1132,15 @@ class Failure(AssertionError):
     """One example failed; ``silent`` failures are wrong answers without an error."""
 
     silent = True
+
+    @property
+    def detects_wrong_rule(self) -> bool:
+        """A silent wrong answer, or an error that names no culprit: not a MariError, or
+        mari_fx's own "internal: ..." consistency check."""
+        if self.silent:
+            return True
+        cause = self.__cause__
+        return isinstance(self, Crash) and (not isinstance(cause, mari_fx.MariError) or str(cause).startswith("internal"))
 
 
 class Mismatch(Failure):

@@ -1,0 +1,296 @@
+"""Soundness property tests (issues 9 and 10): random pair-shaped programs with in-place ops,
+the batch size used as a value, integer crosses, large magnitudes, batched arguments and field
+tensors are rewritten with the same outputs (dtype exactly), without touching the request.
+
+The generator and the per-example check live in tests/randprog.py.  Each family test draws
+``BUDGET[family]`` programs deterministically (hypothesis ``derandomize=True``, no database).
+The positive controls install a deliberately wrong rule or pass and show that the same
+generator and check find a silent wrong answer within a bounded number of draws.
+"""
+import builtins
+import importlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, given, settings
+
+import randprog as rp
+from mari_fx.rules import RULES, rowwise
+from mari_fx.tags import TensorTag
+
+# Draws per family in CI (>= 2,000 for the issue-9 families, >= 1,000 with field tensors).
+BUDGET = {"inplace": 600, "setitem": 24, "batch": 400, "int": 500, "mag": 300, "args": 200, "field": 1000,
+          "all": 150}
+ISSUE_9 = ("inplace", "setitem", "batch", "int", "mag", "args")
+# Families that still produce wrong answers on this branch (issue 9): xfail(strict) so that each
+# entry must be deleted when the fix lands (the test then has to pass with 0 mismatches).
+KNOWN_BROKEN = {
+    "inplace": "issue 9 cause 1: in-place ops are dropped or run on gathered copies (functionalize)",
+    "setitem": "issue 9 cause 1: setitem becomes fill_/copy_ on a gathered copy (functionalize)",
+    "batch": "issue 9 cause 2: the batch size is evaluated as U where the model sees N",
+    "int": "issue 9 cause 3: integer/bool combinations get float coefficients",
+    "mag": "issue 9 cause 4: products of differences are expanded and cancel in fp32",
+    "args": "issue 9 cause 5: batched weights/tables/shapes and positional dims are read as row-wise",
+    "all": "issue 9: every cause above",
+}
+MAGNITUDES = {"mag": ("offset1e3", "offset1e3", "scale1e3", "unit")}
+HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a shared CI box
+    yield
+    torch.set_num_threads(n)
+
+
+def _families(family):
+    return rp.FAMILIES if family == "all" else (family,)
+
+
+def _run_family(family, budget, shrink=True):
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+
+    @settings(max_examples=budget, derandomize=True, database=None, deadline=None, phases=phases,
+              suppress_health_check=HEALTH)
+    @given(program=rp.programs(_families(family)), case=rp.cases(MAGNITUDES.get(family, rp.MAGNITUDES)))
+    def prop(program, case):
+        rp.check(program, case)
+
+    prop()
+
+
+def _marks(family):
+    if family in KNOWN_BROKEN:
+        return [pytest.mark.xfail(strict=True, raises=rp.Failure, reason=KNOWN_BROKEN[family])]
+    return []
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=_marks(f)) for f in BUDGET])
+def test_random_programs_are_rewritten_losslessly(family):
+    """0 mismatches on BUDGET[family] random programs: values (fp32 round-off of the model's own
+    computation), dtypes, shapes, the caller's request unchanged, record and modules agreeing."""
+    _run_family(family, BUDGET[family], shrink=family not in KNOWN_BROKEN)
+
+
+def test_ci_budget():
+    assert sum(BUDGET[f] for f in ISSUE_9) >= 2000
+    assert BUDGET["field"] >= 1000
+
+
+def test_base_family_is_clean():
+    """The check itself: the op set the original property test covers passes, at every magnitude
+    (so the tolerance is not what the controls below detect)."""
+    _run_family("base", 150)
+
+
+# --------------------------------------------------------------------------- the check detects what it claims
+def _program(*steps, outputs=None):
+    metas = list(rp.INPUT_METAS) + [rp.fresh("f", (1,), rp.N_INPUTS + k) for k in range(len(steps))]
+    return rp.Program(tuple(steps), tuple(metas), outputs or (len(metas) - 1,))
+
+
+def test_compare_flags_dtype_values_and_allows_roundoff():
+    w = (torch.tensor([[1.0, 2.0]]), torch.tensor([3, 4]))
+    rp.compare((w[0] + 1e-7, w[1].clone()), w, [0.0, 0.0])
+    with pytest.raises(rp.DtypeMismatch):
+        rp.compare((w[0], w[1].float()), w, [0.0, 0.0])
+    with pytest.raises(rp.Mismatch):
+        rp.compare((w[0], w[1] + 1), w, [0.0, 0.0])
+    with pytest.raises(rp.Mismatch):
+        rp.compare((w[0] + 1e-2, w[1]), w, [0.0, 0.0])
+    rp.compare((w[0] + 1e-2, w[1]), w, [1e-3, 0.0])  # within 16x the model's own round-off scale
+
+
+def test_check_flags_a_mutated_request(monkeypatch):
+    """A transformed module that writes its inputs is a failure even when its outputs are right."""
+    program = _program(("linear", (0, rp.X_WIDTH, 1)))
+    case = rp.Case(rp.Decl((0, 1, 2, 3, 4, 5), False, False, False), U=2, N=5, seed=0)
+    real = rp.transform
+
+    def mutating(model, decl):
+        T = real(model, decl)
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.T, self.meta = T, T.meta
+
+            def forward(self, **request):
+                out = self.T(**request)
+                request["t"].mul_(2.0)
+                return out
+
+        return Wrapped()
+
+    monkeypatch.setattr(rp, "transform", mutating)
+    with pytest.raises(rp.RequestMutated):
+        rp.check(program, case)
+
+
+# --------------------------------------------------------------------------- positive controls
+def _first_detection(families, budget, magnitudes=rp.MAGNITUDES):
+    """Draw ``budget`` examples (deterministically) and return the first failure that is a silent
+    wrong answer or an error naming nothing (not a MariError), or None."""
+    found = []
+
+    @settings(max_examples=budget, derandomize=True, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=HEALTH)
+    @given(program=rp.programs(families), case=rp.cases(magnitudes))
+    def prop(program, case):
+        f = rp.classify(program, case)
+        if f is not None and f.detects_wrong_rule:
+            found.append((f, program, case))
+            raise f
+
+    try:
+        prop()
+    except rp.Failure:
+        pass
+    return found[0] if found else None
+
+
+def _patch_rules(monkeypatch, targets, rule):
+    for t in targets:
+        monkeypatch.setitem(RULES, t, rule)
+
+
+def _patch_functions(monkeypatch, candidates, replacement):
+    """Patch every ``module.attr`` of ``candidates`` that exists (and every mari_fx module that
+    imported the same function by name); return how many were patched."""
+    patched = 0
+    for mod_name, attr in candidates:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        original = getattr(mod, attr, None)
+        if original is None:
+            continue
+        for name, other in list(sys.modules.items()):
+            if (name == "mari_fx" or name.startswith("mari_fx.")) and other is not None:
+                for a, v in list(vars(other).items()):
+                    if v is original:
+                        monkeypatch.setattr(other, a, replacement(original))
+                        patched += 1
+    return patched
+
+
+def _assert_detects(families, budget, what, magnitudes=rp.MAGNITUDES):
+    hit = _first_detection(families, budget, magnitudes)
+    assert hit is not None, (
+        f"with {what}, {budget} random programs of {families} gave no wrong answer: the generator "
+        "would not catch this bug (or the control no longer installs the wrong rule: retarget it)")
+    f, program, case = hit
+    assert f.detects_wrong_rule, f
+
+
+def test_control_inplace_without_functionalization(monkeypatch):
+    """Functionalization disabled: in-place ops reach tagging and lowering as they are."""
+    if importlib.util.find_spec("mari_fx.functionalize") is None:
+        pytest.skip("mari_fx.functionalize does not exist on this branch yet (the issue-9 fix adds it); "
+                    "the in-place family test shows the bug itself")
+    n = _patch_functions(monkeypatch, [("mari_fx.functionalize", "functionalize")], lambda f: (lambda gm, *a, **k: gm))
+    assert n >= 1
+    _assert_detects(("inplace",), 60, "functionalization disabled")
+
+
+def test_control_reduction_over_batch_as_rowwise(monkeypatch):
+    """mean/sum/softmax over dim 0 tagged row-wise: ``h - h.mean(0)`` and ``softmax(h, 0)`` of user
+    rows would be computed per user."""
+    _patch_rules(monkeypatch, ["mean", "sum", torch.mean, torch.sum, torch.softmax], rowwise)
+    _assert_detects(("base",), 150, "reductions over dim 0 tagged row-wise")
+
+
+def _side_of_tensor(original):
+    def wrong(ctx):
+        base = ctx.arg(0)
+        info = ctx.value(base)
+        if ctx.node.target is builtins.getattr and ctx.arg(1) != "shape":
+            return original(ctx)
+        if ctx.node.target == "size" and ctx.arg(1, "dim", None) not in (None, 0, -getattr(info, "ndim", 0)):
+            return original(ctx)
+        return TensorTag.uniform(ctx.side(base))
+
+    return wrong
+
+
+def test_control_batch_size_tagged_as_tensor_side(monkeypatch):
+    """``h.size(0)`` / ``h.shape`` / ``h.numel()`` tagged with h's side: a user tensor's batch size
+    would be U in the transformed module."""
+    for t in ["size", "numel", torch.numel, builtins.getattr]:
+        monkeypatch.setitem(RULES, t, _side_of_tensor(RULES[t]))
+    _assert_detects(("batch",), 60, "batch sizes tagged as their tensor's side")
+
+
+# The predicate that keeps linear-combination / product rewrites to floating dtypes (issue 9's fix).
+# Retarget here if it is named differently: each is patched to always allow the rewrite.
+INT_COMBO_GUARDS = [("mari_fx.combos", "_is_floating"), ("mari_fx.combos", "_float_only"),
+                    ("mari_fx.combos", "_combinable_dtype")]
+# The predicate that forbids expanding products of sums (issue 9's fix); patched to always allow.
+EXPANSION_GUARDS = [("mari_fx.combos", "_may_expand"), ("mari_fx.combos", "_expansion_allowed")]
+
+
+def _always_true(original):
+    return lambda *a, **k: True
+
+
+def test_control_integer_combinations_allowed(monkeypatch):
+    """Integer/bool arithmetic rewritten as float linear combinations (no dtype guard)."""
+    patched = _patch_functions(monkeypatch, INT_COMBO_GUARDS, _always_true)
+    _assert_detects(("int",), 120, "integer combinations allowed" if patched else
+                    "no dtype guard found to disable (INT_COMBO_GUARDS; on a branch without the fix the "
+                    "bug itself is present)")
+
+
+def test_control_product_expansion_at_large_magnitude(monkeypatch):
+    """Products of differences expanded into ``u*u - 2*u*i + i*i`` (cancels in fp32 at |x| ~ 1e3)."""
+    patched = _patch_functions(monkeypatch, EXPANSION_GUARDS, _always_true)
+    _assert_detects(("mag",), 200, "product expansion allowed" if patched else
+                    "no expansion guard found to disable (EXPANSION_GUARDS)", MAGNITUDES["mag"])
+
+
+def test_control_linear_ignoring_a_batched_weight(monkeypatch):
+    """``F.linear(h, w)`` tagged row-wise although ``w`` is a batched tensor (argument-blind rule)."""
+    _patch_rules(monkeypatch, [F.linear], rowwise)
+    _assert_detects(("args",), 100, "F.linear tagged row-wise whatever its weight")
+
+
+def _first_operand_only(original):
+    """Field stacking (cat/stack along a non-last dim) and bmm tagged by their first operand alone."""
+
+    def wrong(ctx):
+        first = ctx.arg(0)
+        if isinstance(first, (list, tuple)):
+            dim = ctx.arg(1, "dim", 0)
+            if ctx.node.target is torch.cat and dim in (-1, (ctx.ndim(first[0]) or 0) - 1):
+                return original(ctx)
+            first = first[0]
+        return ctx.result(ctx.side(first))
+
+    return wrong
+
+
+def test_control_field_ops_reading_one_operand(monkeypatch):
+    """Field stacks (``cat(dim=1)``, ``stack(dim=1)``) and ``bmm`` tagged by their first operand: a
+    stack of user and item fields would be computed per user.  The field family must catch it."""
+    for t in [torch.cat, torch.stack, torch.bmm]:
+        monkeypatch.setitem(RULES, t, _first_operand_only(RULES[t]))
+    _assert_detects(("field",), 150, "field stacks and bmm tagged by their first operand")
+
+
+def test_generated_programs_trace_with_torch_fx():
+    """Only the setitem family needs mari_fx's torch.export fallback (slow): every other op must be
+    traceable by torch.fx, or the family budgets would not fit CI."""
+    import torch.fx as fx
+
+    @settings(max_examples=200, derandomize=True, database=None, deadline=None, suppress_health_check=HEALTH)
+    @given(program=rp.programs(tuple(f for f in rp.FAMILIES if f != "setitem")))
+    def prop(program):
+        fx.symbolic_trace(rp.RandomNet(program))
+
+    prop()
