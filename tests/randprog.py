@@ -12,7 +12,8 @@ None where it does not apply), optional ``build`` (modules / buffers) and ``run`
 
 Pool entries carry a :class:`Meta`: the kind (``f`` [B, w] float, ``g`` [B, F, E] float, ``i``
 [B] int64, ``b`` [B] bool), the shape past the batch dim, whether in-place ops may write it
-(``root``: the computed tensor it is a view of, or -1 for inputs, expands and split outputs),
+(``root``: the pool index of the computed tensor whose storage it shares, -1 for inputs and their
+views; ``writable``: False for expands and split outputs, which autograd or overlap rules forbid writing),
 contiguity (for ``view``) and, for ints, a bound on the magnitude (so products never overflow).
 
 :func:`check` runs one drawn example end to end and raises a :class:`Failure` subclass naming the
@@ -52,7 +53,8 @@ FAMILIES = ("base", "inplace", "setitem", "batch", "int", "mag", "args", "field"
 class Meta:
     kind: str  # "f" [B, w] float, "g" [B, F, E] float, "i" [B] int64, "b" [B] bool
     shape: Tuple[int, ...] = ()  # past the batch dim
-    root: int = -1  # pool index of the computed tensor this aliases (in-place allowed), -1: never write
+    root: int = -1  # pool index of the computed tensor whose storage this shares; -1: an input's
+    writable: bool = True
     contig: bool = True
     bound: int = 0  # ints: max |value|
 
@@ -66,7 +68,7 @@ def fresh(kind: str, shape: Tuple[int, ...] = (), k: int = 0, bound: int = 0) ->
 
 
 def view_of(m: Meta, shape: Tuple[int, ...], contig: bool) -> Meta:
-    return Meta(m.kind, shape, root=m.root, contig=contig and m.contig, bound=m.bound)
+    return Meta(m.kind, shape, root=m.root, contig=contig and m.contig, bound=m.bound, writable=m.writable)
 
 
 INPUT_METAS = [Meta("f", (X_WIDTH,)), Meta("f", (T_WIDTH,)), Meta("i", bound=ID_RANGE), Meta("i", bound=ID_RANGE)]
@@ -116,7 +118,12 @@ def is_int(m: Meta) -> bool:
 
 
 def writable_f(m: Meta) -> bool:
-    return m.kind == "f" and m.root >= N_INPUTS
+    return m.kind == "f" and m.root >= N_INPUTS and m.writable
+
+
+def apart(g: "Gen", a: int) -> Callable[[Meta], bool]:
+    """Entries that share no storage with entry ``a`` (the source of a write into a view of a)."""
+    return lambda m: is_f(m) and (m.root < N_INPUTS or m.root != g.metas[a].root)
 
 
 # --------------------------------------------------------------------------- op registry
@@ -215,7 +222,7 @@ class Split(Op):
         first = g.int_(1, w - 1)
         part = g.int_(0, 1)
         # split outputs are multi-output views: autograd refuses in-place writes to them
-        return (a, first, part, w), Meta("f", (first if part == 0 else w - first,), root=-1, contig=False)
+        return (a, first, part, w), Meta("f", (first if part == 0 else w - first,), root=g.metas[a].root, contig=False, writable=False)
 
     def run(self, net, k, pool, p):
         a, first, part, w = p
@@ -268,7 +275,7 @@ class RowSum(Op):
     def draw(self, g):
         a = g.pick(is_f)
         w = g.int_(1, 3)
-        return (a, w), Meta("f", (w,), root=-1, contig=False)  # an expand
+        return (a, w), Meta("f", (w,), root=g.k, contig=False, writable=False)  # an expand
 
     def run(self, net, k, pool, p):
         return pool[p[0]].sum(-1, keepdim=True).expand(-1, p[1])
@@ -390,7 +397,9 @@ class ViewInplace(Op):
         how = g.choice(["add_", "mul_t", "fill_", "zero_col", "copy_t"])
         b = blo = None
         if how in ("mul_t", "copy_t"):
-            b = g.pick(lambda m: is_f(m) and m.width >= hi - lo, prefer_focus=False)
+            b = g.pick(lambda m: apart(g, a)(m) and m.width >= hi - lo, prefer_focus=False)
+            if b is None:
+                return None
             blo = g.int_(0, g.metas[b].width - (hi - lo))
         return (a, lo, hi, how, b, blo, g.choice([1.0, -0.5])), g.metas[a]
 
@@ -424,7 +433,7 @@ class SetItem(Op):
             return None
         w = g.metas[a].width
         j = g.int_(0, w - 1)
-        b = g.pick(is_f, prefer_focus=False) if g.draw(st.booleans()) else None
+        b = g.pick(apart(g, a), prefer_focus=False) if g.draw(st.booleans()) else None
         return (a, j, b, g.choice([0.0, 2.5])), g.metas[a]
 
     def run(self, net, k, pool, p):
@@ -507,7 +516,7 @@ class IntInplace(Op):
     statement = True
 
     def draw(self, g):
-        a = g.pick(lambda m: m.kind == "i" and m.root >= N_INPUTS)
+        a = g.pick(lambda m: m.kind == "i" and m.root >= N_INPUTS and m.writable)
         if a is None:
             return None
         how = g.choice(["remainder_", "add_"])
@@ -803,7 +812,7 @@ class Unflatten(Op):
         Fn = g.choice([f for f in (2, 3) if m.width % f == 0])
         how = g.choice(["reshape", "view", "unflatten"] if m.contig else ["reshape", "unflatten"])
         meta = view_of(m, (Fn, m.width // Fn), contig=True)
-        return (a, Fn, m.width // Fn, how), replace(meta, kind="g", root=-1)
+        return (a, Fn, m.width // Fn, how), replace(meta, kind="g", writable=False)
 
     def run(self, net, k, pool, p):
         a, Fn, E, how = p
@@ -829,7 +838,7 @@ class Flatten(Op):
                        ["flatten", "torch.flatten", "reshape"])
         out = g.choice([0, 0, 2, 3])  # 0: no Linear
         w = m.shape[0] * m.shape[1]
-        return (x, how, w, out), fresh("f", (out or w,), g.k) if out else Meta("f", (w,), root=-1, contig=m.contig)
+        return (x, how, w, out), fresh("f", (out or w,), g.k) if out else Meta("f", (w,), root=m.root, contig=m.contig, writable=False)
 
     def build(self, net, k, p):
         if p[3]:
@@ -883,7 +892,7 @@ class Expand(Op):
     def draw(self, g):
         a = g.pick(is_f)
         L = g.int_(2, 3)
-        return (a, L), Meta("g", (L, g.metas[a].width), root=-1, contig=False)
+        return (a, L), Meta("g", (L, g.metas[a].width), root=g.metas[a].root, contig=False, writable=False)
 
     def run(self, net, k, pool, p):
         return pool[p[0]].unsqueeze(1).expand(-1, p[1], -1)
@@ -901,7 +910,7 @@ class FieldReduce(Op):
         how = g.choice(["sum", "mean", "amax", "select", "fm"])
         j = g.int_(0, Fn - 1)
         meta = view_of(g.metas[x], (E,), False) if how == "select" else fresh("f", (E,), g.k)
-        return (x, how, j), replace(meta, kind="f", root=-1 if how == "select" else meta.root)
+        return (x, how, j), replace(meta, kind="f", writable=how != "select")
 
     def run(self, net, k, pool, p):
         X, how, j = pool[p[0]], p[1], p[2]
@@ -930,7 +939,7 @@ class FieldMap(Op):
             y = g.pick(lambda n: is_g(n) and n.shape == m.shape, prefer_focus=False)
             return (x, how, y, 0, 0), fresh("g", m.shape, g.k)
         if how == "transpose":
-            return (x, how, None, 0, 0), Meta("g", (m.shape[1], m.shape[0]), root=-1, contig=False)
+            return (x, how, None, 0, 0), Meta("g", (m.shape[1], m.shape[0]), root=m.root, contig=False, writable=False)
         return (x, how, None, 0, 0), fresh("g", m.shape, g.k)
 
     def build(self, net, k, p):

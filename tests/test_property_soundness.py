@@ -10,6 +10,7 @@ generator and check find a silent wrong answer within a bounded number of draws.
 import builtins
 import importlib
 import importlib.util
+import operator
 import sys
 
 import pytest
@@ -25,16 +26,12 @@ from mari_fx.tags import TensorTag
 BUDGET = {"inplace": 600, "setitem": 24, "batch": 400, "int": 500, "mag": 300, "args": 200, "field": 1000,
           "all": 150}
 ISSUE_9 = ("inplace", "setitem", "batch", "int", "mag", "args")
-# Families that still produce wrong answers on this branch (issue 9): xfail(strict) so that each
-# entry must be deleted when the fix lands (the test then has to pass with 0 mismatches).
+# Families that still produce wrong answers: xfail(strict) so that each entry must be deleted when
+# its fix lands (the test then has to pass with 0 mismatches).
 KNOWN_BROKEN = {
-    "inplace": "issue 9 cause 1: in-place ops are dropped or run on gathered copies (functionalize)",
-    "setitem": "issue 9 cause 1: setitem becomes fill_/copy_ on a gathered copy (functionalize)",
-    "batch": "issue 9 cause 2: the batch size is evaluated as U where the model sees N",
-    "int": "issue 9 cause 3: integer/bool combinations get float coefficients",
-    "mag": "issue 9 cause 4: products of differences are expanded and cancel in fp32",
-    "args": "issue 9 cause 5: batched weights/tables/shapes and positional dims are read as row-wise",
-    "all": "issue 9: every cause above",
+    "inplace": "augmented assignment read through another name: y = h; y += o; then h is read "
+               "(operator.iadd readers of the old node are not redirected by functionalize)",
+    "all": "includes the in-place family (see 'inplace')",
 }
 MAGNITUDES = {"mag": ("offset1e3", "offset1e3", "scale1e3", "unit")}
 HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
@@ -134,14 +131,14 @@ def test_check_flags_a_mutated_request(monkeypatch):
 
 
 # --------------------------------------------------------------------------- positive controls
-def _first_detection(families, budget, magnitudes=rp.MAGNITUDES):
+def _first_detection(families, budget, magnitudes=rp.MAGNITUDES, only=None):
     """Draw ``budget`` examples (deterministically) and return the first failure that is a silent
     wrong answer or an error naming nothing (not a MariError), or None."""
     found = []
 
     @settings(max_examples=budget, derandomize=True, database=None, deadline=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=HEALTH)
-    @given(program=rp.programs(families), case=rp.cases(magnitudes))
+    @given(program=rp.programs(families, only=only), case=rp.cases(magnitudes))
     def prop(program, case):
         f = rp.classify(program, case)
         if f is not None and f.detects_wrong_rule:
@@ -181,8 +178,8 @@ def _patch_functions(monkeypatch, candidates, replacement):
     return patched
 
 
-def _assert_detects(families, budget, what, magnitudes=rp.MAGNITUDES):
-    hit = _first_detection(families, budget, magnitudes)
+def _assert_detects(families, budget, what, magnitudes=rp.MAGNITUDES, only=None):
+    hit = _first_detection(families, budget, magnitudes, only)
     assert hit is not None, (
         f"with {what}, {budget} random programs of {families} gave no wrong answer: the generator "
         "would not catch this bug (or the control no longer installs the wrong rule: retarget it)")
@@ -190,14 +187,29 @@ def _assert_detects(families, budget, what, magnitudes=rp.MAGNITUDES):
     assert f.detects_wrong_rule, f
 
 
+def _run_node_without_mutation_check(self, n):
+    """``ExampleProp.run_node`` without its safety net (the check that no op wrote its inputs)."""
+    from mari_fx.example_prop import VALUE_KEY, summarize
+
+    result = torch.fx.Interpreter.run_node(self, n)
+    n.meta[VALUE_KEY] = summarize(result)
+    return result
+
+
 def test_control_inplace_without_functionalization(monkeypatch):
-    """Functionalization disabled: in-place ops reach tagging and lowering as they are."""
+    """Functionalization disabled (and the example run's check that no op wrote its inputs, which
+    would otherwise refuse loudly): in-place ops reach tagging and lowering as they are."""
     if importlib.util.find_spec("mari_fx.functionalize") is None:
-        pytest.skip("mari_fx.functionalize does not exist on this branch yet (the issue-9 fix adds it); "
-                    "the in-place family test shows the bug itself")
+        pytest.skip("mari_fx.functionalize does not exist on this branch (the issue-9 fix adds it)")
+    from mari_fx.example_prop import ExampleProp
+
     n = _patch_functions(monkeypatch, [("mari_fx.functionalize", "functionalize")], lambda f: (lambda gm, *a, **k: gm))
     assert n >= 1
-    _assert_detects(("inplace",), 60, "functionalization disabled")
+    monkeypatch.setattr(ExampleProp, "run_node", _run_node_without_mutation_check)
+    # while the family is known broken, leave out the op that is wrong anyway (the control must
+    # owe its detection to the patch)
+    only = [o for o in rp.ops_of(["inplace"]) if o != "iadd"] if "inplace" in KNOWN_BROKEN else None
+    _assert_detects(("inplace",), 60, "functionalization disabled", only=only)
 
 
 def test_control_reduction_over_batch_as_rowwise(monkeypatch):
@@ -228,31 +240,87 @@ def test_control_batch_size_tagged_as_tensor_side(monkeypatch):
     _assert_detects(("batch",), 60, "batch sizes tagged as their tensor's side")
 
 
-# The predicate that keeps linear-combination / product rewrites to floating dtypes (issue 9's fix).
-# Retarget here if it is named differently: each is patched to always allow the rewrite.
-INT_COMBO_GUARDS = [("mari_fx.combos", "_is_floating"), ("mari_fx.combos", "_float_only"),
-                    ("mari_fx.combos", "_combinable_dtype")]
-# The predicate that forbids expanding products of sums (issue 9's fix); patched to always allow.
-EXPANSION_GUARDS = [("mari_fx.combos", "_may_expand"), ("mari_fx.combos", "_expansion_allowed")]
+# Integer arithmetic stays exact through two guards (issue 9): combinations are built for floating
+# dtypes only (``combos._floating``) and materialized with int coefficients where they are integral
+# (``Lowerer._weighted_sum``).  The control removes both (retarget here if they move).
+INT_COMBO_GUARDS = [("mari_fx.combos", "_floating")]
 
 
 def _always_true(original):
     return lambda *a, **k: True
 
 
+def _float_weighted_sum(self, terms, level):
+    """``Lowerer._weighted_sum`` as it was before issue 9: float coefficients whatever the dtype."""
+    from mari_fx.tags import ROWS_KEY
+
+    out = None
+    for coeff, t in terms:
+        coeff = float(coeff)
+        if out is None:
+            out = t if coeff == 1.0 else self.graph.call_function(operator.mul, (t, coeff))
+        elif coeff in (1.0, -1.0):
+            out = self.graph.call_function(operator.add if coeff == 1.0 else operator.sub, (out, t))
+        else:
+            out = self.graph.call_function(operator.add, (out, self.graph.call_function(operator.mul, (t, coeff))))
+        if isinstance(out, torch.fx.Node):
+            out.meta.setdefault(ROWS_KEY, level)
+    return out
+
+
 def test_control_integer_combinations_allowed(monkeypatch):
-    """Integer/bool arithmetic rewritten as float linear combinations (no dtype guard)."""
-    patched = _patch_functions(monkeypatch, INT_COMBO_GUARDS, _always_true)
-    _assert_detects(("int",), 120, "integer combinations allowed" if patched else
-                    "no dtype guard found to disable (INT_COMBO_GUARDS; on a branch without the fix the "
-                    "bug itself is present)")
+    """Integer/bool arithmetic rewritten as linear combinations with float coefficients."""
+    from mari_fx.lower import Lowerer
+
+    assert _patch_functions(monkeypatch, INT_COMBO_GUARDS, _always_true) >= 1, \
+        "the dtype guard of mari_fx.combos was not found: retarget INT_COMBO_GUARDS"
+    monkeypatch.setattr(Lowerer, "_weighted_sum", _float_weighted_sum)
+    _assert_detects(("int",), 120, "integer combinations with float coefficients")
+
+
+def _expanding_product(lw, node):
+    """The rewrite issue 9 removed: ``(su + si) * (su + si)`` expanded into user x user products at
+    U rows and the rest at N rows (cancels badly in fp32 when u ~ i)."""
+    from mari_fx.example_prop import VALUE_KEY
+    from mari_fx.lower import N, U, Combo, Rows
+    from mari_fx.tags import ROWS_KEY
+
+    if node.target not in (operator.mul, "mul", "__mul__") or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not all(isinstance(x, torch.fx.Node) and x.meta.get(VALUE_KEY) == node.meta.get(VALUE_KEY) for x in (a, b)):
+        return None
+
+    def terms(x):
+        v = lw._value(x)
+        if isinstance(v, Combo):
+            return list(v.terms)
+        return [(1.0, v)] if isinstance(v, Rows) and v.level in (U, N) else None
+
+    if not any(isinstance(lw._value(x), Combo) for x in (a, b)) or terms(a) is None or terms(b) is None:
+        return None
+    products = {}
+    for ca, ra in terms(a):
+        for cb, rb in terms(b):
+            key = frozenset((id(ra.node), id(rb.node)))
+            if key in products:
+                products[key][0] += ca * cb
+                continue
+            level = U if ra.level == U and rb.level == U else N
+            x, y = (ra.node, rb.node) if level == U else (lw._materialize(ra), lw._materialize(rb))
+            prod = lw.graph.call_function(operator.mul, (x, y))
+            prod.meta[ROWS_KEY] = level
+            products[key] = [ca * cb, Rows(prod, level)]
+    return Combo(node, tuple((c, r) for c, r in products.values() if c != 0.0))
 
 
 def test_control_product_expansion_at_large_magnitude(monkeypatch):
-    """Products of differences expanded into ``u*u - 2*u*i + i*i`` (cancels in fp32 at |x| ~ 1e3)."""
-    patched = _patch_functions(monkeypatch, EXPANSION_GUARDS, _always_true)
-    _assert_detects(("mag",), 200, "product expansion allowed" if patched else
-                    "no expansion guard found to disable (EXPANSION_GUARDS)", MAGNITUDES["mag"])
+    """Products of differences expanded into ``u*u - 2*u*i + i*i`` (cancels in fp32 at |x| ~ 1e3):
+    the magnitude family must see it although each term is computed correctly."""
+    import mari_fx.lower as lower
+
+    monkeypatch.setattr(lower, "LAZY_BUILDERS", [_expanding_product] + list(lower.LAZY_BUILDERS))
+    _assert_detects(("mag",), 200, "product expansion", MAGNITUDES["mag"])
 
 
 def test_control_linear_ignoring_a_batched_weight(monkeypatch):
