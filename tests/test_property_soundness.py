@@ -28,11 +28,7 @@ BUDGET = {"inplace": 600, "setitem": 24, "batch": 400, "int": 500, "mag": 300, "
 ISSUE_9 = ("inplace", "setitem", "batch", "int", "mag", "args")
 # Families that still produce wrong answers: xfail(strict) so that each entry must be deleted when
 # its fix lands (the test then has to pass with 0 mismatches).
-KNOWN_BROKEN = {
-    "inplace": "augmented assignment read through another name: y = h; y += o; then h is read "
-               "(operator.iadd readers of the old node are not redirected by functionalize)",
-    "all": "includes the in-place family (see 'inplace')",
-}
+KNOWN_BROKEN: dict = {}  # family -> reason: a strict xfail until the fix lands
 MAGNITUDES = {"mag": ("offset1e3", "offset1e3", "scale1e3", "unit")}
 HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 
