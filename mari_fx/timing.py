@@ -158,7 +158,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
                       f"±{r['original_spread'] * 100:.0f}%", f"{r['transformed_median_ms']:.3f}",
                       f"±{r['transformed_spread'] * 100:.0f}%", f"{r['speedup']:.2f}x", ratio])
     return tabulate(table, headers=["mode", "U", "N", "original ms", "spread", "transformed ms", "spread",
-                                    "speedup", "FLOPs ratio"], colalign=["left", "right", "right", "right", "left",
+                                    "speedup", "FLOPs ratio"], disable_numparse=True, colalign=["left", "right", "right", "right", "left",
                                                                          "right", "left", "right", "right"])
 
 
