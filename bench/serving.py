@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                         skipped[f"{name} {key[0]} [{key[1]}] U={users} N={candidates}"] = first[:160]
                 samples = measure.interleaved_latency(cell, rounds=args.rounds, target_round_s=args.round_s,
-                                                      warmup=2, budget_s=args.cell_budget_s)
+                                                      warmup=1, min_calls=1, budget_s=args.cell_budget_s)
                 med = {k: measure.quantile(v, 0.5) * 1e3 for k, v in samples.items()}
                 for (side, mode), ms in med.items():
                     row = {"model": name, "users": users, "candidates": candidates, "side": side, "mode": mode,

@@ -524,10 +524,17 @@ def _unslice(nodes: List[Any]) -> List[Any]:
 def _col_slice(n: Any):
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem):
         return None
-    idx = n.args[1]
-    if (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice)
-            and idx[1].step is None and isinstance(n.args[0], fx.Node)):
-        return n.args[0], idx[1].start or 0, idx[1].stop
+    idx, src = n.args[1], n.args[0]
+    if not (isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], slice) and idx[1].step is None
+            and isinstance(src, fx.Node)):
+        return None
+    info = src.meta.get(VALUE_KEY)
+    last = idx[0] is Ellipsis or (idx[0] == slice(None) and isinstance(info, TensorInfo) and info.ndim == 2)
+    start, stop = idx[1].start or 0, idx[1].stop
+    if last and isinstance(start, int) and start >= 0 and (stop is None or (isinstance(stop, int) and stop >= 0)):
+        if stop is None and isinstance(info, TensorInfo):
+            stop = info.shape[-1]
+        return (src, start, stop) if stop is not None else None
     return None
 
 
