@@ -199,3 +199,22 @@ def test_quick_run_compile_and_export(tmp_path):
     assert not [r for r in result["rows"] if "error" in r]
     for r in result["rows"]:
         assert r["speedup_vs_eager_vanilla"] > 0 and r["max_abs_diff"] < 1e-4
+
+
+def test_serving_quick_run(tmp_path):
+    """``python -m bench.serving --quick``: every side in every mode gets a row (or a reason), and the
+    transformed rows carry their ratios to the original and to the hand-written rewrite."""
+    cmd = [sys.executable, "-m", "bench.serving", "--quick", "--threads", "1", "--models", "coarse",
+           "--candidates", "10", "--rounds", "1", "--cell-budget-s", "0.5", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serving.json").read_text())
+    got = {(r["side"], r["mode"]) for r in result["rows"]}
+    assert got == {(s, m) for s in ("original", "transformed", "hand-written") for m in ("eager", "script")}, \
+        result["skipped"]
+    for r in result["rows"]:
+        assert r["p75_ms"] >= r["median_ms"] >= r["p25_ms"] > 0
+        if r["side"] == "transformed":
+            assert r["x_orig"] > 0 and r["vs_hand"] > 0
+    assert "| coarse" in (tmp_path / "serving.md").read_text()
+    assert (tmp_path / "serving.png").stat().st_size > 1000
