@@ -202,6 +202,7 @@ def transform(
     *,
     split_matmuls: bool = True,
     reassociate: bool = False,
+    cost_model: bool = True,
     check_requests: bool = True,
     verify: bool = False,
     leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
@@ -220,6 +221,8 @@ def transform(
         reassociate: also split a Linear over a sum or difference of user and item terms
             (``W(q - k) = Wq - Wk``, target attention). Off by default: its fp32 rounding scales
             with the terms, not with their difference, so it is not the model's round-off.
+        cost_model: refuse a split that would cost more at N rows (gathers, extra kernels) than
+            it saves (``mari_fx/cost.py``); False splits wherever it is exact.
         check_requests: validate ``user_index`` and row counts on every call.
         verify: run :func:`mari_fx.verify` on a random ragged request before returning.
 
@@ -252,7 +255,7 @@ def transform(
         if user_inputs is None:
             raise DeclarationError("user_inputs is required unless model comes from mari_fx.trace")
         tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules)
-    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests, reassociate))
+    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests, reassociate, cost_model))
     T.meta[EXAMPLE_KEY] = tagged.meta.get(EXAMPLE_KEY)
     if verify:
         from .verify import verify as _verify

@@ -96,6 +96,9 @@ class LowerOptions:
     # Fold a Linear over a combination (W(q - k) = Wq - Wk). Exact in real arithmetic, but its fp32
     # rounding scales with |Wq| + |Wk|, not |W(q - k)|: opt-in, like -ffast-math.
     reassociate: bool = False
+    # Refuse a split whose gather and extra kernels cost more than the GEMM work it saves (cost.py);
+    # False splits wherever it is exact (tests of the rewrite itself on tiny models).
+    cost_model: bool = True
 
 
 class Lowerer:

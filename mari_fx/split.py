@@ -116,7 +116,7 @@ def _lower_linear(lw: Lowerer, node: fx.Node, module) -> Optional[Value]:
         else:
             shape = _cost_shape(view, node, info, x_val, cols[Side.USER], in_features, out_features,
                                 rows_per_sample, user, item, bcast)
-            if not cost.split_pays(shape):
+            if lw.options.cost_model and not cost.split_pays(shape):
                 kept, done = cost.kept_work(shape).cost, cost.split_work(shape).cost
                 split, reason = False, (
                     f"splitting would not reduce the work at N rows (cost model, mari_fx/cost.py: split "

@@ -81,8 +81,13 @@ def test_field_case_variants_equal_their_model(name, layout):
                 torch.testing.assert_close(got, want)
         flops = {v: measure.count_flops(lambda m=s.eager_module(v): m(**request)) for v in ("one-shot", "mari_fx")}
         vanilla = measure.count_flops(lambda: s.model(*pairs))
-        assert flops["mari_fx"] == s.min_flops(users, candidates) <= flops["one-shot"] <= vanilla
-    assert len(s.T.meta["mari_fx.record"].split_layers) == (2 if name == "dlrm" else 1)
+        # the hand-written minimum splits every layer; at these tiny sizes the cost model may keep one
+        # whose split costs more than it saves (its reason says so)
+        by_cost = [l for l in s.T.meta["mari_fx.record"].layers if "cost model" in l.reason]
+        assert s.min_flops(users, candidates) <= flops["mari_fx"] <= flops["one-shot"] <= vanilla
+        if not by_cost:
+            assert flops["mari_fx"] == s.min_flops(users, candidates)
+    assert len(s.T.meta["mari_fx.record"].split_layers) + len(by_cost) == (2 if name == "dlrm" else 1)
 
 
 def test_layouts_differ_only_in_column_order():
