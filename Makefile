@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.serving
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -101,7 +101,7 @@ def make_subject(name: str, layout: str, sizes: str) -> Subject:
         case = make_case(layout, sizes) if name == "torchrec" else field_case(name, layout, sizes)
         T, T_os, T_chk, transform_s = _transforms(case["model"], case["selectors"], case["example"])
         case["bind"](T)
-        return Subject(name, layout, case["model"], T, T_os, T_chk, case["handwritten"], transform_s, case["make_inputs"],
+        return Subject(name, layout, case["model"], T, T_os, T_chk, case.get("handwritten"), transform_s, case["make_inputs"],
                        case["min_flops"], user_names=tuple(s.name for s in T.meta["mari_fx.request"].user_inputs))
     model = build(name, layout, sizes)
     T, T_os, T_chk, transform_s = _transforms(model, USER_INPUTS, model.example_pairs(4))

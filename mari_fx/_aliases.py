@@ -41,6 +41,8 @@ ALIASES = {
     "mari_fx.folds": "mari_fx.analysis.folds",
     "mari_fx.sequences": "mari_fx.lowering.ops.sequences",
     "mari_fx.bags": "mari_fx.lowering.ops.bags",
+    "mari_fx.cost": "mari_fx.lowering.cost",
+    "mari_fx.timing": "mari_fx.report.timing",
 }
 
 

@@ -212,6 +212,7 @@ def transform(
     *,
     split_matmuls: bool = True,
     reassociate: bool = False,
+    cost_model: bool = True,
     check_requests: bool = True,
     verify: bool = False,
     leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
@@ -231,6 +232,8 @@ def transform(
         reassociate: also split a Linear over a sum or difference of user and item terms
             (``W(q - k) = Wq - Wk``, target attention). Off by default: its fp32 rounding scales
             with the terms, not with their difference, so it is not the model's round-off.
+        cost_model: refuse a split that would cost more at N rows (gathers, extra kernels) than
+            it saves (``mari_fx/lowering/cost.py``); False splits wherever it is exact.
         check_requests: validate ``user_index`` and row counts on every call.
         verify: run :func:`mari_fx.verify` on a random ragged request before returning.
         leaf_modules: extra module classes to keep as calls instead of tracing through.
@@ -261,11 +264,11 @@ def transform(
     extensions = tuple(dict.fromkeys(extensions_of(model) + tuple(extensions)))
     with use_extensions(extensions):
         return _transform(model, user_inputs, example_inputs, example_kwargs, split_matmuls, reassociate,
-                          check_requests, verify, leaf_modules, extensions)
+                          cost_model, check_requests, verify, leaf_modules, extensions)
 
 
-def _transform(model, user_inputs, example_inputs, example_kwargs, split_matmuls, reassociate, check_requests,
-               verify, leaf_modules, extensions) -> fx.GraphModule:
+def _transform(model, user_inputs, example_inputs, example_kwargs, split_matmuls, reassociate, cost_model,
+               check_requests, verify, leaf_modules, extensions) -> fx.GraphModule:
     """:func:`transform` with the extensions active."""
     if is_tagged(model):
         if user_inputs is not None:
@@ -277,7 +280,7 @@ def _transform(model, user_inputs, example_inputs, example_kwargs, split_matmuls
             raise DeclarationError("user_inputs is required unless model comes from mari_fx.trace")
         tagged = trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules=leaf_modules,
                        extensions=extensions)
-    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests, reassociate))
+    T = lower(tagged, tagged.meta[REQUEST_KEY], LowerOptions(split_matmuls, check_requests, reassociate, cost_model))
     T.meta[EXAMPLE_KEY] = tagged.meta.get(EXAMPLE_KEY)
     T.meta[EXTENSIONS_KEY] = extensions
     if verify:

@@ -2,6 +2,7 @@
 
     mari-fx report TARGET --user SELECTOR... [--candidates N] [--users U] [--json] [--all] [--audit] [--catalog-size M]
     mari-fx export TARGET --user SELECTOR... --out model.pt2
+    mari-fx bench TARGET --user SELECTOR... [--candidates 10,100,1000] [--users 1,8] [--compile]
 
 TARGET is a factory ``package.module:function`` (or ``file.py:function``) returning
 ``(model, example_args[, example_kwargs])``, or a saved pair-shaped ExportedProgram
@@ -84,7 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-checks", action="store_true", help="leave the request check out of the program")
     exp.add_argument("--no-verify", action="store_true",
                      help="skip comparing the saved program with the model at (U, N) = (1, 1) and (3, 7)")
+
+    ben = sub.add_parser("bench", help="time the model and its transformed module side by side",
+                         description="Transform TARGET and time the original and the transformed module, "
+                                     "interleaved, at every (U, N); see docs/bench-your-model.md.")
+    common(ben)
+    ben.add_argument("--candidates", "-n", type=_int_list, default=[10, 100, 1000], metavar="N,N,...",
+                     help="candidates per request (default 10,100,1000)")
+    ben.add_argument("--users", type=_int_list, default=[1, 8], metavar="U,U,...", help="users per request (default 1,8)")
+    ben.add_argument("--compile", action="store_true", help="also time both under torch.compile")
+    ben.add_argument("--rounds", type=int, default=10, help="interleaved rounds per cell (default 10)")
+    ben.add_argument("--round-ms", type=float, default=20.0, help="milliseconds per side per round (default 20)")
+    ben.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    ben.add_argument("--reassociate", action="store_true", help="transform with reassociate=True")
+    ben.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ben.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     return parser
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -110,6 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "report":
             return _report(args)
+        if args.command == "bench":
+            return _bench(args)
         return _export(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
@@ -168,7 +196,8 @@ def _quiet(debug: bool):
         logging.disable(logging.NOTSET)
 
 
-def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True, keep_trace: bool = False):
+def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True, keep_trace: bool = False,
+                        **options: Any):
     """``(model, T)``, or ``(model, T, traced)`` with ``keep_trace`` (the audit runs the trace)."""
     from .api import trace, transform
     from .testing.factories import load
@@ -178,7 +207,7 @@ def _load_and_transform(args: argparse.Namespace, split_matmuls: bool = True, ke
         if keep_trace:
             traced = trace(model, args.user, ex_args, ex_kwargs)
             return model, transform(traced, split_matmuls=split_matmuls), traced
-        T = transform(model, args.user, ex_args, ex_kwargs, split_matmuls=split_matmuls)
+        T = transform(model, args.user, ex_args, ex_kwargs, split_matmuls=split_matmuls, **options)
     return model, T
 
 
@@ -307,6 +336,34 @@ def _format_item_cache(c: Dict[str, Any], N: int) -> List[str]:
                f"bytes, saves {_n(c['flops_saved_per_candidate'])} FLOPs"
                + (f"; FLOPs per request with the cache at N={N}: {_n(after)}" if after is not None else ""))
     return out
+
+
+# --------------------------------------------------------------------------- bench
+def _bench(args: argparse.Namespace) -> int:
+    from .report.timing import compare, environment, format_table
+
+    if args.rounds < 1 or args.round_ms <= 0:
+        raise _UsageError("need --rounds >= 1 and --round-ms > 0")
+    if not any(u <= n for u in args.users for n in args.candidates):
+        raise _UsageError(f"need some --users <= --candidates, got --users {args.users} --candidates {args.candidates}")
+    import torch
+
+    model, T = _load_and_transform(args, reassociate=args.reassociate)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with _quiet(args.debug) if args.compile else contextlib.nullcontext():
+        rows = compare(model, T, users=args.users, candidates=args.candidates, compiled=args.compile,
+                       rounds=args.rounds, round_s=args.round_ms / 1e3, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"schema": "mari_fx.bench/1", "target": args.target, "rows": rows}, indent=2))
+        return EXIT_OK
+    print(f"mari-fx bench: {type(model).__name__} ({args.target})")
+    print(environment())
+    print("median latency per call, spread = interquartile range / median, speedup = original / transformed, "
+          "FLOPs ratio = original / transformed")
+    print("")
+    print(format_table(rows))
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- export

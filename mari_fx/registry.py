@@ -153,9 +153,15 @@ class Registry:
         return self._has(key)
 
     def __getitem__(self, key: Any) -> Any:
+        """The core table's priority-0 entry of ``key`` if it has one, else its first value."""
         if key not in self:
             raise KeyError(key)
-        return self.first(key)
+        own = [e for e in self._entries.get(key, ()) if e.priority == 0]
+        return own[0].value if own else self.first(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``table[key] = value``: the core table's priority-0 entry, replaced (``add(..., override=True)``)."""
+        self.add(key, value, override=True)
 
     def __delitem__(self, key: Any) -> None:
         if key not in self._entries:

@@ -81,8 +81,13 @@ def test_field_case_variants_equal_their_model(name, layout):
                 torch.testing.assert_close(got, want)
         flops = {v: measure.count_flops(lambda m=s.eager_module(v): m(**request)) for v in ("one-shot", "mari_fx")}
         vanilla = measure.count_flops(lambda: s.model(*pairs))
-        assert flops["mari_fx"] == s.min_flops(users, candidates) <= flops["one-shot"] <= vanilla
-    assert len(s.T.meta["mari_fx.record"].split_layers) == (2 if name == "dlrm" else 1)
+        # the hand-written minimum splits every layer; at these tiny sizes the cost model may keep one
+        # whose split costs more than it saves (its reason says so)
+        by_cost = [l for l in s.T.meta["mari_fx.record"].layers if "cost model" in l.reason]
+        assert s.min_flops(users, candidates) <= flops["mari_fx"] <= flops["one-shot"] <= vanilla
+        if not by_cost:
+            assert flops["mari_fx"] == s.min_flops(users, candidates)
+    assert len(s.T.meta["mari_fx.record"].split_layers) + len(by_cost) == (2 if name == "dlrm" else 1)
 
 
 def test_layouts_differ_only_in_column_order():
@@ -199,3 +204,22 @@ def test_quick_run_compile_and_export(tmp_path):
     assert not [r for r in result["rows"] if "error" in r]
     for r in result["rows"]:
         assert r["speedup_vs_eager_vanilla"] > 0 and r["max_abs_diff"] < 1e-4
+
+
+def test_serving_quick_run(tmp_path):
+    """``python -m bench.serving --quick``: every side in every mode gets a row (or a reason), and the
+    transformed rows carry their ratios to the original and to the hand-written rewrite."""
+    cmd = [sys.executable, "-m", "bench.serving", "--quick", "--threads", "1", "--models", "coarse",
+           "--candidates", "10", "--rounds", "1", "--cell-budget-s", "0.5", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serving.json").read_text())
+    got = {(r["side"], r["mode"]) for r in result["rows"]}
+    assert got == {(s, m) for s in ("original", "transformed", "hand-written") for m in ("eager", "script")}, \
+        result["skipped"]
+    for r in result["rows"]:
+        assert r["p75_ms"] >= r["median_ms"] >= r["p25_ms"] > 0
+        if r["side"] == "transformed":
+            assert r["x_orig"] > 0 and r["vs_hand"] > 0
+    assert "| coarse" in (tmp_path / "serving.md").read_text()
+    assert (tmp_path / "serving.png").stat().st_size > 1000

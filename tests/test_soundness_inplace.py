@@ -509,3 +509,32 @@ def test_embedding_max_norm_is_refused_and_the_model_is_untouched():
     with pytest.raises(mari_fx.DeclarationError, match="emb.weight"):
         mari_fx.transform(m, ["uid"], (torch.tensor([1, 1, 2, 3]), torch.randn(4, 4)))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("op", ["+=", "*=", "-="])
+def test_augmented_assignment_through_another_name_changes_the_tensor(op):
+    # plain fx proxies fall back to `y = y + b` for `y += b`, losing the write into the tensor y names
+    class N(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, a, b):
+            h = self.l(a)
+            y = h
+            if op == "+=":
+                y += b
+            elif op == "*=":
+                y *= b
+            else:
+                y -= b
+            return h
+
+    m = N().eval()
+    idx0 = torch.tensor([0, 0, 1])
+    T = mari_fx.transform(m, ["a"], (torch.randn(2, 4)[idx0], torch.randn(3, 4)))
+    for U, N_ in [(1, 1), (2, 5), (3, 7)]:
+        u, b = torch.randn(U, 4), torch.randn(N_, 4)
+        idx = torch.cat([torch.arange(U), torch.randint(U, (N_ - U,))])[torch.randperm(N_)]
+        with torch.no_grad():
+            torch.testing.assert_close(T(a=u, b=b, user_index=idx), m(u[idx], b))

@@ -123,11 +123,26 @@ class MariTracer(fx.Tracer):
 
 
 class _Proxy(fx.Proxy):
-    """Records ``h[idx] = v`` as ``operator.setitem`` (plain fx proxies refuse item assignment);
-    :func:`mari_fx.frontend.functionalize.functionalize` then makes it functional."""
+    """Records ``h[idx] = v`` as ``operator.setitem`` (plain fx proxies refuse item assignment) and
+    ``y += v`` as ``operator.iadd`` (plain fx proxies fall back to ``y = y + v``, which loses the write
+    into the tensor ``y`` names: ``h = lin(u); y = h; y += v; return h`` would return the old ``h``);
+    :func:`mari_fx.frontend.functionalize.functionalize` then makes them functional."""
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[_Proxy, Any], fx.Proxy]:
+    def method(self: _Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _op in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+            operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+            operator.imatmul):
+    setattr(_Proxy, f"__{_op.__name__}__", _augmented(_op))
 
 
 def capture(

@@ -46,6 +46,9 @@ class LowerOptions:
     # Fold a Linear over a combination (W(q - k) = Wq - Wk). Exact in real arithmetic, but its fp32
     # rounding scales with |Wq| + |Wk|, not |W(q - k)|: opt-in, like -ffast-math.
     reassociate: bool = False
+    # Refuse a split whose gather and extra kernels cost more than the GEMM work it saves (cost.py);
+    # False splits wherever it is exact (tests of the rewrite itself on tiny models).
+    cost_model: bool = True
 
 
 class LoweringContext:
@@ -72,6 +75,8 @@ class LoweringContext:
         self.modules = dict(gm.named_modules())
         self.env: Dict[fx.Node, Value] = {}
         self.materialized: Dict[int, Any] = {}
+        self.gathered: Dict[Any, Any] = {}  # U-row node -> its index_select to N rows
+        self.cats: Dict[Tuple[Any, ...], Any] = {}  # (level, *nodes) -> the cat of those nodes
         self.reemitted: Dict[fx.Node, Any] = {}
         self.layers: List[LayerRecord] = []
         self.broadcasts: List[BroadcastRecord] = []
@@ -136,7 +141,7 @@ class LoweringContext:
         if key in self.materialized:
             return self.materialized[key][1]
         if isinstance(v, Pieces):
-            out = self.cat([self.materialize(r) for _, _, r in v.parts], N)
+            out = self._materialize_pieces(v)
         elif isinstance(v, Blocks):
             out = self.graph.call_function(torch.cat, ([self.materialize(r) for _, _, r in v.parts], v.dim))
         elif isinstance(v, Combo):
@@ -157,6 +162,48 @@ class LoweringContext:
             out = self._reemit(v.orig)
         self.materialized[key] = (v, out)  # keep v alive so its id stays unique
         return out
+
+    def _materialize_pieces(self, v: Pieces) -> Any:
+        """Pieces at N rows.  Several user pieces are concatenated at U rows (sharing the cat a
+        split layer already made of them) and gathered once; each run of adjacent user pieces is
+        then a column view of that gather: one gather kernel instead of one per piece."""
+        user = [r for lvl, _, r in v.parts if lvl == U]
+        groupable = len(user) > 1 and all(isinstance(r, Rows) and _is_batched_tensor(r) and _row_gather(r) is None
+                                          for r in user)
+        if not groupable:
+            return self.cat([self.materialize(r) for _, _, r in v.parts], N)
+        gathered = self._gather(self.cat([r.node for r in user], U),
+                                [r.orig.name if r.orig is not None else r.node.name for r in user])
+        total = sum(w for lvl, w, _ in v.parts if lvl == U)
+        nodes, pos, k = [], 0, 0
+        parts = list(v.parts)
+        while k < len(parts):
+            lvl, w, r = parts[k]
+            if lvl != U:
+                nodes.append(self.materialize(r))
+                k += 1
+                continue
+            start = pos
+            while k < len(parts) and parts[k][0] == U:
+                pos += parts[k][1]
+                k += 1
+            if start == 0 and pos == total:
+                nodes.append(gathered)
+            else:
+                view = self.graph.call_function(operator.getitem, (gathered, (Ellipsis, slice(start, pos))))
+                view.meta[ROWS_KEY] = N
+                nodes.append(view)
+        return self.cat(nodes, N)
+
+    def _gather(self, node: Any, sources: List[str]) -> Any:
+        """``node`` (a U-row tensor) at N rows: one ``index_select`` per node, recorded per source."""
+        if node not in self.gathered:
+            out = self.graph.call_function(torch.index_select, (node, 0, self.user_index))
+            out.meta[ROWS_KEY] = N
+            self.gathered[node] = out
+        at = self._consumer.name if self._consumer is not None else "output"
+        self.broadcasts.extend(BroadcastRecord(source=s, at=at) for s in sources)
+        return self.gathered[node]
 
     def _materialize_combo(self, v: Combo) -> Any:
         if all(isinstance(self.value(a), Rows) for a in v.orig.all_input_nodes):
@@ -212,8 +259,13 @@ class LoweringContext:
         nodes = _unslice(list(nodes))
         if len(nodes) == 1:
             return nodes[0]
+        key = (level, *nodes)  # the same pieces joined twice (two split layers over one input): one cat
+        if all(isinstance(n, fx.Node) for n in nodes) and key in self.cats:
+            return self.cats[key]
         out = self.graph.call_function(torch.cat, (list(nodes), -1))
         out.meta[ROWS_KEY] = level
+        if all(isinstance(n, fx.Node) for n in nodes):
+            self.cats[key] = out
         return out
 
     def port_meta(self, src: fx.Node, dst: fx.Node) -> None:
@@ -341,10 +393,17 @@ def _unslice(nodes: List[Any]) -> List[Any]:
 def _col_slice(n: Any):
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem):
         return None
-    idx = n.args[1]
-    if (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice)
-            and idx[1].step is None and isinstance(n.args[0], fx.Node)):
-        return n.args[0], idx[1].start or 0, idx[1].stop
+    idx, src = n.args[1], n.args[0]
+    if not (isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], slice) and idx[1].step is None
+            and isinstance(src, fx.Node)):
+        return None
+    info = src.meta.get(VALUE_KEY)
+    last = idx[0] is Ellipsis or (idx[0] == slice(None) and isinstance(info, TensorInfo) and info.ndim == 2)
+    start, stop = idx[1].start or 0, idx[1].stop
+    if last and isinstance(start, int) and start >= 0 and (stop is None or (isinstance(stop, int) and stop >= 0)):
+        if stop is None and isinstance(info, TensorInfo):
+            stop = info.shape[-1]
+        return (src, start, stop) if stop is not None else None
     return None
 
 

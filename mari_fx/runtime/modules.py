@@ -119,7 +119,9 @@ class SplitLinear(nn.Module):
                 item_broadcast: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = F.linear(user, self.weight_user, self.bias).index_select(0, user_index)  # a fresh tensor
         if item is not None:
-            if item.shape[:-1] == out.shape[:-1]:
+            if item.dim() == 2 and out.dim() == 2:
+                out.addmm_(item, self.weight_item.t())  # the common case, without the view ops below
+            elif item.shape[:-1] == out.shape[:-1]:
                 # one GEMM over all leading dims, the broadcast-add fused into it (in place)
                 flat = out.view(-1, out.shape[-1])
                 flat.addmm_(item.reshape(-1, item.shape[-1]), self.weight_item.t())

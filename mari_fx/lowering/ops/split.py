@@ -13,10 +13,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...analysis import rules
 from ... import targets
+from .. import cost
+from ...analysis import rules
 from ...analysis.example_prop import VALUE_KEY, TensorInfo
-from ..context import LoweringContext, register_lowering
+from ..context import LoweringContext, _unslice, register_lowering
 from ..values import N, U, Combo, Pieces, Rows, Value
 from ...runtime.modules import SplitLinear, SplitSource
 from ...report.record import LayerRecord
@@ -113,6 +114,16 @@ def _lower_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[Value]
         item_width = sum(w.shape[1] for _, w, _ in item + bcast)
         if not user or item_width > in_features:
             split, reason = False, "splitting would not reduce the work at N rows"
+        else:
+            shape = _cost_shape(view, node, info, x_val, cols[Side.USER], in_features, out_features,
+                                rows_per_sample, user, item, bcast)
+            if lw.options.cost_model and not cost.split_pays(shape):
+                kept, done = cost.kept_work(shape).cost, cost.split_work(shape).cost
+                split, reason = False, (
+                    f"splitting would not reduce the work at N rows (cost model, mari_fx/lowering/cost.py: split "
+                    f"{done / 1e6:.3g}M vs kept {kept / 1e6:.3g}M FLOP-equivalents at U={cost.REFERENCE_USERS}, "
+                    f"N={cost.REFERENCE_CANDIDATES})")
+        if not split:
             record = dataclasses.replace(record, action=action if action != "split" else "kept", reason=reason)
     if not split:
         lw.record_layer(record)
@@ -123,6 +134,20 @@ def _lower_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[Value]
         record, split_user_features=mod.weight_user.shape[1], split_item_features=mod.weight_item.shape[1],
         split_broadcast_features=0 if mod.weight_broadcast is None else mod.weight_broadcast.shape[1]))
     return out
+
+
+def _cost_shape(view: _LinearView, node: fx.Node, info, x_val: Pieces, user_columns: int, in_features: int,
+                out_features: int, rows_per_sample: int, user: List, item: List, bcast: List) -> cost.LinearShape:
+    """What :mod:`mari_fx.lowering.cost` needs to judge this split."""
+    itemsize = info.dtype.itemsize if isinstance(info, TensorInfo) and info.dtype is not None else 4
+    return cost.LinearShape(
+        in_features=in_features, out_features=out_features, rows=rows_per_sample,
+        user=sum(w.shape[1] for _, w, _ in user), item=sum(w.shape[1] for _, w, _ in item),
+        broadcast=sum(w.shape[1] for _, w, _ in bcast), user_sources=len(_unslice([n for n, _, _ in user])),
+        item_sources=len(_unslice([n for n, _, _ in item])),
+        input_user_columns=user_columns, input_user_sources=sum(1 for lvl, _, _ in x_val.parts if lvl == U),
+        # another reader needs the input at N rows anyway: keeping the Linear whole saves no gather
+        input_shared=any(u is not node for u in view.x.users), itemsize=itemsize)
 
 
 def _split_sources(self: LoweringContext, x: Pieces, weight: torch.Tensor) -> Tuple[List, List, List]:
