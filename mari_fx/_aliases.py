@@ -61,6 +61,14 @@ class _AliasLoader(importlib.abc.Loader):
     def exec_module(self, module: Any) -> None:
         module.__spec__ = self.spec  # importlib set the alias's spec on the shared module object
 
+    # ``python -m mari_fx.coverage`` runs the target's code as __main__ (runpy asks for it)
+    def get_code(self, fullname: str) -> Any:
+        spec = importlib.util.find_spec(self.target)
+        return spec.loader.get_code(self.target)
+
+    def is_package(self, fullname: str) -> bool:
+        return importlib.util.find_spec(self.target).submodule_search_locations is not None
+
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
     """Finds the old paths (first on ``sys.meta_path``, before an editable install's finder)."""
