@@ -131,30 +131,8 @@ class HandDCN(nn.Module):
         return F.linear(torch.cat([x, deep], dim=-1), self.head_w, self.head_b).squeeze(-1)
 
 
-class HandSeq(nn.Module):
-    """The masked-sequence ranker: tower and encoder at U rows, first fusion layer split."""
-
-    def __init__(self, model: SeqRanker):
-        super().__init__()
-        self.m = model
-        u_cols, i_cols = model.fusion_columns()
-        first = model.fusion[0]
-        self.w_user, self.w_item = _frozen(first.weight[:, u_cols]), _frozen(first.weight[:, i_cols])
-        self.bias = _frozen(first.bias)
-        self.user_order = [b for b in model.order if b in model.user_blocks]
-        self.item_order = [b for b in model.order if b in model.item_blocks]
-        self.rest = model.fusion[1:]
-
-    def forward(self, user_sparse, user_dense, user_hist, item_sparse, item_dense, user_index):
-        ub = self.m.user_features(user_sparse, user_dense, user_hist)          # U rows, encoder included
-        ib = self.m.item_features(item_sparse, item_dense)                      # N rows
-        u = torch.cat([ub[b] for b in self.user_order], dim=-1)
-        i = torch.cat([ib[b] for b in self.item_order], dim=-1)
-        h = F.linear(u, self.w_user, self.bias).index_select(0, user_index).addmm_(i, self.w_item.t())
-        return self.rest(h).squeeze(-1)
-
-
-HANDWRITTEN = {CoarseRanker: HandCoarse, FineRanker: HandFine, DCNv2: HandDCN, SeqRanker: HandSeq}
+HANDWRITTEN = {CoarseRanker: HandCoarse, FineRanker: HandFine, DCNv2: HandDCN, SeqRanker: HandCoarse}  # the masked-sequence ranker has the coarse one's structure:
+# tower and encoder at U rows (user_features), first fusion layer split
 
 
 def handwritten(model: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ from mari_fx.testing.examples import mlp
 from mari_fx.runtime.modules import SplitLinear
 from mari_fx.analysis.tags import ROWS_KEY, TAG_KEY
 from torchrec_integration import jagged
-from torchrec_integration.examples import ITEM_KEYS, TABLES, USER_KEYS, RankerBatch, TorchRecRanker, random_kjt
+from torchrec_integration.examples import ITEM_KEYS, TABLES, USER_KEYS, RankerBatch, SequenceRanker, TorchRecRanker, random_kjt
 from torchrec_integration.lookups import count_lookups
 
 SHAPES = [(1, 1), (1, 7), (3, 7), (3, 3), (2, 20)]
@@ -202,31 +202,6 @@ def test_request_errors_name_the_key():
     with pytest.raises(mari_fx.RequestError, match=rf"user input 'features\[user_id, user_hist\]' key 'user_hist' "
                                                    rf"differs between pairs of user {top} \(pair row {j}\)"):
         mari_fx.pairs_to_request(T, ud, idense, broken, user_index=batch.user_index)
-
-
-class SequenceRanker(nn.Module):
-    """An EmbeddingCollection over the user's behaviour sequence (padded to L, mean-pooled in the
-    user tower) and the candidate's id, plus an EBC over user and item features."""
-
-    def __init__(self, L: int = 4):
-        super().__init__()
-        self.L = L
-        self.ec = EmbeddingCollection(tables=[
-            EmbeddingConfig(name="t_seq", embedding_dim=8, num_embeddings=100, feature_names=["user_seq"]),
-            EmbeddingConfig(name="t_cand", embedding_dim=8, num_embeddings=100, feature_names=["item_seq"])])
-        self.ebc = EmbeddingBagCollection(tables=[
-            EmbeddingBagConfig(name="t_u", embedding_dim=8, num_embeddings=100, feature_names=["user_id"]),
-            EmbeddingBagConfig(name="t_i", embedding_dim=8, num_embeddings=100, feature_names=["item_id"])])
-        self.user_tower = mlp([8 + 8, 16])
-        self.over = mlp([16 + 16 + 8, 16, 1], last_act=False)
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        seq = self.ec(features)
-        kt = self.ebc(features)
-        hist = seq["user_seq"].to_padded_dense(self.L).mean(dim=1)
-        cand = seq["item_seq"].to_padded_dense(1).squeeze(1)
-        u = self.user_tower(torch.cat([hist, kt["user_id"]], dim=1))
-        return self.over(torch.cat([u, kt.values(), cand], dim=1)).squeeze(-1)
 
 
 def _seq_batch(U, N, seed):

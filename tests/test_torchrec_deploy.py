@@ -18,7 +18,7 @@ from mari_fx.deploy import ExportError
 from mari_fx.analysis.tags import ROWS_KEY
 from torchrec_integration import jagged
 from torchrec_integration.deploy import inline_collections
-from torchrec_integration.examples import TABLES, USER_KEYS, RankerBatch, TorchRecRanker, random_kjt
+from torchrec_integration.examples import TABLES, USER_KEYS, RankerBatch, SequenceRanker, TorchRecRanker, random_kjt
 from torchrec_integration.lookups import count_lookups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,31 +101,6 @@ def quant_ranker():
     return model, mari_fx.transform(model, SELECTORS, RankerBatch.random(2, 4, seed=1).pairs())
 
 
-class SeqRanker(nn.Module):
-    """EmbeddingCollection (user sequence, candidate id) + EBC; no dense user input, so export
-    reads U from user_index (a data-dependent count)."""
-
-    def __init__(self, L=3):
-        super().__init__()
-        self.L = L
-        self.ec = EmbeddingCollection(tables=[
-            EmbeddingConfig(name="t_seq", embedding_dim=8, num_embeddings=100, feature_names=["user_seq"]),
-            EmbeddingConfig(name="t_cand", embedding_dim=8, num_embeddings=100, feature_names=["item_seq"])])
-        self.ebc = EmbeddingBagCollection(tables=[
-            EmbeddingBagConfig(name="t_u", embedding_dim=8, num_embeddings=100, feature_names=["user_id"]),
-            EmbeddingBagConfig(name="t_i", embedding_dim=8, num_embeddings=100, feature_names=["item_id"])])
-        self.user_tower = mlp([8 + 8, 16])
-        self.over = mlp([16 + 16 + 8, 16, 1], last_act=False)
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        seq = self.ec(features)
-        kt = self.ebc(features)
-        hist = seq["user_seq"].to_padded_dense(self.L).mean(dim=1)
-        cand = seq["item_seq"].to_padded_dense(1).squeeze(1)
-        u = self.user_tower(torch.cat([hist, kt["user_id"]], dim=1))
-        return self.over(torch.cat([u, kt.values(), cand], dim=1)).squeeze(-1)
-
-
 SEQ_KEYS = ["user_seq", "item_seq", "user_id", "item_id"]  # user and item keys interleaved
 
 
@@ -141,7 +116,7 @@ def seq_pairs(U, N, seed):
 @pytest.fixture(scope="module")
 def seq_ranker():
     torch.manual_seed(0)
-    model = SeqRanker().eval()
+    model = SequenceRanker(L=3).eval()
     T = mari_fx.transform(model, ["features[user_seq]", "features[user_id]"], seq_pairs(2, 4, 0)[1])
     return model, T
 

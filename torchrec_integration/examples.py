@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig,
+                     KeyedJaggedTensor, KeyedTensor)
 
 from mari_fx.testing.examples import mlp
 
@@ -122,3 +123,29 @@ def ranker_factory() -> Tuple[nn.Module, Tuple[torch.Tensor, torch.Tensor, Keyed
     """
     torch.manual_seed(0)
     return TorchRecRanker().eval(), RankerBatch.random(2, 4, seed=1).pairs()
+
+
+class SequenceRanker(nn.Module):
+    """An EmbeddingCollection over the user's behaviour sequence (padded to L, mean-pooled in the
+    user tower) and the candidate's id, plus an EBC over user and item features (no dense input:
+    an exported program reads U from ``user_index``)."""
+
+    def __init__(self, L: int = 4):
+        super().__init__()
+        self.L = L
+        self.ec = EmbeddingCollection(tables=[
+            EmbeddingConfig(name="t_seq", embedding_dim=8, num_embeddings=100, feature_names=["user_seq"]),
+            EmbeddingConfig(name="t_cand", embedding_dim=8, num_embeddings=100, feature_names=["item_seq"])])
+        self.ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t_u", embedding_dim=8, num_embeddings=100, feature_names=["user_id"]),
+            EmbeddingBagConfig(name="t_i", embedding_dim=8, num_embeddings=100, feature_names=["item_id"])])
+        self.user_tower = mlp([8 + 8, 16])
+        self.over = mlp([16 + 16 + 8, 16, 1], last_act=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        seq = self.ec(features)
+        kt = self.ebc(features)
+        hist = seq["user_seq"].to_padded_dense(self.L).mean(dim=1)
+        cand = seq["item_seq"].to_padded_dense(1).squeeze(1)
+        u = self.user_tower(torch.cat([hist, kt["user_id"]], dim=1))
+        return self.over(torch.cat([u, kt.values(), cand], dim=1)).squeeze(-1)
