@@ -206,11 +206,12 @@ LEAF_MODULES = Registry("leaf_modules", "module class -> share (bool): traced as
 PROBE_TYPES = Registry("probe_types", "predicate(value) -> fresh(value, rows, generator) (mari_fx.report.audit)")
 CAPTURE_HOOKS = Registry("capture_hooks", "hook -> hook(model): the module to capture instead, or None")
 DYNAMIC_KINDS = Registry("dynamic_kinds", "InputSpec.kind -> shapes(spec, rows, example): its dynamic_shapes entry")
+CATALOG_KINDS = Registry("catalog_kinds", "InputSpec.kind -> CatalogKind: a catalog input of precompute_items (deploy/precompute.py)")
 # Functions transformed graphs call, kept as calls when a pickled module is traced again: global
 # (unpickling runs outside any extension scope), filled by mari_fx.runtime.graph_function.
 GRAPH_FUNCTIONS = Registry("graph_functions", "fn -> fn")
 TABLES = (RULES, LOWERINGS, LAZY_BUILDERS, ROW_GATHERS, ROW_TENSORS, INPUT_GROUPS, INPUT_KINDS, BATCH_TYPES, REQUEST_KINDS, SUMMARIES,
-          LEAF_MODULES, PROBE_TYPES, CAPTURE_HOOKS, DYNAMIC_KINDS, GRAPH_FUNCTIONS)
+          LEAF_MODULES, PROBE_TYPES, CAPTURE_HOOKS, DYNAMIC_KINDS, CATALOG_KINDS, GRAPH_FUNCTIONS)
 
 
 # ---------------------------------------------------------------------------- extensions

@@ -410,3 +410,35 @@ def check_request_kjt(user: Optional[KeyedJaggedTensor], item: Optional[KeyedJag
         raise RequestError("user_index refers to " + str(u) + " users but has only " + str(n) + " entries: '" + arg
                            + "' is looked up as one KJT of N rows, so every user needs a candidate (drop users "
                            "without candidates)")
+
+
+# --------------------------------------------------------------------------- item catalogs (precompute_items)
+@graph_function
+def empty_bags(keys: List[str], like: KeyedJaggedTensor, user_index: torch.Tensor) -> KeyedJaggedTensor:
+    """A KJT of ``keys`` with N = ``len(user_index)`` empty bags each (dtypes and weights as ``like``):
+    what a request that reads its item keys from a cache feeds the embedding modules instead."""
+    n = user_index.size(0)
+    w = like.weights_or_none()
+    return KeyedJaggedTensor(keys=keys, values=like.values().new_zeros(0),
+                             weights=None if w is None else w.new_zeros(0),
+                             lengths=like.lengths().new_zeros(len(keys) * n), stride=n)
+
+
+@graph_function
+def with_empty_keys(kjt: KeyedJaggedTensor, keys: List[str]) -> KeyedJaggedTensor:
+    """``kjt`` with every other key of ``keys`` added as empty bags, in ``keys`` order (same batch)."""
+    n = kjt.stride()
+    others: List[str] = []
+    for k in keys:
+        if k not in kjt.keys():
+            others.append(k)
+    w = kjt.weights_or_none()
+    empty = KeyedJaggedTensor(keys=others, values=kjt.values().new_zeros(0),
+                              weights=None if w is None else w.new_zeros(0),
+                              lengths=kjt.lengths().new_zeros(len(others) * n), stride=n)
+    return glue(empty, kjt, keys, n)
+
+
+def kjt_rows(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
+    """Rows ``[start, stop)`` of every key: a KJT of batch ``stop - start``."""
+    return kjt_select_rows(kjt, torch.arange(start, stop, device=kjt.lengths().device))

@@ -19,9 +19,9 @@ from torchrec.quant import embedding_modules as quant
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mari_fx.analysis.example_prop import TensorInfo
-from mari_fx.registry import install
+from mari_fx.registry import CATALOG_KINDS, install
 
-from . import inputs, jagged, lowering, summaries, trace
+from . import catalog, inputs, jagged, lowering, summaries, trace
 from .extension import EXTENSION
 from .rules import POOLED, SEQUENCE, embedding_rule
 
@@ -108,3 +108,4 @@ def _fill() -> None:
     EXTENSION.row_gather(lambda info: _mapping_of(info, summaries.JaggedTensorInfo), jagged.jt_dict_select_rows)
     EXTENSION.row_gather(lambda info: _mapping_of(info, None), jagged.tensor_dict_select_rows)
     EXTENSION.capture_hook(trace.capture_hook)  # mari_fx.transform(dmp, ...)
+    EXTENSION.add(CATALOG_KINDS, inputs.KIND, catalog.CATALOG)  # precompute_items(T, {"features_item": kjt})

@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
@@ -51,6 +51,7 @@ from ..runtime.modules import SplitLinear
 from ..runtime.checks import Retracer, check_request
 from ..report.record import RECORD_KEY, CacheRecord, Record
 from ..analysis.tags import ROWS_KEY, TAG_KEY, SeqTag, Side
+from ..registry import CATALOG_KINDS
 
 ITEM_ROW = "item_row"
 from ..meta import ITEM_PRODUCT_KEY as _PRODUCT, PRECOMPUTE_KEY  # noqa: E402  (P.meta: what refresh needs)
@@ -61,7 +62,7 @@ _SAMPLE_ROWS = 61  # rows the costs are measured on (odd, so a batch dim is unli
 _INF = float("inf")
 _EPS = 1e-6  # ties: recompute nothing that costs the same to cache
 
-__all__ = ["ITEM_ROW", "PrecomputedModule", "check_item_row", "plan_item_cache", "precompute_items", "refresh"]
+__all__ = ["ITEM_ROW", "CatalogKind", "PrecomputedModule", "check_item_row", "plan_item_cache", "precompute_items", "refresh"]
 
 
 # --------------------------------------------------------------------------- run-time check
@@ -103,6 +104,35 @@ def check_item_row(item_row: torch.Tensor, user_index: torch.Tensor, cache: torc
         torch._assert_async(((item_row >= 0) & (item_row < m)).all(), "mari_fx: item_row out of range [0, M)")
 
 
+# --------------------------------------------------------------------------- catalog input kinds
+@dataclass(frozen=True)
+class CatalogKind:
+    """How a non-tensor item input kind (``InputSpec.kind``, e.g. TorchRec's ``"kjt"``) can be a
+    catalog input; registered in ``mari_fx.registry.CATALOG_KINDS`` (an extension's
+    ``ext.add(CATALOG_KINDS, kind, CatalogKind(...))``).
+
+    * ``expected(spec, info)``: what a catalog value must match (``info``: the placeholder's
+      ``node.meta["mari_fx.value"]``); stored in ``P`` for :func:`refresh` (picklable).
+    * ``rows(name, value, expected)``: the value's row count M; raises :class:`DeclarationError`
+      naming ``catalog[name]`` (and the key at fault) when it does not match.
+    * ``take(value, start, stop)``: rows ``[start, stop)``, a value of the same kind.
+    * ``prepare(work, placeholder, spec, user_index)`` (optional): rewrites a copy of ``T``'s graph
+      so that the item-only work on this input is computed by nodes that read it alone (e.g. an
+      embedding module called on the item keys only), before the catalog-only nodes are found.
+    """
+
+    expected: Callable[[InputSpec, Any], Any]
+    rows: Callable[[str, Any, Any], int]
+    take: Callable[[Any, int, int], Any]
+    prepare: Optional[Callable[[fx.GraphModule, fx.Node, InputSpec, fx.Node], None]] = None
+
+
+def _take(kind: Optional[str], value: Any, start: int, stop: int) -> Any:
+    if kind is None:
+        return value[start:stop]
+    return CATALOG_KINDS.first(kind).take(value, start, stop)
+
+
 # --------------------------------------------------------------------------- the module
 @dataclass
 class _CatalogProgram:
@@ -114,6 +144,7 @@ class _CatalogProgram:
     inputs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
     buffers: Tuple[str, ...]
     chunk_rows: int
+    kinds: Dict[str, str] = field(default_factory=dict)  # catalog inputs of a CatalogKind: name -> kind
 
 
 class PrecomputedModule(fx.GraphModule):
@@ -184,9 +215,11 @@ def refresh(P: PrecomputedModule, catalog: Mapping[str, torch.Tensor], *, chunk_
     if extra:
         raise DeclarationError(f"catalog key(s) {extra} are not catalog inputs of P ({sorted(info.inputs)}); "
                                "to cache other inputs, build P again from T with precompute_items")
-    m = _check_catalog({k: catalog[k] for k in info.inputs}, info.inputs)
+    kinds = getattr(info, "kinds", {})
+    m = _check_catalog({k: catalog[k] for k in info.inputs}, info.inputs, kinds)
     program = fx.GraphModule(P, info.program.graph)  # P's current weights, by name
-    values = _evaluate(program, [catalog[k] for k in info.inputs], m, chunk_rows or info.chunk_rows, progress)
+    values = _evaluate(program, [catalog[k] for k in info.inputs], m, chunk_rows or info.chunk_rows, progress,
+                       [kinds.get(k) for k in info.inputs])
     for name, value in zip(info.buffers, values):
         old = getattr(P, name)
         if value.shape[1:] != old.shape[1:] or value.dtype != old.dtype:
@@ -212,10 +245,11 @@ class _Plan:
 
 
 def plan_item_cache(T: fx.GraphModule, catalog_inputs: Sequence[str], sample: Mapping[str, torch.Tensor], *,
-                    byte_cost: float = BYTE_COST) -> _Plan:
+                    byte_cost: float = BYTE_COST, kinds: Optional[Mapping[str, str]] = None) -> _Plan:
     """Which values of ``T`` to cache for ``catalog_inputs``, with costs measured on ``sample``
     (a few catalog rows per input).  :func:`precompute_items` and ``mari-fx report
-    --catalog-size`` use it; ``plan.records`` lists the cached values.
+    --catalog-size`` use it; ``plan.records`` lists the cached values.  ``kinds``: the catalog
+    inputs of a :class:`CatalogKind` (name -> ``InputSpec.kind``); the others are tensors.
 
     Example:
         >>> import torch, mari_fx
@@ -231,6 +265,12 @@ def plan_item_cache(T: fx.GraphModule, catalog_inputs: Sequence[str], sample: Ma
     user_index = ph.get(USER_INDEX)
     if user_index is None:
         raise DeclarationError("T has no user_index input: pass a module made by mari_fx.transform")
+    kinds = dict(kinds or {})
+    specs = {s.name: s for s in _request_spec(T).inputs}
+    for k in names:
+        prepare = CATALOG_KINDS.first(kinds[k]).prepare if k in kinds else None
+        if prepare is not None:
+            prepare(work, ph[k], specs[k], user_index)
     modules = dict(work.named_modules())
 
     cset = _catalog_only(graph, {ph[k] for k in names}, user_index)
@@ -239,7 +279,7 @@ def plan_item_cache(T: fx.GraphModule, catalog_inputs: Sequence[str], sample: Ma
     order = [n for n in graph.nodes if n in cset]
     frontier = [n for n in order if any(u not in cset and not _foldable(u) and not _is_check(u) for u in n.users)]
 
-    costs = _measure(work, order, names, user_index, sample)
+    costs = _measure(work, order, names, user_index, sample, kinds)
     cached, recomputed = _min_cut(order, cset, frontier, costs, byte_cost)
     _unexpose(graph, [n for n in order if n.meta.get(_PRODUCT) and n not in cached], cset)
     order = [n for n in order if n in cset]
@@ -399,8 +439,8 @@ class _Meter(fx.Interpreter):
         return out
 
 
-def _measure(work, order, names, user_index, sample) -> Dict[fx.Node, _Cost]:
-    rows = {batch for batch in (t.shape[0] for t in sample.values())}
+def _measure(work, order, names, user_index, sample, kinds) -> Dict[fx.Node, _Cost]:
+    rows = {_check_catalog({name: sample[name]}, None, kinds) for name in names}
     k = min(rows) if rows else 0
     k = min(k, _SAMPLE_ROWS)
     if k < 1:
@@ -408,11 +448,12 @@ def _measure(work, order, names, user_index, sample) -> Dict[fx.Node, _Cost]:
     program = _program(work, order, names, user_index, [n for n in order if n.op != "placeholder"])
     meter = _Meter(program)
     by_name = {n.name: n for n in program.graph.nodes}
+    taken = {name: _take(kinds.get(name), sample[name], 0, k) for name in names}
     with torch.no_grad():
-        meter.run(*[sample[name][:k] for name in names])
+        meter.run(*[taken[name] for name in names])
     costs: Dict[fx.Node, _Cost] = {}
     for n in order:
-        value = meter.values[by_name[n.name].name] if n.op != "placeholder" else sample[n.target][:k]
+        value = meter.values[by_name[n.name].name] if n.op != "placeholder" else taken[n.target]
         tensor = isinstance(value, torch.Tensor)
         row = tensor and value.dim() >= 1 and value.shape[0] == k
         costs[n] = _Cost(
@@ -549,11 +590,27 @@ def _records(order, cached, recomputed, costs, modules) -> List[CacheRecord]:
 
 
 # --------------------------------------------------------------------------- building P
-def _check_catalog(catalog: Mapping[str, torch.Tensor], expected: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]]) -> int:
+def _check_catalog(catalog: Mapping[str, Any], expected: Optional[Mapping[str, Any]],
+                   kinds: Optional[Mapping[str, str]] = None) -> int:
+    """The catalog's row count M, after checking every value against ``expected`` (None: only
+    count the rows)."""
     m = None
     first = None
-    for name, (shape, dtype) in expected.items():
+    kinds = kinds or {}
+    for name in (expected if expected is not None else catalog):
         t = catalog[name]
+        if name in kinds:
+            rows = CATALOG_KINDS.first(kinds[name]).rows(name, t, expected[name] if expected is not None else None)
+            if m is None:
+                m, first = rows, name
+            elif rows != m:
+                raise DeclarationError(f"catalog[{name!r}] has {rows} rows but catalog[{first!r}] has {m}: "
+                                       "every catalog input has one row per catalog item")
+            continue
+        if expected is None:
+            m = t.shape[0] if m is None else min(m, t.shape[0])
+            continue
+        shape, dtype = expected[name]
         if not isinstance(t, torch.Tensor):
             raise DeclarationError(f"catalog[{name!r}] must be a tensor, got {type(t).__name__}")
         if t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != tuple(shape):
@@ -571,8 +628,8 @@ def _check_catalog(catalog: Mapping[str, torch.Tensor], expected: Mapping[str, T
     return m
 
 
-def _evaluate(program: fx.GraphModule, inputs: List[torch.Tensor], m: int, chunk_rows: int,
-              progress: Optional[bool]) -> List[torch.Tensor]:
+def _evaluate(program: fx.GraphModule, inputs: List[Any], m: int, chunk_rows: int,
+              progress: Optional[bool], kinds: Optional[Sequence[Optional[str]]] = None) -> List[torch.Tensor]:
     chunks: List[List[torch.Tensor]] = []
     starts = range(0, m, max(1, chunk_rows))
     show = progress if progress is not None else m > 4 * chunk_rows
@@ -582,7 +639,7 @@ def _evaluate(program: fx.GraphModule, inputs: List[torch.Tensor], m: int, chunk
         starts = tqdm(starts, desc="mari_fx: precomputing item cache", unit="chunk")
     with torch.no_grad():
         for s in starts:
-            out = program(*[t[s:s + chunk_rows] for t in inputs])
+            out = program(*[_take(kind, t, s, min(s + chunk_rows, m)) for kind, t in zip(kinds or [None] * len(inputs), inputs)])
             chunks.append(list(out))
     return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
@@ -597,9 +654,9 @@ def _resolve(T: fx.GraphModule, spec: RequestSpec, key: str) -> InputSpec:
     if s.side == Side.USER:
         raise DeclarationError(f"catalog key {key!r} is a user input of T; a catalog holds item-side inputs "
                                f"({[i.name for i in spec.inputs if i.side != Side.USER]})")
-    if s.kind not in ("tensor", "dict", "packed"):  # flat inputs of these kinds are tensors
-        raise DeclarationError(f"catalog key {key!r} is a {s.kind!r} input: only plain tensor item inputs can "
-                               "be catalog inputs (TorchRec KJT keys are not supported yet)")
+    if s.kind not in ("tensor", "dict", "packed") and s.kind not in CATALOG_KINDS:  # flat inputs of these kinds are tensors
+        raise DeclarationError(f"catalog key {key!r} is a {s.kind!r} input: only tensor item inputs and inputs of a "
+                               "kind registered in mari_fx.registry.CATALOG_KINDS can be catalog inputs")
     return s
 
 
@@ -650,21 +707,26 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
     phs = {n.target: n for n in T.graph.nodes if n.op == "placeholder"}
     names = tuple(s.name for s in spec.inputs if s.name in resolved)
     expected = {}
+    specs = {s.name: s for s in spec.inputs}
+    kinds = {name: specs[name].kind for name in names if specs[name].kind in CATALOG_KINDS}
     for name in names:
         info = phs[name].meta.get(VALUE_KEY)
+        if name in kinds:
+            expected[name] = CATALOG_KINDS.first(kinds[name]).expected(specs[name], info)
+            continue
         if not isinstance(info, TensorInfo):
             raise DeclarationError(f"T's input {name!r} has no recorded shape: transform the model again")
         expected[name] = (tuple(info.shape[1:]), info.dtype)
     catalog = {k: resolved[k] for k in names}
-    m = _check_catalog(catalog, expected)
+    m = _check_catalog(catalog, expected, kinds)
 
-    plan = plan_item_cache(T, names, catalog, byte_cost=byte_cost)
+    plan = plan_item_cache(T, names, catalog, byte_cost=byte_cost, kinds=kinds)
     work, graph = plan.work, plan.work.graph
     ph = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     user_index = ph[USER_INDEX]
     buffers = [r.name for r in plan.records]
     program = _program(work, plan.cset, names, user_index, plan.cached, root=work)
-    values = _evaluate(program, [catalog[k] for k in names], m, chunk_rows, progress)
+    values = _evaluate(program, [catalog[k] for k in names], m, chunk_rows, progress, [kinds.get(k) for k in names])
     for name, value in zip(buffers, values):
         work.register_buffer(name, value)
 
@@ -726,7 +788,8 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
     args = tuple(dict.fromkeys(s.arg for s in new_inputs))
     P.meta[REQUEST_KEY] = RequestSpec(args=args, inputs=tuple(new_inputs))
     if example:
-        rows = next(iter(example.values())).shape[0] if example else 1
+        rows = example[USER_INDEX].shape[0] if USER_INDEX in example else next(
+            v.shape[0] for v in example.values() if isinstance(v, torch.Tensor))
         ex = {k: v for k, v in example.items() if k not in names}
         ex[ITEM_ROW] = torch.arange(rows, dtype=torch.int64) % m
         P.meta["mari_fx.example"] = ex
@@ -736,7 +799,7 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
         P.meta[RECORD_KEY] = replace(record, inputs=tuple(new_inputs), catalog_inputs=names, catalog_size=m,
                                      item_cache=cache, byte_cost=byte_cost)
     P.meta[PRECOMPUTE_KEY] = _CatalogProgram(program=program, inputs=expected, buffers=tuple(buffers),
-                                             chunk_rows=chunk_rows)
+                                             chunk_rows=chunk_rows, kinds=kinds)
     return P
 
 
