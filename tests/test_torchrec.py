@@ -387,3 +387,92 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(f"torchrec_integration.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+# --------------------------------------------------------------------------- item catalogs (precompute_items)
+CATALOG_M = 2500
+
+
+def _catalog_case(with_dense):
+    torch.manual_seed(0)
+    model = TorchRecRanker().eval()
+    T = transform(model)
+    g = torch.Generator().manual_seed(11)
+    catalog = {"features_item": random_kjt(ITEM_KEYS, CATALOG_M, generator=g)}
+    if with_dense:
+        catalog["item_dense"] = torch.randn(CATALOG_M, 4, generator=g)
+    return model, T, catalog
+
+
+def _catalog_batch(catalog, U, N, seed):
+    """A request whose candidates are catalog rows: (pairs for the model, T's request, P's request)."""
+    batch = RankerBatch.random(U, N, seed=seed)
+    rows = torch.randint(CATALOG_M, (N,), generator=torch.Generator().manual_seed(seed))
+    batch.item_kjt = jagged.kjt_select_rows(catalog["features_item"], rows)
+    if "item_dense" in catalog:
+        batch.item_dense = catalog["item_dense"][rows]
+    return batch, rows, batch.pairs()
+
+
+@pytest.mark.parametrize("with_dense", [False, True], ids=["kjt", "kjt+item_dense"])
+@pytest.mark.parametrize("U,N", [(1, 1), (1, 300), (3, 3), (3, 300)])  # U > N: T refuses (users without candidates)
+def test_kjt_item_keys_as_catalog_inputs(with_dense, U, N):
+    model, T, catalog = _catalog_case(with_dense)
+    lengths = catalog["features_item"].lengths().view(len(ITEM_KEYS), CATALOG_M)
+    assert (lengths == 0).any() and list(catalog["features_item"].keys()) == ITEM_KEYS  # some empty bags
+    code = T.code
+    P = mari_fx.precompute_items(T, catalog, chunk_rows=700)  # chunks cut the KJT by bags
+    assert T.code == code
+    batch, rows, pairs = _catalog_batch(catalog, U, N, seed=U * 100 + N)
+    t_request = mari_fx.pairs_to_request(T, *pairs, user_index=batch.user_index)
+    p_request = {k: v for k, v in t_request.items() if k not in catalog}
+    p_request["item_row"] = rows
+    with torch.no_grad():
+        got, want = P(**p_request), model(*pairs)
+    torch.testing.assert_close(got, want)
+    assert got.dtype == want.dtype
+    # the request no longer carries the item KJT; the item keys are looked up once per catalog item
+    inputs = [n.target for n in P.graph.nodes if n.op == "placeholder"]
+    assert "features_item" not in inputs and "item_row" in inputs
+    assert ("item_dense" in inputs) == (not with_dense)
+    assert [n.target for n in P.graph.nodes if n.op == "call_module"].count("ebc") == 1  # the user keys' lookup
+    cache = P.meta["mari_fx.record"].item_cache
+    if with_dense:  # the item part of the split over-arch Linear, over the pooled item keys and the dense
+        assert [(c.source, c.width) for c in cache] == [("over.0 (item product)", 64)]
+        assert getattr(P.over, "0").weight_item is not None
+    else:  # the item keys' pooled columns (item_dense stays a request input)
+        assert sorted(c.width for c in cache) == [8, 16]
+    saved = N * sum(c.flops_saved_per_candidate for c in cache)
+    assert mari_fx.count_flops(P, **p_request) == mari_fx.count_flops(T, **t_request) - saved
+    if with_dense:
+        assert saved > 0
+
+
+def test_kjt_catalog_refresh_and_bad_catalogs():
+    model, T, catalog = _catalog_case(True)
+    kjt = catalog["features_item"]
+    for bad, match in [
+            ({"features_item": jagged.select_keys(kjt, ["item_id"])}, r"lacks item key 'item_cat'"),
+            ({"features_item": random_kjt(["item_id", "item_cat", "user_id"], 5)}, r"carries key 'user_id'"),
+            ({"features_item": torch.zeros(5, 2)}, r"catalog\['features_item'\] must be a KeyedJaggedTensor"),
+            ({"features_item": kjt, "item_dense": torch.randn(7, 4)}, r"catalog\['features_item'\] has 2500 rows but catalog\['item_dense'\] has 7"),
+            ({"features[user_id, user_hist]": kjt}, "is a user input")]:
+        with pytest.raises(mari_fx.errors.DeclarationError, match=match):
+            mari_fx.precompute_items(T, bad)
+    P = mari_fx.precompute_items(T, {"features[item_id, item_cat]": kjt, "item_dense": catalog["item_dense"]})
+    # a new catalog (other M) and a weight update: refresh reads P's weights
+    g = torch.Generator().manual_seed(3)
+    new = {"features_item": random_kjt(ITEM_KEYS, 40, generator=g), "item_dense": torch.randn(40, 4, generator=g)}
+    with torch.no_grad():
+        model.ebc.embedding_bags["t_item_cat"].weight.mul_(2)
+        P.ebc.embedding_bags["t_item_cat"].weight.mul_(2)
+    with pytest.raises(mari_fx.errors.DeclarationError, match="lacks item key 'item_id'"):
+        P.refresh({"features_item": jagged.select_keys(new["features_item"], ["item_cat"]), "item_dense": new["item_dense"]})
+    P.refresh(new)
+    batch = RankerBatch.random(2, 9, seed=4)
+    rows = torch.randint(40, (9,), generator=g)
+    batch.item_kjt, batch.item_dense = jagged.kjt_select_rows(new["features_item"], rows), new["item_dense"][rows]
+    pairs = batch.pairs()
+    with torch.no_grad():
+        got = P(user_dense=batch.user_dense, features_user=batch.user_kjt, item_row=rows, user_index=batch.user_index)
+        torch.testing.assert_close(got, model(*pairs))
