@@ -119,6 +119,12 @@ class CatalogKind:
     * ``prepare(work, placeholder, spec, user_index)`` (optional): rewrites a copy of ``T``'s graph
       so that the item-only work on this input is computed by nodes that read it alone (e.g. an
       embedding module called on the item keys only), before the catalog-only nodes are found.
+
+    Example (a list-of-rows kind; TorchRec's ``"kjt"`` entry is ``torchrec_integration.catalog.CATALOG``):
+        >>> kind = CatalogKind(expected=lambda spec, info: None, rows=lambda name, v, want: len(v),
+        ...                    take=lambda v, a, b: v[a:b])
+        >>> kind.rows("ids", [[1], [], [2, 3]], None), kind.take([[1], [], [2, 3]], 1, 3)
+        (3, [[], [2, 3]])
     """
 
     expected: Callable[[InputSpec, Any], Any]
