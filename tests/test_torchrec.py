@@ -390,7 +390,7 @@ def test_docstring_examples(module):
 
 
 # --------------------------------------------------------------------------- item catalogs (precompute_items)
-CATALOG_M = 2500
+CATALOG_M = 5000
 
 
 def _catalog_case(with_dense):
@@ -415,13 +415,13 @@ def _catalog_batch(catalog, U, N, seed):
 
 
 @pytest.mark.parametrize("with_dense", [False, True], ids=["kjt", "kjt+item_dense"])
-@pytest.mark.parametrize("U,N", [(1, 1), (1, 300), (3, 3), (3, 300)])  # U > N: T refuses (users without candidates)
+@pytest.mark.parametrize("U,N", [(1, 1), (1, 1000), (3, 3), (3, 1000)])  # U > N: T refuses (users without candidates)
 def test_kjt_item_keys_as_catalog_inputs(with_dense, U, N):
     model, T, catalog = _catalog_case(with_dense)
     lengths = catalog["features_item"].lengths().view(len(ITEM_KEYS), CATALOG_M)
     assert (lengths == 0).any() and list(catalog["features_item"].keys()) == ITEM_KEYS  # some empty bags
     code = T.code
-    P = mari_fx.precompute_items(T, catalog, chunk_rows=700)  # chunks cut the KJT by bags
+    P = mari_fx.precompute_items(T, catalog, chunk_rows=1700)  # chunks cut the KJT by bags
     assert T.code == code
     batch, rows, pairs = _catalog_batch(catalog, U, N, seed=U * 100 + N)
     t_request = mari_fx.pairs_to_request(T, *pairs, user_index=batch.user_index)
@@ -455,7 +455,7 @@ def test_kjt_catalog_refresh_and_bad_catalogs():
             ({"features_item": jagged.select_keys(kjt, ["item_id"])}, r"lacks item key 'item_cat'"),
             ({"features_item": random_kjt(["item_id", "item_cat", "user_id"], 5)}, r"carries key 'user_id'"),
             ({"features_item": torch.zeros(5, 2)}, r"catalog\['features_item'\] must be a KeyedJaggedTensor"),
-            ({"features_item": kjt, "item_dense": torch.randn(7, 4)}, r"catalog\['features_item'\] has 2500 rows but catalog\['item_dense'\] has 7"),
+            ({"features_item": kjt, "item_dense": torch.randn(7, 4)}, r"catalog\['features_item'\] has 5000 rows but catalog\['item_dense'\] has 7"),
             ({"features[user_id, user_hist]": kjt}, "is a user input")]:
         with pytest.raises(mari_fx.errors.DeclarationError, match=match):
             mari_fx.precompute_items(T, bad)
