@@ -49,6 +49,7 @@ from ..analysis.example_prop import VALUE_KEY, TensorInfo
 from ..frontend.inputs import REQUEST_KEY, USER_INDEX, InputSpec, RequestSpec, _request_spec
 from ..runtime.modules import SplitLinear
 from ..runtime.checks import Retracer, check_request
+from ..runtime.paths import BoundGraphModule, bind_paths
 from ..report.record import RECORD_KEY, CacheRecord, Record
 from ..analysis.tags import ROWS_KEY, TAG_KEY, SeqTag, Side
 from ..registry import CATALOG_KINDS
@@ -153,7 +154,7 @@ class _CatalogProgram:
     kinds: Dict[str, str] = field(default_factory=dict)  # catalog inputs of a CatalogKind: name -> kind
 
 
-class PrecomputedModule(fx.GraphModule):
+class PrecomputedModule(BoundGraphModule):
     """The module :func:`precompute_items` returns: ``T`` with item-only work read from buffers.
 
     Called like ``T`` except that the catalog inputs are replaced by ``item_row``.
@@ -191,7 +192,7 @@ def _unpickle_precomputed(fn: Callable, args: Tuple, meta: Dict[str, Any]) -> Pr
     P = PrecomputedModule(gm, gm.graph, class_name="MariPrecomputed")
     P._tracer_cls = _Retracer
     P.meta.update(meta)
-    return P
+    return bind_paths(P)
 
 
 def refresh(P: PrecomputedModule, catalog: Mapping[str, torch.Tensor], *, chunk_rows: Optional[int] = None,
@@ -782,7 +783,7 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
         graph.erase_node(ph[k])
     graph.lint()
 
-    P = PrecomputedModule(work, graph, class_name="MariPrecomputed")
+    P = bind_paths(PrecomputedModule(work, graph, class_name="MariPrecomputed"))
     P._tracer_cls = _Retracer  # read by torch when it unpickles P (see __reduce__)
     P.meta.update(T.meta)
     new_inputs = []

@@ -20,6 +20,7 @@ from ..frontend.functionalize import is_mutating
 from ..frontend.inputs import USER_INDEX, RequestSpec
 from ..report.record import Record, RefusalRecord
 from ..runtime.checks import Retracer, check_inference, check_request
+from ..runtime.paths import BoundGraphModule, bind_paths
 from . import ops  # noqa: F401  (the core lowerings register themselves in the tables)
 from .context import LAZY_BUILDERS, LOWERINGS, LowerOptions, LoweringContext
 from .values import C, N, U, Blocks, Combo, Lazy, Pieces, Rows, Seq, Value
@@ -259,7 +260,7 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
     """
     root = copy_model(gm)  # split modules replace Linears in the copy only
     graph, record = Lowerer(root, spec, options).run()
-    out = fx.GraphModule(root, graph, class_name="MariModule")
+    out = BoundGraphModule(root, graph, class_name="MariModule")
     # Drop what nothing reads any more (e.g. an unused tuple element), but keep the checks (and any
     # op that could write into its input: functionalize leaves none, this is the safety net).
     out.graph.eliminate_dead_code(is_impure_node=lambda n: n.target in (check_request, check_inference)
@@ -271,4 +272,4 @@ def lower(gm: fx.GraphModule, spec: RequestSpec, options: LowerOptions = LowerOp
     out.training = False
     out.meta["mari_fx.request"] = spec
     out.meta["mari_fx.record"] = record
-    return out
+    return bind_paths(out)  # submodule calls without nn.Module.__getattr__ (runtime/paths.py)

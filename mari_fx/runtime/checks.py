@@ -99,6 +99,36 @@ def _check_values_eager(user_index: torch.Tensor, users: int, name: str) -> None
                         "must equal the rows of user input '" + name + "' (one row per user)")
 
 
+@torch.jit.unused
+def _request_ok(user_index: torch.Tensor, user_inputs: List[torch.Tensor], item_inputs: List[torch.Tensor],
+                user_shapes: Optional[List[List[int]]], item_shapes: Optional[List[List[int]]],
+                user_dtypes: Optional[List[torch.dtype]], item_dtypes: Optional[List[torch.dtype]]) -> bool:
+    """True if the eager request passes every check of :func:`check_request`; False when any
+    may fail (then the full checks run and raise the precise message).  The same facts in
+    fewer Python steps: it runs on every call, where the full checks cost 20 us at N = 10."""
+    try:
+        if user_index.dtype is not torch.int64 or user_index.dim() != 1 or not user_inputs:
+            return False
+        n = user_index.shape[0]
+        u = user_inputs[0].shape[0]
+        if n == 0:
+            return False
+        for inputs, shapes, dtypes, rows in ((item_inputs, item_shapes, item_dtypes, n),
+                                             (user_inputs, user_shapes, user_dtypes, u)):
+            for k, x in enumerate(inputs):
+                size = x.shape
+                if size[0] != rows or (dtypes is not None and x.dtype is not dtypes[k]):
+                    return False
+                if shapes is not None:
+                    if len(size) != len(shapes[k]) or list(size[1:]) != shapes[k][1:]:
+                        return False
+        lo, hi = torch.aminmax(user_index)
+        # CPU: reading the bounds is no device sync; elsewhere the full check asserts on the device
+        return user_index.is_cpu and int(lo) >= 0 and int(hi) + 1 == u
+    except (AttributeError, IndexError, TypeError):  # not a tensor, a 0-d tensor ...
+        return False
+
+
 def check_request(
     user_index: torch.Tensor,
     user_inputs: List[torch.Tensor],
@@ -138,6 +168,10 @@ def check_request(
                 user_index, user_inputs, item_inputs, user_names, item_names, user_shapes, item_shapes,
                 user_dtypes, item_dtypes), {})
             return
+        if not torch.compiler.is_compiling() and _request_ok(
+                user_index, user_inputs, item_inputs, user_shapes, item_shapes, user_dtypes, item_dtypes):
+            return
+        # the request is bad (or empty): the checks below name the culprit
         if not isinstance(user_index, torch.Tensor):
             raise RequestError("user_index must be a tensor ([N] int64: the user of each candidate), got "
                                + ("None" if user_index is None else type(user_index).__name__))
