@@ -127,6 +127,7 @@ def test_deepcopy_pickle_script_keep_outputs_and_copies_are_independent():
         assert C.get_submodule(target) is not T.get_submodule(target)
         torch.testing.assert_close(C(**req), want)
         L = pickle.loads(pickle.dumps(T))
+        assert _walk(L, target) is L.get_submodule(target)
         torch.testing.assert_close(L(**req), want)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -67,6 +67,15 @@ class BoundGraphModule(BoundPaths, fx.GraphModule):
     def __deepcopy__(self, memo: Any) -> "BoundGraphModule":
         return bind_paths(super().__deepcopy__(memo))
 
+    def __reduce__(self) -> Any:
+        # torch pickles a GraphModule as a plain one re-traced from its code: bind that one again
+        return (_unpickle_bound, super().__reduce__())
+
+
+def _unpickle_bound(fn: Any, args: Any) -> fx.GraphModule:
+    gm = fn(*args)
+    return bind_paths(BoundGraphModule(gm, gm.graph, class_name=type(gm).__name__))
+
 
 def bind_paths(gm: fx.GraphModule) -> fx.GraphModule:
     """Store every step of the paths of ``gm``'s called submodules (and of the modules holding
