@@ -81,7 +81,7 @@ def format_results(results: Sequence[Dict[str, Any]], threads: int) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None:
-        _reexec_with_allocator_settings()
+        measure.reexec_with_allocator_settings("bench.precompute")
     p = argparse.ArgumentParser(prog="python -m bench.precompute", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine", "dcn"])
     p.add_argument("--users", type=int, default=1)
@@ -105,18 +105,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.out, "w") as f:
             json.dump({"threads": args.threads, "results": results}, f, indent=2)
     return 0
-
-
-def _reexec_with_allocator_settings() -> None:
-    """As bench.run: glibc's malloc with the mmap/trim thresholds raised, as CPU serving runs, so
-    large per-request tensors do not pay fresh page faults on every call (docs/bench.md)."""
-    import sys
-
-    from bench.run import MALLOC_ENV
-
-    if "--system-malloc" in sys.argv or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
-        return
-    os.execve(sys.executable, [sys.executable, "-m", "bench.precompute", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
 
 
 if __name__ == "__main__":

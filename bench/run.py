@@ -410,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     env["command"] = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
     env["sizes"] = args.sizes
     env["malloc"] = ("glibc defaults (--system-malloc)" if args.system_malloc else
-                     " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in MALLOC_ENV))
+                     " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in measure.MALLOC_ENV))
     print(f"torch {env['torch']} | threads {env['threads']} (interop {env['interop_threads']}) | "
           f"CPU {env['cpu_model']} x{env['cpus_available']} | load {env['loadavg_at_start']}", flush=True)
     print(f"allocator: {env['malloc']}", flush=True)
@@ -493,21 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return result
 
 
-# glibc returns large freed blocks to the OS and page-faults them back on the next call; how
-# often depends on the order of allocations and frees, so it differs between variants that do
-# the same work (measured: mari_fx eager 5.7 ms vs hand-written 4.1 ms at coarse U=1 N=1000
-# with vanilla interleaved; 3.7 vs 3.7 ms with these settings).  Production CPU serving keeps
-# freed memory (jemalloc / tcmalloc, or these two settings); every variant gets the same.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
-
-
-def _reexec_with_allocator_settings() -> None:
-    """glibc reads these at start-up: re-run this process with them unless --system-malloc."""
-    if "--system-malloc" in sys.argv or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
-        return
-    os.execve(sys.executable, [sys.executable, "-m", "bench.run", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
-
 
 if __name__ == "__main__":
-    _reexec_with_allocator_settings()
+    measure.reexec_with_allocator_settings("bench.run")
     main()

@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     f"{m}: {med.get(('original', m), float('nan')):.3f}/{ms:.3f}/{med.get(('hand-written', m), float('nan')):.3f} ms"
                     for (_, m), ms in t.items()), flush=True)
     return {"rows": rows, "skipped": skipped, "threads": args.threads, "load": os.getloadavg(),
-            "seconds": time.perf_counter() - t_start, "torch": torch.__version__, "sizes": sizes}
+            "seconds": time.perf_counter() - t_start, "torch": torch.__version__, "sizes": sizes,
+            "malloc": " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in measure.MALLOC_ENV)}
 
 
 def write(result: Dict[str, Any], out: str, plot: bool = True) -> None:
@@ -155,7 +156,7 @@ def write(result: Dict[str, Any], out: str, plot: bool = True) -> None:
     lines = ["# Serving options: original vs transformed vs hand-written", "",
              f"`python -m bench.serving` ({result['sizes']} sizes, torch {result['torch']}, "
              f"{result['threads']} threads, load average at the end {' '.join(f'{x:.2f}' for x in result['load'])}, "
-             f"{result['seconds']:.0f} s).  Transformed = `mari_fx.transform(..., reassociate=True)` with the "
+             f"{result['seconds']:.0f} s, {result.get('malloc', 'glibc defaults')}).  Transformed = `mari_fx.transform(..., reassociate=True)` with the "
              "request check on.  Medians of per-call latencies measured interleaved in one process; "
              "`x orig` = original / transformed, `/ hand` = transformed / hand-written (same mode), "
              "`/ hand eager` = transformed / hand-written eager.  Methodology: docs/bench.md.", "",
@@ -191,6 +192,8 @@ def write(result: Dict[str, Any], out: str, plot: bool = True) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:
+        measure.reexec_with_allocator_settings("bench.serving")
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, eager + script, N in {10, 100}, U=1, 2 rounds")
     p.add_argument("--models", default=",".join(MODELS))
@@ -203,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cell-budget-s", type=float, default=None)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default trimming (see bench.run)")
     args = p.parse_args(argv)
     q = args.quick
     args.modes = args.modes or ("eager,script" if q else ",".join(MODES))
