@@ -137,6 +137,32 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "malloc": " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in measure.MALLOC_ENV)}
 
 
+def target_misses(result: Dict[str, Any]) -> List[str]:
+    """The cells that miss a serving target: transformed >= 1.0x the original (eager); transformed /
+    hand-written eager <= 1.10 at N = 10 and <= 1.05 above; compiled transformed no slower than
+    hand-written eager.  Each miss says whether the two interquartile ranges overlap (then the
+    gap is within this run's spread)."""
+    by = {(r["model"], r["users"], r["candidates"], r["side"], r["mode"]): r for r in result["rows"]}
+    misses = []
+    for (m, u, n, side, mode), t in sorted(by.items()):
+        if side != "transformed" or mode not in ("eager", "compile"):
+            continue
+        o, h = by.get((m, u, n, "original", "eager")), by.get((m, u, n, "hand-written", "eager"))
+        checks = []  # (what, the side that should be faster, the other, missed)
+        if mode == "eager" and o:
+            checks.append(("x orig >= 1.00", t, o, o["median_ms"] < t["median_ms"]))
+        if h:
+            bound = 1.0 if mode == "compile" else (1.10 if n <= 10 else 1.05)
+            checks.append((f"/ hand eager <= {bound:.2f}", t, h, t["median_ms"] > bound * h["median_ms"]))
+        for what, mine, other, missed in checks:
+            if missed:
+                overlap = mine["p25_ms"] <= other["p75_ms"] and other["p25_ms"] <= mine["p75_ms"]
+                misses.append(f"{m} U={u} N={n} {mode}: {what}: transformed {mine['median_ms']:.3f} ms, "
+                              f"{other['side']} eager {other['median_ms']:.3f} ms"
+                              + (" (interquartile ranges overlap)" if overlap else ""))
+    return misses
+
+
 def write(result: Dict[str, Any], out: str, plot: bool = True) -> None:
     from tabulate import tabulate
 
@@ -162,6 +188,11 @@ def write(result: Dict[str, Any], out: str, plot: bool = True) -> None:
              "`/ hand eager` = transformed / hand-written eager.  Methodology: docs/bench.md.", "",
              tabulate(table, headers=["model", "U", "N", "mode", "original ms", "transformed ms", "hand ms",
                                       "x orig", "/ hand", "/ hand eager"], tablefmt="github"), ""]
+    misses = target_misses(result)
+    lines += ["## Targets", "", "Transformed >= 1.0x the original (eager); transformed / hand-written eager <= 1.10 at "
+              "N = 10, <= 1.05 above; transformed compiled <= hand-written eager.  "
+              + (f"{len(misses)} misses:" if misses else "Every cell meets them."), ""]
+    lines += [f"- {x}" for x in misses] + ([""] if misses else [])
     if result["skipped"]:
         lines += ["## Not measured", ""] + [f"- {k}: {v}" for k, v in result["skipped"].items()] + [""]
     with open(os.path.join(out, "serving.md"), "w") as f:

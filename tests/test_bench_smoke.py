@@ -223,3 +223,27 @@ def test_serving_quick_run(tmp_path):
             assert r["x_orig"] > 0 and r["vs_hand"] > 0
     assert "| coarse" in (tmp_path / "serving.md").read_text()
     assert (tmp_path / "serving.png").stat().st_size > 1000
+
+
+def test_serving_target_misses():
+    """bench.serving's target list names exactly the cells that miss a target, and says when the
+    gap is within the run's interquartile spread."""
+    from bench.serving import target_misses
+
+    def row(side, mode, ms, n=10, spread=0.01):
+        return {"model": "m", "users": 1, "candidates": n, "side": side, "mode": mode, "median_ms": ms,
+                "p25_ms": ms - spread, "p75_ms": ms + spread}
+
+    ok = [row("original", "eager", 1.2), row("transformed", "eager", 1.05), row("hand-written", "eager", 1.0),
+          row("transformed", "compile", 0.99)]
+    assert target_misses({"rows": ok}) == []
+    slow = [row("original", "eager", 1.0), row("transformed", "eager", 1.2), row("hand-written", "eager", 1.0),
+            row("transformed", "compile", 1.01, spread=0.5)]
+    misses = target_misses({"rows": slow})
+    assert len(misses) == 3, misses
+    assert misses[0].startswith("m U=1 N=10 compile: / hand eager <= 1.00") and "overlap" in misses[0]
+    assert "x orig >= 1.00" in misses[1] and "overlap" not in misses[1]
+    assert "/ hand eager <= 1.10" in misses[2]
+    # above N = 10 the bound is 1.05
+    big = [row("transformed", "eager", 1.06, n=100), row("hand-written", "eager", 1.0, n=100)]
+    assert [m.split(": ")[1] for m in target_misses({"rows": big})] == ["/ hand eager <= 1.05"]
