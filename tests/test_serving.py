@@ -140,3 +140,34 @@ def test_cli_bench(capsys):
     # bad lists are usage errors (exit 2) with one line on stderr
     assert main(["bench", "mari_fx.testing.factories:coarse_ranker", "--user", "user", "--candidates", "ten"]) == 2
     assert "mari-fx: error:" in capsys.readouterr().err
+
+
+def test_size_only_factories_built_at_n_rows_not_gathered():
+    """``torch.zeros(x.shape[0], k)`` read at N rows is built at N rows (one write), not built at U
+    rows and gathered; at U rows (inside the user tower) it stays at U rows."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower, self.head = nn.Linear(8, 8), nn.Linear(13, 1)
+
+        def forward(self, u, i):
+            b = u.shape[0]
+            h = self.tower(u + torch.ones(b, 8))             # user tower: ones at U rows
+            return self.head(torch.cat([h, i], -1)) + torch.zeros(b, 1, dtype=torch.float64)
+
+    model = Model().eval()
+    idx = ragged_index(3, 9)
+    T = mari_fx.transform(model, ["u"], (torch.randn(3, 8)[idx], torch.randn(9, 5)), cost_model=False)
+    factories = [n for n in T.graph.nodes if "ones" in str(n.target) or "zeros" in str(n.target)]
+    rows = {"ones" if "ones" in str(n.target) else "zeros": n.meta.get(ROWS_KEY) for n in factories}
+    assert len(factories) == 2 and rows == {"ones": "U", "zeros": "N"}, rows
+    gathered = {n.args[0] for n in T.graph.nodes if n.target is torch.index_select}
+    assert not gathered & set(factories)  # no factory output is gathered
+    for U, N in ((1, 1), (3, 9), (4, 20)):
+        idx = ragged_index(U, N)
+        u, i = torch.randn(U, 8), torch.randn(N, 5)
+        got = T(u=u, i=i, user_index=idx)
+        want = model(u[idx], i)
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want)

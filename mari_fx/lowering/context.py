@@ -150,6 +150,10 @@ class LoweringContext:
             out = self.emit(v.orig, N, self.materialize).node
         elif v.level != U:
             return v.node
+        elif _is_batched_tensor(v) and _from_sizes_only(v.orig):
+            # torch.zeros(b, k) and the like: built at N rows it costs one write, less than
+            # building it at U rows and gathering it (and it is what the pair model computes)
+            out = self._reemit(v.orig)
         elif _is_batched_tensor(v) or _row_gather(v) is not None:
             gather = _row_gather(v)  # an extension's gather for a non-tensor value (e.g. a KeyedTensor)
             out = (self.graph.call_function(torch.index_select, (v.node, 0, self.user_index)) if gather is None
@@ -369,6 +373,19 @@ def _is_batched_tensor(v: Rows) -> bool:
         return True
     info = v.orig.meta.get(VALUE_KEY)
     return isinstance(info, TensorInfo) and info.ndim >= 1
+
+
+def _is_data_free(info: Any) -> bool:
+    if isinstance(info, tuple):
+        return all(_is_data_free(i) for i in info)
+    return isinstance(info, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size))
+
+
+def _from_sizes_only(orig: Optional[fx.Node]) -> bool:
+    """A tensor computed from no tensor at all: a factory over sizes and constants
+    (``torch.zeros(x.size(0), 4)``); its input nodes are sizes, not data."""
+    return (orig is not None and orig.op == "call_function" and bool(orig.all_input_nodes)
+            and all(_is_data_free(a.meta.get(VALUE_KEY, TensorInfo((), torch.float32))) for a in orig.all_input_nodes))
 
 
 def _unslice(nodes: List[Any]) -> List[Any]:
