@@ -124,9 +124,31 @@ def op_profile(fn: Callable[[], object], calls: int = 5) -> Dict[str, Tuple[floa
 
 
 class Samples(dict):
-    """Latencies per variant; ``rounds``: how many rounds ran."""
+    """Latencies per variant; ``rounds``: how many rounds ran; ``round_of[k][j]``: the round of
+    ``self[k][j]``."""
 
     rounds = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.round_of: Dict[str, List[int]] = {k: [] for k in self}
+
+    def paired_ratio(self, a: str, b: str) -> float:
+        """Median over rounds of (median latency of ``a`` / median latency of ``b``) in the same
+        round: the two ran back to back, so load that changes from round to round cancels.
+
+        Example:
+            >>> s = Samples({"a": [2.0, 2.2, 8.0, 8.8], "b": [1.0, 1.0, 4.0, 4.0]})
+            >>> s.round_of = {"a": [0, 0, 1, 1], "b": [0, 0, 1, 1]}
+            >>> round(s.paired_ratio("a", "b"), 3)
+            2.1
+        """
+        ratios = []
+        for r in sorted(set(self.round_of[a]) & set(self.round_of[b])):
+            xa = [x for x, q in zip(self[a], self.round_of[a]) if q == r]
+            xb = [x for x, q in zip(self[b], self.round_of[b]) if q == r]
+            ratios.append(quantile(xa, 0.5) / quantile(xb, 0.5))
+        return quantile(ratios, 0.5)
 
 
 def interleaved_latency(
@@ -179,6 +201,7 @@ def interleaved_latency(
                         t0 = time.perf_counter_ns()
                         fn()
                         out.append((time.perf_counter_ns() - t0) * 1e-9)
+                        samples.round_of[k].append(r)
                 samples.rounds = r + 1
                 if r >= 2 and time.perf_counter() - start > budget_s:
                     break

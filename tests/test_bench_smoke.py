@@ -226,24 +226,37 @@ def test_serving_quick_run(tmp_path):
 
 
 def test_serving_target_misses():
-    """bench.serving's target list names exactly the cells that miss a target, and says when the
-    gap is within the run's interquartile spread."""
+    """bench.serving's target list names exactly the cells that miss a target (by the rows' ratios),
+    and says when the gap is within the run's interquartile spread."""
     from bench.serving import target_misses
 
-    def row(side, mode, ms, n=10, spread=0.01):
+    def row(side, mode, ms, n=10, spread=0.01, **ratios):
         return {"model": "m", "users": 1, "candidates": n, "side": side, "mode": mode, "median_ms": ms,
-                "p25_ms": ms - spread, "p75_ms": ms + spread}
+                "p25_ms": ms - spread, "p75_ms": ms + spread, **ratios}
 
-    ok = [row("original", "eager", 1.2), row("transformed", "eager", 1.05), row("hand-written", "eager", 1.0),
-          row("transformed", "compile", 0.99)]
+    ok = [row("original", "eager", 1.2), row("transformed", "eager", 1.05, x_orig=1.14, vs_hand_eager=1.05),
+          row("hand-written", "eager", 1.0), row("transformed", "compile", 0.99, vs_hand_eager=0.99)]
     assert target_misses({"rows": ok}) == []
-    slow = [row("original", "eager", 1.0), row("transformed", "eager", 1.2), row("hand-written", "eager", 1.0),
-            row("transformed", "compile", 1.01, spread=0.5)]
+    slow = [row("original", "eager", 1.0), row("transformed", "eager", 1.2, x_orig=0.83, vs_hand_eager=1.2),
+            row("hand-written", "eager", 1.0), row("transformed", "compile", 1.01, spread=0.5, vs_hand_eager=1.01)]
     misses = target_misses({"rows": slow})
     assert len(misses) == 3, misses
-    assert misses[0].startswith("m U=1 N=10 compile: / hand eager <= 1.00") and "overlap" in misses[0]
-    assert "x orig >= 1.00" in misses[1] and "overlap" not in misses[1]
-    assert "/ hand eager <= 1.10" in misses[2]
-    # above N = 10 the bound is 1.05
-    big = [row("transformed", "eager", 1.06, n=100), row("hand-written", "eager", 1.0, n=100)]
+    assert misses[0].startswith("m U=1 N=10 compile: / hand eager <= 1.00: 1.010") and "overlap" in misses[0]
+    assert "x orig >= 1.00: 0.830" in misses[1] and "overlap" not in misses[1]
+    assert "/ hand eager <= 1.10: 1.200" in misses[2]
+    # above N = 10 the bound is 1.05; the ratio decides, not the medians
+    big = [row("transformed", "eager", 1.06, n=100, vs_hand_eager=1.06), row("hand-written", "eager", 1.0, n=100)]
     assert [m.split(": ")[1] for m in target_misses({"rows": big})] == ["/ hand eager <= 1.05"]
+    paired = [row("transformed", "eager", 1.06, n=100, vs_hand_eager=1.01), row("hand-written", "eager", 1.0, n=100)]
+    assert target_misses({"rows": paired}) == []
+
+
+def test_paired_ratio_cancels_round_to_round_load():
+    """measure.Samples.paired_ratio compares the sides within each round: a round where the machine
+    was 4x slower for both sides does not move the ratio (the ratio of overall medians moves)."""
+    from bench.measure import Samples
+
+    s = Samples({"a": [1.1, 1.1, 4.4, 4.4, 4.4], "b": [1.0, 1.0, 1.0, 4.0, 4.0]})
+    s.round_of = {"a": [0, 0, 1, 1, 1], "b": [0, 0, 0, 1, 1]}
+    assert s.paired_ratio("a", "b") == pytest.approx(1.1)
+    assert sorted(s["a"])[2] / sorted(s["b"])[2] == pytest.approx(4.4)  # what the medians would say
