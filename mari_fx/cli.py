@@ -359,8 +359,8 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"mari-fx bench: {type(model).__name__} ({args.target})")
     print(environment())
-    print("median latency per call, spread = interquartile range / median, speedup = original / transformed, "
-          "FLOPs ratio = original / transformed")
+    print("median latency per call, spread = interquartile range / median, "
+          "speedup = median of per-round original / transformed, FLOPs ratio = original / transformed")
     print("")
     print(format_table(rows))
     return EXIT_OK

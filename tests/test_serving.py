@@ -110,6 +110,17 @@ def test_pieces_gathered_once_and_cats_shared():
     torch.testing.assert_close(got, want)
 
 
+def test_paired_ratio_is_per_round():
+    """A round where both sides ran 4x slower leaves the speedup alone; the medians alone would not."""
+    from mari_fx.report.timing import paired_ratio
+
+    orig = [[1.1, 1.1], [4.4, 4.4, 4.4]]
+    trans = [[1.0, 1.0, 1.0], [4.0, 4.0]]
+    assert paired_ratio(orig, trans) == pytest.approx(1.1)
+    flat_o, flat_t = sorted(sum(orig, [])), sorted(sum(trans, []))
+    assert flat_o[2] / flat_t[2] == pytest.approx(4.4)
+
+
 def test_compare_times_both_sides():
     from mari_fx.testing.factories import coarse_ranker
 
@@ -119,7 +130,7 @@ def test_compare_times_both_sides():
     assert [(r["users"], r["candidates"]) for r in rows] == [(1, 4), (1, 16), (8, 16)]  # U <= N only
     for r in rows:
         assert r["original_median_ms"] > 0 and r["transformed_median_ms"] > 0 and r["original_calls"] >= 2
-        assert r["speedup"] == pytest.approx(r["original_median_ms"] / r["transformed_median_ms"])
+        assert r["speedup"] > 0
         assert r["flops_ratio"] > 1  # the tower runs once per user
     assert "FLOPs ratio" in format_table(rows)
 

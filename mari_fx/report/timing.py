@@ -4,8 +4,9 @@ Both run in this process on the same request (the original on pair-shaped inputs
 from it before timing), interleaved: in every round each side runs a batch of calls, the
 order alternating, so drift in machine load hits both alike.  Every call is timed on its
 own; the table gives the median, the spread (interquartile range over the median), the
-speedup (original median / transformed median) and the FLOPs ratio (original / transformed,
-``torch.utils.flop_counter``).  See docs/bench-your-model.md.
+speedup (the median over rounds of original / transformed within a round: the two ran back
+to back, so load that changes between rounds cancels) and the FLOPs ratio (original /
+transformed, ``torch.utils.flop_counter``).  See docs/bench-your-model.md.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, round_s: float, warmup: int) -> Dict[str, List[float]]:
-    """Per-call latencies (seconds) of each function, measured in alternating rounds."""
+def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, round_s: float,
+                 warmup: int) -> Dict[str, List[List[float]]]:
+    """Per-call latencies (seconds) of each function, one list per round, measured in alternating rounds."""
     calls: Dict[str, int] = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -42,14 +44,15 @@ def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, round_s: float,
         fn()
         one = max(time.perf_counter() - t0, 1e-7)
         calls[name] = max(1, min(1000, int(round_s / one)))
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    samples: Dict[str, List[List[float]]] = {name: [] for name in fns}
     order = list(fns)
     enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(rounds):
             for name in (order if r % 2 == 0 else order[::-1]):
-                fn, xs = fns[name], samples[name]
+                fn, xs = fns[name], []
+                samples[name].append(xs)
                 for _ in range(calls[name]):
                     t0 = time.perf_counter_ns()
                     fn()
@@ -58,6 +61,17 @@ def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, round_s: float,
         if enabled:
             gc.enable()
     return samples
+
+
+def paired_ratio(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+    """The median over rounds of ``median(a[r]) / median(b[r])``: the two sides of a round ran
+    back to back, so a round in which the machine was slower for both does not move it.
+
+    Example:
+        >>> paired_ratio([[2.0, 2.2], [8.0, 8.8, 8.4]], [[1.0], [4.0, 4.0]])  # round 2 ran 4x slower
+        2.1
+    """
+    return _quantile([_quantile(x, 0.5) / _quantile(y, 0.5) for x, y in zip(a, b)], 0.5)
 
 
 def compare(model: nn.Module, T: fx.GraphModule, *, users: Sequence[int] = (1, 8),
@@ -71,7 +85,7 @@ def compare(model: nn.Module, T: fx.GraphModule, *, users: Sequence[int] = (1, 8
     (``torch.testing.assert_close``).  With ``compiled`` both are also timed under
     ``torch.compile`` (compilation happens in the warm-up, outside the timed calls).
     Returns one dict per (mode, U, N): ``median_ms`` / ``spread`` per side, ``speedup``
-    (original / transformed) and ``flops_ratio`` (original FLOPs / transformed FLOPs).
+    (original / transformed: the median of the per-round ratios) and ``flops_ratio`` (original FLOPs / transformed FLOPs).
 
     Example:
         >>> import torch, mari_fx
@@ -121,12 +135,12 @@ def compare(model: nn.Module, T: fx.GraphModule, *, users: Sequence[int] = (1, 8
                     samples = _interleaved(fns, rounds, round_s, warmup)
                 row: Dict[str, Any] = {"mode": mode, "users": u, "candidates": n}
                 for side in SIDES:
-                    xs = samples[side]
+                    xs = [x for per_round in samples[side] for x in per_round]
                     med = _quantile(xs, 0.5)
                     row[f"{side}_median_ms"] = med * 1e3
                     row[f"{side}_spread"] = (_quantile(xs, 0.75) - _quantile(xs, 0.25)) / med
                     row[f"{side}_calls"] = len(xs)
-                row["speedup"] = row["original_median_ms"] / row["transformed_median_ms"]
+                row["speedup"] = paired_ratio(samples["original"], samples["transformed"])
                 row["flops_ratio"] = flops["original"] / flops["transformed"] if flops["transformed"] else None
                 rows.append(row)
                 if bar is not None:
