@@ -183,7 +183,8 @@ def write(result: Dict[str, Any], out: str, plot: bool = True) -> None:
     lines = ["# Serving options: original vs transformed vs hand-written", "",
              f"`python -m bench.serving` ({result['sizes']} sizes, torch {result['torch']}, "
              f"{result['threads']} threads, load average at the end {' '.join(f'{x:.2f}' for x in result['load'])}, "
-             f"{result['seconds']:.0f} s, {result.get('malloc', 'glibc defaults')}).  Transformed = `mari_fx.transform(..., reassociate=True)` with the "
+             f"{result['seconds']:.0f} s, {result.get('malloc', 'glibc defaults')}).  "
+             "Transformed = `mari_fx.transform(..., reassociate=True)` with the "
              "request check on.  Medians of per-call latencies measured interleaved in one process; ratios are "
              "medians over rounds of the ratio within a round (the sides ran back to back); "
              "`x orig` = original / transformed, `/ hand` = transformed / hand-written (same mode), "

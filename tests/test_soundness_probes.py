@@ -125,7 +125,8 @@ def _pairs(U, N, seed):
 
 def _state(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: (type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()})
+            {n: (type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+             for n, m in model.named_modules()})
 
 
 def verdict(name):
@@ -147,7 +148,8 @@ def verdict(name):
             with torch.no_grad():
                 want = model(*pairs)
                 got = T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx))
-            if got.shape != want.shape or got.dtype != want.dtype or not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+            if (got.shape != want.shape or got.dtype != want.dtype
+                    or not torch.allclose(got, want, rtol=1e-5, atol=1e-5)):
                 return f"wrong at U={U} N={N}"
     return "exact"
 

@@ -384,8 +384,9 @@ def _is_data_free(info: Any) -> bool:
 def _from_sizes_only(orig: Optional[fx.Node]) -> bool:
     """A tensor computed from no tensor at all: a factory over sizes and constants
     (``torch.zeros(x.size(0), 4)``); its input nodes are sizes, not data."""
-    return (orig is not None and orig.op == "call_function" and bool(orig.all_input_nodes)
-            and all(_is_data_free(a.meta.get(VALUE_KEY, TensorInfo((), torch.float32))) for a in orig.all_input_nodes))
+    if orig is None or orig.op != "call_function" or not orig.all_input_nodes:
+        return False
+    return all(_is_data_free(a.meta.get(VALUE_KEY, TensorInfo((), torch.float32))) for a in orig.all_input_nodes)
 
 
 def _unslice(nodes: List[Any]) -> List[Any]:

@@ -85,7 +85,8 @@ def compare(model: nn.Module, T: fx.GraphModule, *, users: Sequence[int] = (1, 8
     (``torch.testing.assert_close``).  With ``compiled`` both are also timed under
     ``torch.compile`` (compilation happens in the warm-up, outside the timed calls).
     Returns one dict per (mode, U, N): ``median_ms`` / ``spread`` per side, ``speedup``
-    (original / transformed: the median of the per-round ratios) and ``flops_ratio`` (original FLOPs / transformed FLOPs).
+    (original / transformed: the median of the per-round ratios) and ``flops_ratio``
+    (original FLOPs / transformed FLOPs).
 
     Example:
         >>> import torch, mari_fx
