@@ -476,3 +476,40 @@ def test_kjt_catalog_refresh_and_bad_catalogs():
     with torch.no_grad():
         got = P(user_dense=batch.user_dense, features_user=batch.user_kjt, item_row=rows, user_index=batch.user_index)
         torch.testing.assert_close(got, model(*pairs))
+
+
+class _WritesIntoKeyedTensor(TorchRecRanker):
+    """Doubles the pooled embeddings in place through ``kt.values()``, then reads the KeyedTensor
+    again: the write lands in memory the KeyedTensor holds."""
+
+    def forward(self, user_dense, item_dense, features):
+        kt = self.ebc(features)
+        kt.values().mul_(2.0)
+        x = torch.cat([self.user_tower(user_dense), kt.values(), item_dense], dim=1)
+        return self.over(x).squeeze(-1)
+
+
+def _kt_writer_verdict():
+    torch.manual_seed(0)
+    model = _WritesIntoKeyedTensor().eval()
+    T = mari_fx.transform(model, ["user_dense", "features[user_id]", "features[user_hist]"],
+                          RankerBatch.random(2, 5, seed=1).pairs())
+    b = RankerBatch.random(3, 9, seed=4)
+    got = T(user_dense=b.user_dense, item_dense=b.item_dense, features_user=b.user_kjt, features_item=b.item_kjt,
+            user_index=b.user_index)
+    return torch.allclose(got, model(*b.pairs()), atol=1e-5)
+
+
+def test_write_into_memory_a_keyed_tensor_holds_is_refused():
+    """``kt.values().mul_(2)`` writes into the KeyedTensor; a later ``kt.values()`` is a fresh call
+    the functional graph cannot redirect, so the write is refused (naming it), not lost."""
+    with pytest.raises(mari_fx.TraceError, match=r"mul_.*holds.*KeyedTensor|KeyedTensor.*holds"):
+        _kt_writer_verdict()
+
+
+def test_control_write_into_keyed_tensor_without_the_refusal(monkeypatch):
+    """Positive control: without the refusal the transform succeeds and gives a wrong answer."""
+    from mari_fx.frontend import functionalize
+
+    monkeypatch.setattr(functionalize, "_held_tensors", lambda value: [])
+    assert _kt_writer_verdict() is False

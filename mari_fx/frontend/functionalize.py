@@ -29,7 +29,9 @@ Refused, with the node and the fix in the message:
 * mutation through an alias mari_fx cannot invert (``expand``, ``as_strided``, an
   opaque call that returned a view) when the base or another view is read afterwards,
   in-place ops without an out-of-place form (``resize_``, ``unsqueeze_``, random fills),
-  mutation of a Python list -- :class:`~mari_fx.errors.TraceError`.
+  mutation of a Python list, a write into memory a non-tensor value holds (``kt.values().mul_(2)``
+  on a KeyedTensor: later ``kt.values()`` calls are fresh reads the pass cannot redirect) --
+  :class:`~mari_fx.errors.TraceError`.
 """
 from __future__ import annotations
 
@@ -259,6 +261,21 @@ def _storage(t: torch.Tensor) -> Optional[int]:
         return None
 
 
+def _held_tensors(value: Any) -> List[torch.Tensor]:
+    """Tensors an object that is not itself a tensor or a plain container holds as attributes
+    (one level, and in lists / tuples / dicts there)."""
+    if isinstance(value, (torch.Tensor, list, tuple, dict, str, bytes, int, float, bool, type(None))):
+        return []
+    attrs = getattr(value, "__dict__", None)
+    if not isinstance(attrs, dict):
+        return []
+    out: List[torch.Tensor] = []
+    for v in attrs.values():
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+        out.extend(t for t in items if isinstance(t, torch.Tensor))
+    return out
+
+
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
             and a.storage_offset() == b.storage_offset() and _storage(a) == _storage(b))
@@ -381,6 +398,15 @@ class _Rewriter:
                 key = _storage(t)
                 if key is not None:
                     self.state.setdefault(key, f"{kind} {name!r}")
+        # memory held inside non-tensor values (a KeyedTensor's values, a KJT's ids): views of it
+        # come out of method calls the pass cannot see through (``kt.values()``, ``kt.to_dict()``,
+        # a regroup that copies), so a write into it cannot be followed to later readers
+        self.opaque: Dict[int, fx.Node] = {}
+        for node, value in facts.values.items():
+            for t in _held_tensors(value):
+                key = _storage(t)
+                if key is not None:
+                    self.opaque.setdefault(key, node)
         self._node: Optional[fx.Node] = None
 
     # -- reading old values in the new graph
@@ -475,6 +501,11 @@ class _Rewriter:
                 f"{_where(self._node)} updates {self.state[g.key]} in place: mari_fx transforms stateless "
                 "inference forwards; move the update out of forward (or compute the new value out of place "
                 "and return it)")
+        owner = self.opaque.get(g.key)
+        if owner is not None:
+            raise _refuse(self._node, f"it writes into memory that {owner.format_node()} (a "
+                                      f"{type(self.facts.values[owner]).__name__}) holds, which later reads of it "
+                                      "would not see")
         g.last_mutation = self._node
         path = self.path[target]
         if path is None or g.broken_by is not None:
