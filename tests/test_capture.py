@@ -79,3 +79,74 @@ def test_when_both_routes_fail_the_error_names_the_construct():
     assert "torch.fx cannot trace DataDependent" in msg
     assert "cause: data-dependent Python control flow" in msg
     assert "torch.export also failed" in msg
+
+
+# --------------------------------------------------------------------------- forward hooks
+from mari_fx.testing.examples import CoarseRanker  # noqa: E402
+
+
+def _hooked(setup, **options):
+    torch.manual_seed(0)
+    model = CoarseRanker().eval()
+    setup(model)
+    idx = torch.tensor([0, 0, 1, 2, 2, 2])
+    return model, mari_fx.transform(model, ["user"], (torch.randn(3, 16)[idx], torch.randn(6, 8)), **options)
+
+
+def _exact(model, T):
+    for U, N in ((1, 3), (2, 5), (4, 9)):
+        idx = ragged_index(U, N)
+        u, i = torch.randn(U, 16), torch.randn(N, 8)
+        if not torch.allclose(T(user=u, item=i, user_index=idx), model(u[idx], i), atol=1e-5):
+            return False
+    return True
+
+
+HOOKS = {
+    "forward hook on the split Linear": lambda m: m.fusion[0].register_forward_hook(lambda mod, a, out: out * 2),
+    "pre-hook on the split Linear": lambda m: m.fusion[0].register_forward_pre_hook(lambda mod, a: (a[0] * 0.5,)),
+    "batch-centering hook on a user Linear": lambda m: m.user_tower[0].register_forward_hook(
+        lambda mod, a, out: out - out.mean(0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOOKS))
+def test_forward_hooks_of_torch_nn_modules_are_traced_with_them(name):
+    """A torch.nn module with hooks is traced through, hooks included: the split still happens
+    (on the traced ``F.linear``) and the hook's code runs where the model runs it."""
+    model, T = _hooked(HOOKS[name])
+    assert _exact(model, T)
+    split = T.meta["mari_fx.record"].split_layers
+    if "centering" in name:
+        assert split == ()  # centering over the batch mixes every user column: nothing to split
+    else:
+        assert len(split) == 1 and split != ("fusion.0",)  # split as the traced F.linear, not the module
+
+
+def test_control_hooks_lost_when_hooked_modules_stay_leaves(monkeypatch):
+    """Positive control: keeping hooked torch.nn modules as leaves loses the split layer's hook."""
+    from mari_fx.frontend import capture
+
+    monkeypatch.setattr(capture, "_hooks", lambda m: False)
+    assert not _exact(*_hooked(HOOKS["forward hook on the split Linear"]))
+
+
+def test_hooks_the_graph_cannot_follow_are_refused_naming_them():
+    with pytest.raises(mari_fx.TraceError, match=r"the model \(CoarseRanker\) has a forward hook"):
+        _hooked(lambda m: m.register_forward_hook(lambda mod, a, out: out + 1))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, a, out: None)
+    try:
+        with pytest.raises(mari_fx.TraceError, match="global module forward hooks"):
+            _hooked(lambda m: None)
+    finally:
+        handle.remove()
+
+    class Opaque(nn.Linear):
+        pass
+
+    def setup(m):
+        m.fusion[2] = Opaque(64, 32)
+        m.fusion[2].register_forward_hook(lambda mod, a, out: out * 3)
+
+    with pytest.raises(mari_fx.TraceError, match=r"module 'fusion.2' \(Opaque\) has a forward hook"):
+        _hooked(setup, leaf_modules=[Opaque])

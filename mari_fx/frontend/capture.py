@@ -106,6 +106,45 @@ def _unwrap_data_parallel(model: nn.Module) -> Optional[nn.Module]:
 register_capture_hook(_unwrap_data_parallel)
 
 
+def _hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def refuse_hooks(model: nn.Module, leaf_modules: Iterable[Type[nn.Module]] = ()) -> None:
+    """Raise :class:`TraceError` for forward hooks the captured graph would not follow: on the
+    model itself (tracing runs ``forward``, not the hooks around it), global module hooks, and
+    hooks on modules that stay calls in the graph (registered leaf modules, the submodules a
+    GraphModule calls), which ``T`` would call at other rows or replace by a split layer.
+    Hooks on other torch.nn modules are traced with them (:class:`MariTracer`).
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> _ = m.register_forward_hook(lambda mod, inp, out: out * 2)
+        >>> refuse_hooks(m)
+        Traceback (most recent call last):
+        ...
+        mari_fx.errors.TraceError: the model (Linear) has a forward hook or pre-hook: mari_fx captures forward(), which does not run it, so the transformed module would not either; remove the hook (or call the model from a wrapper module whose forward runs it)
+    """
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        raise TraceError("global module forward hooks are registered (torch.nn.modules.module."
+                         "register_module_forward_hook / _pre_hook): they would run on the transformed module's "
+                         "calls at other rows; remove them before mari_fx.transform")
+    if _hooks(model):
+        raise TraceError(f"the model ({type(model).__name__}) has a forward hook or pre-hook: mari_fx captures "
+                         "forward(), which does not run it, so the transformed module would not either; remove the "
+                         "hook (or call the model from a wrapper module whose forward runs it)")
+    leaves = tuple(leaf_modules) + tuple(LEAF_MODULES.keys())
+    called = ({n.target for n in model.graph.nodes if n.op == "call_module"}
+              if isinstance(model, fx.GraphModule) else set())
+    for name, m in model.named_modules():
+        if name and _hooks(m) and (isinstance(m, leaves) or name in called):
+            raise TraceError(f"module {name!r} ({type(m).__name__}) has a forward hook or pre-hook, and mari_fx "
+                             "keeps it a call it does not look into: the hook would run at other rows or be lost "
+                             "in a split layer; remove the hook")
+
+
 class MariTracer(fx.Tracer):
     """``torch.fx.Tracer`` whose leaves are torch.nn modules plus ``leaf_modules`` and
     the classes of :func:`register_leaf_module`."""
@@ -116,7 +155,11 @@ class MariTracer(fx.Tracer):
         self.record_stack_traces = True  # errors about a node quote the model's source line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, self.extra_leaves):
+            return True
+        # a torch.nn module with forward hooks is traced through (fx runs its hooks while tracing
+        # a non-leaf): as a leaf, a split or a U-row call would lose or misplace the hooks' code
+        return not _hooks(m) and super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -168,6 +211,7 @@ def capture(
         model = unwrap(model)  # wrappers users hold (DistributedDataParallel, extensions' own)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
+    refuse_hooks(model, leaf_modules or ())
     # Everything after capture (in-place modules made out of place, split layers) happens on a
     # copy: the model the caller holds is never changed.
     try:
