@@ -150,3 +150,50 @@ def test_hooks_the_graph_cannot_follow_are_refused_naming_them():
 
     with pytest.raises(mari_fx.TraceError, match=r"module 'fusion.2' \(Opaque\) has a forward hook"):
         _hooked(setup, leaf_modules=[Opaque])
+
+
+class AutocastTower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tower, self.head = nn.Linear(6, 8), nn.Linear(8 + 5, 1)
+
+    def forward(self, u, i):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.tower(u)
+        return self.head(torch.cat([h.float(), i], 1))
+
+
+def _autocast_verdict():
+    torch.manual_seed(0)
+    model = AutocastTower().eval()
+    idx = ragged_index(3, 8)
+    T = mari_fx.transform(model, ["u"], (torch.randn(3, 6)[idx], torch.randn(8, 5)))
+    idx = ragged_index(3, 9)
+    u, i = torch.randn(3, 6), torch.randn(9, 5)
+    return torch.allclose(T(u=u, i=i, user_index=idx), model(u[idx], i), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_region_in_forward_is_refused():
+    """torch.fx does not record autocast regions: the graph would compute in fp32 where the model
+    computes in bf16.  Refused with the construct named (not handed to torch.export)."""
+    with pytest.raises(mari_fx.TraceError, match="torch.autocast region"):
+        _autocast_verdict()
+
+
+def test_control_autocast_region_ignored(monkeypatch):
+    """Positive control: not watching the autocast state, the transform succeeds and differs."""
+    from mari_fx.frontend import capture
+
+    monkeypatch.setattr(capture, "_autocast_state", lambda: ())
+    assert _autocast_verdict() is False
+
+
+def test_compiled_model_is_transformed_as_the_model_it_wraps():
+    """``torch.compile(model)`` computes what ``model`` computes: mari_fx unwraps it (as DDP)."""
+    torch.manual_seed(0)
+    model = CoarseRanker().eval()
+    idx = ragged_index(3, 8)
+    example = (torch.randn(3, 16)[idx], torch.randn(8, 8))
+    T = mari_fx.transform(torch.compile(model), ["user"], example)
+    assert T.meta["mari_fx.record"].split_layers == ("fusion.0",)
+    assert _exact(model, T)

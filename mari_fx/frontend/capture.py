@@ -106,6 +106,16 @@ def _unwrap_data_parallel(model: nn.Module) -> Optional[nn.Module]:
 register_capture_hook(_unwrap_data_parallel)
 
 
+def _unwrap_compiled(model: nn.Module) -> Optional[nn.Module]:
+    # torch.compile(model) computes what model computes; mari_fx rewrites the model itself
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return model._orig_mod if isinstance(model, OptimizedModule) else None
+
+
+register_capture_hook(_unwrap_compiled)
+
+
 def _hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
@@ -145,6 +155,15 @@ def refuse_hooks(model: nn.Module, leaf_modules: Iterable[Type[nn.Module]] = ())
                              "in a split layer; remove the hook")
 
 
+class _AutocastRegion(TraceError):
+    """Raised while tracing: not a reason to try torch.export (its graph asserts the autocast
+    dtypes, which the example run outside autocast then fails)."""
+
+
+def _autocast_state() -> Tuple[Any, ...]:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
 class MariTracer(fx.Tracer):
     """``torch.fx.Tracer`` whose leaves are torch.nn modules plus ``leaf_modules`` and
     the classes of :func:`register_leaf_module`."""
@@ -163,6 +182,20 @@ class MariTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        self._autocast = _autocast_state()
+        return super().trace(root, concrete_args)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        # torch.autocast runs as Python while fx traces: its regions leave no node, so the graph
+        # would compute in another dtype than the model (torch.export records them)
+        if _autocast_state() != getattr(self, "_autocast", _autocast_state()):
+            raise _AutocastRegion(
+                "forward enters a torch.autocast region: torch.fx does not record it, so the captured graph "
+                "would compute in another dtype than the model; write the casts out (`h = lin(x.to(torch.bfloat16))`"
+                " with the layer in that dtype) or keep autocast outside the model")
+        return super().create_node(*args, **kwargs)
 
 
 class _Proxy(fx.Proxy):
@@ -231,6 +264,8 @@ def capture(
             _refuse_state_assignments(model)
             # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
             check_state(model, before, "tracing the model")
+    except _AutocastRegion as e:
+        raise TraceError(f"cannot capture {type(model).__name__}: {e}") from e
     except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         why = next((hint for key, hint in _HINTS if key in str(e)), None)
