@@ -270,3 +270,46 @@ def test_docs_example_runs():
     assert len(blocks) == 2  # the dense ranker and the TorchRec KJT catalog
     for code in blocks:
         exec(compile(code, "docs/precompute.md", "exec"), {"print": lambda *a: None})
+
+
+class _ItemBatchSize(torch.nn.Module):
+    """The item tower's output scaled by N (``i.shape[0]`` read as a value) and viewed with N as
+    a size: the first is a request value, not an item's; the second is row-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.user, self.item, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(5, 8), torch.nn.Linear(16, 1)
+
+    def forward(self, u, i):
+        h = self.item(i).view(i.shape[0], 2, 4).flatten(1)  # N as a size: still per item
+        return self.head(torch.cat([self.user(u), h * i.shape[0]], 1))
+
+
+def _batch_size_case():
+    torch.manual_seed(0)
+    model = _ItemBatchSize().eval()
+    catalog = torch.randn(500, 5)
+    T = mari_fx.transform(model, ["u"], (torch.randn(4, 6), catalog[:4]))
+    P = mari_fx.precompute_items(T, {"i": catalog})
+    worst = 0.0
+    for U, N in ((1, 1), (2, 7), (3, 40)):
+        idx = torch.cat([torch.arange(U), torch.randint(U, (N - U,))])
+        u, rows = torch.randn(U, 6), torch.randint(500, (N,))
+        got = P(u=u, item_row=rows, user_index=idx)
+        worst = max(worst, (got - model(u[idx], catalog[rows])).abs().max().item())
+    return P, worst
+
+
+def test_batch_size_read_as_a_value_is_not_cached_per_item():
+    P, worst = _batch_size_case()
+    assert worst < 1e-4
+    assert [c.source for c in P.meta["mari_fx.record"].item_cache] == ["flatten"]  # view(N, ...) kept, not h * N
+
+
+def test_control_batch_size_value_cached(monkeypatch):
+    """Positive control: taking N read as a value for a size caches ``h * M`` and is wrong."""
+    from mari_fx.deploy import precompute
+
+    monkeypatch.setattr(precompute, "_n_as_size", lambda n, a: True)
+    _, worst = _batch_size_case()
+    assert worst > 1.0

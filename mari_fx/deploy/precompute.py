@@ -10,7 +10,8 @@ How the cached values are found, on the transformed module ``T``'s graph:
 
 * *catalog-only* nodes: a catalog input, or a node run at N rows (``node.meta["mari_fx.rows"]``)
   that is row-wise on item data (tag side ITEM, or a column op the lowering added) and whose
-  inputs are catalog-only, weights, batch-free constants (rows ``C``) or the batch size N.
+  inputs are catalog-only, weights, batch-free constants (rows ``C``) or the batch size N read as
+  a size (``h.view(N, -1)``; read as a value, ``h * N``, it is a request value, not an item's).
   A split Linear whose item input is catalog-only has its item product taken out of the
   :class:`~mari_fx.runtime.modules.SplitLinear` call (``F.linear(item, W_i)``, added after) so it can
   be cached too; the module of ``T`` is not changed.
@@ -354,6 +355,26 @@ def _n_size(n: Any, user_index: fx.Node) -> bool:
             and tuple(n.args) == (user_index, 0) and not n.kwargs)
 
 
+# Ops whose every positional argument after the tensor is a size: N read there shapes the
+# value (``h.view(N, -1)``, ``torch.zeros(N, k)``), and the catalog program reads its own row count
+_SIZE_ARG_METHODS = {"view", "reshape", "expand", "unflatten", "new_zeros", "new_ones", "new_empty"}
+_SIZE_ARG_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.ops.aten.view.default,
+                       torch.ops.aten.reshape.default, torch.ops.aten.expand.default, torch.ops.aten.zeros.default,
+                       torch.ops.aten.ones.default, torch.ops.aten.empty.memory_format,
+                       torch.ops.aten.new_zeros.default, torch.ops.aten.new_ones.default,
+                       torch.ops.aten.new_empty.default}
+
+
+def _n_as_size(n: fx.Node, a: fx.Node) -> bool:
+    """``a`` (the batch size N) is read by ``n`` only as a size.  Read as a value (``h * N``,
+    ``torch.full(..., N)``) it makes ``n`` depend on the request, not on the item alone."""
+    sized = (n.op == "call_method" and n.target in _SIZE_ARG_METHODS) or (
+        n.op == "call_function" and n.target in _SIZE_ARG_FUNCTIONS)
+    in_kwargs: List[fx.Node] = []
+    fx.node.map_arg(n.kwargs, in_kwargs.append)
+    return sized and a not in in_kwargs and (n.op != "call_method" or n.args[0] is not a)
+
+
 def _foldable(n: fx.Node) -> bool:
     """A batch-free size (rows ``C``) with a known value, e.g. ``item.size(1)``: P folds it."""
     if n.meta.get(ROWS_KEY) != "C" or n.op not in ("call_method", "call_function"):
@@ -378,7 +399,8 @@ def _catalog_only(graph: fx.Graph, catalog: Set[fx.Node], user_index: fx.Node) -
             continue  # ITEM tags are row-wise (rules refuse batch coupling as MIXED); untagged: lowering's column ops
         inputs = n.all_input_nodes
         if any(a in out for a in inputs) and all(
-                a in out or a.op == "get_attr" or _n_size(a, user_index) or (a.meta.get(ROWS_KEY) == "C" and _foldable(a))
+                a in out or a.op == "get_attr" or (_n_size(a, user_index) and _n_as_size(n, a))
+                or (a.meta.get(ROWS_KEY) == "C" and _foldable(a))
                 for a in inputs):
             out.add(n)
     return out
