@@ -273,21 +273,23 @@ def test_docs_example_runs():
 
 
 class _ItemBatchSize(torch.nn.Module):
-    """The item tower's output scaled by N (``i.shape[0]`` read as a value) and viewed with N as
-    a size: the first is a request value, not an item's; the second is row-wise."""
+    """The item tower's output viewed with N as a size (row-wise: still per item), then scaled by
+    N read as a value (``i.shape[0]``) or divided by ``i.numel()``: request values, not an item's."""
 
-    def __init__(self):
+    def __init__(self, count):
         super().__init__()
+        self.count = count
         self.user, self.item, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(5, 8), torch.nn.Linear(16, 1)
 
     def forward(self, u, i):
-        h = self.item(i).view(i.shape[0], 2, 4).flatten(1)  # N as a size: still per item
-        return self.head(torch.cat([self.user(u), h * i.shape[0]], 1))
+        h = self.item(i).view(i.shape[0], 2, 4).flatten(1)
+        h = h / i.numel() if self.count == "numel" else h * i.shape[0]
+        return self.head(torch.cat([self.user(u), h], 1))
 
 
-def _batch_size_case():
+def _batch_size_case(count):
     torch.manual_seed(0)
-    model = _ItemBatchSize().eval()
+    model = _ItemBatchSize(count).eval()
     catalog = torch.randn(500, 5)
     T = mari_fx.transform(model, ["u"], (torch.randn(4, 6), catalog[:4]))
     P = mari_fx.precompute_items(T, {"i": catalog})
@@ -300,16 +302,25 @@ def _batch_size_case():
     return P, worst
 
 
-def test_batch_size_read_as_a_value_is_not_cached_per_item():
-    P, worst = _batch_size_case()
+@pytest.mark.parametrize("count", ["shape", "numel"])
+def test_batch_size_read_as_a_value_is_not_cached_per_item(count):
+    P, worst = _batch_size_case(count)
     assert worst < 1e-4
-    assert [c.source for c in P.meta["mari_fx.record"].item_cache] == ["flatten"]  # view(N, ...) kept, not h * N
+    if count == "shape":
+        assert [c.source for c in P.meta["mari_fx.record"].item_cache] == ["flatten"]  # view(N, ...) kept
 
 
 def test_control_batch_size_value_cached(monkeypatch):
-    """Positive control: taking N read as a value for a size caches ``h * M`` and is wrong."""
+    """Positive control: taking N read as a value for a size caches ``h * M``: wrong."""
     from mari_fx.deploy import precompute
 
     monkeypatch.setattr(precompute, "_n_as_size", lambda n, a: True)
-    _, worst = _batch_size_case()
-    assert worst > 1.0
+    assert _batch_size_case("shape")[1] > 1e-3
+
+
+def test_control_item_count_cached(monkeypatch):
+    """Positive control: taking ``i.numel()`` for a per-item value caches ``h / (5 M)``: wrong."""
+    from mari_fx.deploy import precompute
+
+    monkeypatch.setattr(precompute, "_row_value", lambda n: True)
+    assert _batch_size_case("numel")[1] > 1e-3

@@ -388,6 +388,13 @@ def _is_check(n: fx.Node) -> bool:
     return n.op == "call_function" and TAG_KEY not in n.meta and ROWS_KEY not in n.meta and not n.users
 
 
+def _row_value(n: fx.Node) -> bool:
+    """A tensor with rows (a size or count of item tensors, ``i.numel()``, is the request's, not
+    an item's); nodes the lowering added carry no value summary and are tensors."""
+    value = n.meta.get(VALUE_KEY)
+    return value is None or (isinstance(value, TensorInfo) and value.ndim >= 1)
+
+
 def _catalog_only(graph: fx.Graph, catalog: Set[fx.Node], user_index: fx.Node) -> Set[fx.Node]:
     """Forward pass: nodes that depend on catalog inputs only, row-wise in the item dimension."""
     out: Set[fx.Node] = set(catalog)
@@ -397,6 +404,8 @@ def _catalog_only(graph: fx.Graph, catalog: Set[fx.Node], user_index: fx.Node) -
         tag = n.meta.get(TAG_KEY)
         if tag is not None and (isinstance(tag, SeqTag) or tag.side != Side.ITEM):
             continue  # ITEM tags are row-wise (rules refuse batch coupling as MIXED); untagged: lowering's column ops
+        if not _row_value(n):
+            continue
         inputs = n.all_input_nodes
         if any(a in out for a in inputs) and all(
                 a in out or a.op == "get_attr" or (_n_size(a, user_index) and _n_as_size(n, a))
