@@ -17,6 +17,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from mari_fx.report import timing
+
 aten = torch.ops.aten
 
 
@@ -26,6 +28,11 @@ aten = torch.ops.aten
 # with vanilla interleaved; 3.7 vs 3.7 ms with these settings).  Production CPU serving keeps
 # freed memory (jemalloc / tcmalloc, or these two settings); every variant gets the same.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+
+
+def malloc_settings() -> str:
+    """This process's values of :data:`MALLOC_ENV`, for the results' headers."""
+    return " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in MALLOC_ENV)
 
 
 def reexec_with_allocator_settings(module: str) -> None:
@@ -143,12 +150,14 @@ class Samples(dict):
             >>> round(s.paired_ratio("a", "b"), 3)
             2.1
         """
-        ratios = []
-        for r in sorted(set(self.round_of[a]) & set(self.round_of[b])):
-            xa = [x for x, q in zip(self[a], self.round_of[a]) if q == r]
-            xb = [x for x, q in zip(self[b], self.round_of[b]) if q == r]
-            ratios.append(quantile(xa, 0.5) / quantile(xb, 0.5))
-        return quantile(ratios, 0.5)
+
+        def per_round(k: str) -> List[List[float]]:
+            rounds: Dict[int, List[float]] = {}
+            for x, r in zip(self[k], self.round_of[k]):
+                rounds.setdefault(r, []).append(x)
+            return [rounds[r] for r in sorted(rounds)]
+
+        return timing.paired_ratio(per_round(a), per_round(b))
 
 
 def interleaved_latency(

@@ -410,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     env["command"] = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
     env["sizes"] = args.sizes
     env["malloc"] = ("glibc defaults (--system-malloc)" if args.system_malloc else
-                     " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in measure.MALLOC_ENV))
+                     measure.malloc_settings())
     print(f"torch {env['torch']} | threads {env['threads']} (interop {env['interop_threads']}) | "
           f"CPU {env['cpu_model']} x{env['cpus_available']} | load {env['loadavg_at_start']}", flush=True)
     print(f"allocator: {env['malloc']}", flush=True)

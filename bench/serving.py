@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     for (_, m), ms in t.items()), flush=True)
     return {"rows": rows, "skipped": skipped, "threads": args.threads, "load": os.getloadavg(),
             "seconds": time.perf_counter() - t_start, "torch": torch.__version__, "sizes": sizes,
-            "malloc": " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in measure.MALLOC_ENV)}
+            "malloc": measure.malloc_settings()}
 
 
 def target_misses(result: Dict[str, Any]) -> List[str]:

@@ -172,6 +172,7 @@ class MariTracer(fx.Tracer):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules) + tuple(LEAF_MODULES.keys())
         self.record_stack_traces = True  # errors about a node quote the model's source line
+        self._autocast: Optional[Tuple[Any, ...]] = None  # the autocast state trace() started in
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.extra_leaves):
@@ -190,7 +191,7 @@ class MariTracer(fx.Tracer):
     def create_node(self, *args, **kwargs) -> fx.Node:
         # torch.autocast runs as Python while fx traces: its regions leave no node, so the graph
         # would compute in another dtype than the model (torch.export records them)
-        if _autocast_state() != getattr(self, "_autocast", _autocast_state()):
+        if self._autocast is not None and _autocast_state() != self._autocast:
             raise _AutocastRegion(
                 "forward enters a torch.autocast region: torch.fx does not record it, so the captured graph "
                 "would compute in another dtype than the model; write the casts out (`h = lin(x.to(torch.bfloat16))`"

@@ -386,7 +386,7 @@ def _from_sizes_only(orig: Optional[fx.Node]) -> bool:
     (``torch.zeros(x.size(0), 4)``); its input nodes are sizes, not data."""
     if orig is None or orig.op != "call_function" or not orig.all_input_nodes:
         return False
-    return all(_is_data_free(a.meta.get(VALUE_KEY, TensorInfo((), torch.float32))) for a in orig.all_input_nodes)
+    return all(VALUE_KEY in a.meta and _is_data_free(a.meta[VALUE_KEY]) for a in orig.all_input_nodes)
 
 
 def _unslice(nodes: List[Any]) -> List[Any]:
