@@ -163,6 +163,38 @@ class FieldCrossStack(nn.Module):
         return self.out(self.mlp(x2.flatten(1))).squeeze(-1)
 
 
+class AutoIntCTR(nn.Module):
+    """AutoInt as CTR libraries write it: per-feature ``[B, 1, E]`` fields of interleaved user and
+    item features, an interacting layer whose heads are split off with
+    ``torch.stack(torch.split(q, e, dim=2))`` ([H, B, F, e]: the batch in dim 1) and merged with
+    ``torch.cat(torch.split(r, 1), dim=-1)``, next to a DNN over the flattened fields."""
+
+    def __init__(self, fu: int = 2, fi: int = 2, heads: int = 2):
+        super().__init__()
+        self.fu, self.fi, self.heads = fu, fi, heads
+        self.emb = nn.ModuleList(nn.Embedding(V, E) for _ in range(fu + fi))
+        self.W = nn.ParameterDict({k: nn.Parameter(torch.randn(E, E) * 0.3) for k in ("Q", "K", "V", "R")})
+        self.mlp = mlp([(fu + fi) * E, 16])
+        self.out = nn.Linear((fu + fi) * E + 16, 1)
+
+    def forward(self, user_ids, item_ids):
+        fs = []
+        for k in range(max(self.fu, self.fi)):  # u0, i0, u1, i1
+            if k < self.fu:
+                fs.append(self.emb[2 * k](user_ids[:, k:k + 1]))
+            if k < self.fi:
+                fs.append(self.emb[2 * k + 1](item_ids[:, k:k + 1]))
+        x = torch.cat(fs, dim=1)  # [B, F, E]
+        e = E // self.heads
+        q, k, v = (torch.stack(torch.split(torch.tensordot(x, self.W[n], dims=([-1], [0])), e, dim=2))
+                   for n in "QKV")
+        att = torch.softmax(torch.einsum("bnik,bnjk->bnij", q, k), dim=-1)
+        r = torch.cat(torch.split(torch.matmul(att, v), 1), dim=-1).squeeze(dim=0)
+        r = torch.relu(r + torch.tensordot(x, self.W["R"], dims=([-1], [0])))
+        deep = self.mlp(torch.flatten(x, start_dim=1))
+        return self.out(torch.cat([torch.flatten(r, start_dim=1), deep], dim=-1)).squeeze(-1)
+
+
 def _hist_pairs(L: int = 6):
     def pairs(U: int, N: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -192,6 +224,7 @@ def own_cases() -> List[Case]:
     cases = [Case(f"per_feature_{s}", lambda s=s: PerFeatureCTR(s).eval(), ["user_ids", "user_dense"],
                   _ids_pairs(2, 2, dense=3)) for s in ("cat1_flatten", "catlast_view", "cat1_reshape")]
     cases.append(Case("field_interactions", lambda: FieldInteractions().eval(), ["user_ids"], _ids_pairs(3, 2)))
+    cases.append(Case("autoint_heads", lambda: AutoIntCTR().eval(), ["user_ids"], _ids_pairs(2, 2)))
     cases.append(Case("field_cross_stack", lambda: FieldCrossStack().eval(), ["user_ids", "user_dense"],
                       _ids_pairs(2, 2, dense=3)))
     cases += [Case(f"target_attention_{s}", lambda s=s: TargetAttention(s).eval(), ["user_hist"], _hist_pairs())

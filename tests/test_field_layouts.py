@@ -26,6 +26,9 @@ EXPECTED_SPLITS = {
     # the fold [B * L, 4E] sunk past the attention MLP: k's block (8) at U * L rows, q's before its expand
     # c0 splits on the user context; mlp.0's user fields (2 x 12) re-computed at U rows through c0's split
     "field_cross_stack": {"c0": 4, "mlp.0": 24},
+    # heads split off with stack(split(.., dim=2)) and merged with cat(split(..)): a cat over a
+    # tuple another op made (no pieces); the DNN beside it splits on the 2 user fields
+    "autoint_heads": {"mlp.0": 16},
     "target_attention_view": {"att.0": 8, "mlp.0": 8},
     "target_attention_reshape": {"att.0": 8, "mlp.0": 8},
 }

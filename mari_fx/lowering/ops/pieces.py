@@ -20,6 +20,8 @@ from ...analysis.tags import TAG_KEY
 @register_lowering(*targets.CAT)
 def _lower_cat(lw: LoweringContext, node: fx.Node, _m) -> Optional[Value]:
     tensors = lw.arg(node, 0, "tensors")
+    if not isinstance(tensors, (list, tuple)):  # cat(x.split(k)): a list made by another op, not pieces
+        return None
     if not node.meta[TAG_KEY].has_user_columns and not _pieces_on_last_dim(lw, node, tensors):
         return None
     parts: List = []
