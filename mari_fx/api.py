@@ -14,7 +14,7 @@ import torch.nn as nn
 from .frontend.capture import capture, check_state, guard_state, private_state, state_versions
 from .errors import DeclarationError
 from .analysis.example_prop import ExampleProp
-from .analysis.folds import unfold_batch_folds
+from .analysis.folds import index_masked_selects, unfold_batch_folds
 from .frontend.functionalize import functionalize
 from .frontend.inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
 from .lowering import LowerOptions, lower
@@ -104,8 +104,9 @@ def _trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules, ext
         with torch.no_grad():  # on clones: the example tensors are the caller's
             ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
             first = next(iter(flat.values()), None)
-            if first is not None and unfold_batch_folds(gm, batch_ops(first).rows(first)):  # new shapes
-                ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
+            for fold_pass in (index_masked_selects, unfold_batch_folds):
+                if first is not None and fold_pass(gm, batch_ops(first).rows(first)):  # new shapes
+                    ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
         check_state(gm, state, "running the model on the example")
     propagate_tags(gm, spec)
     return gm

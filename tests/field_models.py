@@ -163,6 +163,29 @@ class FieldCrossStack(nn.Module):
         return self.out(self.mlp(x2.flatten(1))).squeeze(-1)
 
 
+class MaskedSelectPNN(nn.Module):
+    """Inner-product PNN as FuxiCTR writes it: the upper triangle of the field Gram matrix picked by
+    ``torch.masked_select(bmm(e, e^T), triu_mask).view(-1, K)`` (a fold of the batch into one dim),
+    next to the flattened fields, into an MLP."""
+
+    def __init__(self, fu: int = 2, fi: int = 2):
+        super().__init__()
+        self.fu, self.fi = fu, fi
+        f = fu + fi
+        self.pairs = f * (f - 1) // 2
+        self.emb = nn.ModuleList(nn.Embedding(V, E) for _ in range(f))
+        self.triu_mask = nn.Parameter(torch.triu(torch.ones(f, f), 1).bool(), requires_grad=False)
+        self.mlp = mlp([f * E + self.pairs, 16])
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, user_ids, item_ids):
+        fs = [self.emb[k](user_ids[:, k]) for k in range(self.fu)]
+        fs += [self.emb[self.fu + k](item_ids[:, k]) for k in range(self.fi)]
+        e = torch.stack(fs, dim=1)  # [B, F, E]: user fields first
+        inner = torch.masked_select(torch.bmm(e, e.transpose(1, 2)), self.triu_mask).view(-1, self.pairs)
+        return self.out(self.mlp(torch.cat([e.flatten(start_dim=1), inner], dim=1))).squeeze(-1)
+
+
 class AutoIntCTR(nn.Module):
     """AutoInt as CTR libraries write it: per-feature ``[B, 1, E]`` fields of interleaved user and
     item features, an interacting layer whose heads are split off with
@@ -224,6 +247,7 @@ def own_cases() -> List[Case]:
     cases = [Case(f"per_feature_{s}", lambda s=s: PerFeatureCTR(s).eval(), ["user_ids", "user_dense"],
                   _ids_pairs(2, 2, dense=3)) for s in ("cat1_flatten", "catlast_view", "cat1_reshape")]
     cases.append(Case("field_interactions", lambda: FieldInteractions().eval(), ["user_ids"], _ids_pairs(3, 2)))
+    cases.append(Case("masked_select_pnn", lambda: MaskedSelectPNN().eval(), ["user_ids"], _ids_pairs(2, 2)))
     cases.append(Case("autoint_heads", lambda: AutoIntCTR().eval(), ["user_ids"], _ids_pairs(2, 2)))
     cases.append(Case("field_cross_stack", lambda: FieldCrossStack().eval(), ["user_ids", "user_dense"],
                       _ids_pairs(2, 2, dense=3)))

@@ -571,6 +571,39 @@ class BatchSize(Op):
         return h.view(h.size(0), -1)
 
 
+@op("bconst", "batch")
+class BatchConst(Op):
+    """A batch-free parameter broadcast to the batch by its size: ``c.expand(h.size(0), -1)``,
+    ``c.repeat(h.size(0), 1)`` (c of one row: every row is c), ``c.expand(h.size(0), 2, -1).flatten(1)``
+    (a new leading dim), and the trap ``c2.repeat(h.size(0), 1)[:h.size(0)]`` of a two-row c2 (rows
+    alternate: not the same row for every pair); times h."""
+
+    def draw(self, g):
+        a = g.pick(is_f)
+        how = g.choice(["expand", "repeat", "expand_new", "repeat_two"])
+        w = g.metas[a].width
+        return (a, how, w), fresh("f", g.metas[a].shape, g.k)
+
+    def build(self, net, k, p):
+        _, how, w = p
+        rows, width = {"expand_new": (1, w // 2 if w % 2 == 0 else w), "repeat_two": (2, w)}.get(how, (1, w))
+        shape = (width,) if how == "expand_new" else (rows, width)
+        net.register_parameter(f"w{k}", nn.Parameter(torch.randn(*shape)))
+
+    def run(self, net, k, pool, p):
+        a, how, w = p
+        h, c = pool[a], getattr(net, f"w{k}")
+        if how == "expand":
+            x = c.expand(h.size(0), -1)
+        elif how == "repeat":
+            x = c.repeat(h.size(0), 1)
+        elif how == "expand_new":
+            x = c.expand(h.size(0), w // c.shape[0], -1).flatten(1)
+        else:
+            x = c.repeat(h.size(0), 1)[: h.size(0)]
+        return h * x
+
+
 @op("ibsize", "batch")
 class IntBatchSize(Op):
     """Batch size in integer arithmetic: ``c + c.size(0)``, ``c % c.shape[0]``, ``c + arange(B)``."""

@@ -29,6 +29,8 @@ EXPECTED_SPLITS = {
     # heads split off with stack(split(.., dim=2)) and merged with cat(split(..)): a cat over a
     # tuple another op made (no pieces); the DNN beside it splits on the 2 user fields
     "autoint_heads": {"mlp.0": 16},
+    # masked_select(gram, triu).view(-1, K) read as gram[:, triu]: 2 user fields x 8 + their 1 pair
+    "masked_select_pnn": {"mlp.0": 17},
     "target_attention_view": {"att.0": 8, "mlp.0": 8},
     "target_attention_reshape": {"att.0": 8, "mlp.0": 8},
 }
@@ -427,3 +429,43 @@ def test_size_of_a_folded_tensor_is_not_a_batch_size():
     u, i, idx = torch.randint(50, (2, 5)), torch.randint(50, (3, 1)), torch.tensor([0, 1, 1])
     with torch.no_grad():
         torch.testing.assert_close(T(user_ids=u, item_ids=i, user_index=idx), model(u[idx], i))
+
+
+class MaskedSelectBroadcast(nn.Module):
+    """A mask that broadcasts over more than the batch ([F] against [B, F, F]) or depends on the
+    request: not a per-row pick, so masked_select stays as written (and is computed at N rows)."""
+
+    def __init__(self, per_request: bool):
+        super().__init__()
+        self.per_request = per_request
+        self.register_buffer("keep", torch.tensor([True, False, True]))
+        self.lin = nn.Linear(6, 1)
+
+    def forward(self, u, i):
+        g = torch.bmm(u, i.transpose(1, 2)) + u.sum(2, keepdim=True)  # [B, 3, 3]
+        m = (u.sum(2, keepdim=True) > 0).expand(-1, -1, 3) if self.per_request else self.keep
+        picked = torch.masked_select(g, m)
+        return picked.sum() + self.lin(torch.masked_select(g, self.keep).view(-1, 6))
+
+
+@pytest.mark.parametrize("per_request", [False, True])
+def test_masked_select_is_rewritten_only_for_a_per_row_mask(per_request):
+    model = MaskedSelectBroadcast(per_request).eval()
+    u, i, idx = torch.randn(3, 3, 4), torch.randn(7, 3, 4), torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    T = mari_fx.transform(model, ["u"], (u[idx[:4]], i[:4]))
+    assert "masked_select" in T.code  # the [F] mask against [B, F, F] broadcasts over the rows too
+    with torch.no_grad():
+        torch.testing.assert_close(T(u=u, i=i, user_index=idx), model(u[idx], i))
+
+
+def test_control_masked_select_with_a_broadcasting_mask_read_per_row(monkeypatch):
+    """Positive control: with the mask-shape guard off, the [F] mask is read as ``g[:, keep]`` (rows of
+    each sample, not columns) and the lossless check above sees a wrong answer."""
+    from mari_fx.analysis import folds
+
+    monkeypatch.setattr(folds, "_per_row_mask", lambda x, m: m.dtype == torch.bool)
+    model = MaskedSelectBroadcast(False).eval()
+    u, i, idx = torch.randn(3, 3, 4), torch.randn(7, 3, 4), torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    T = mari_fx.transform(model, ["u"], (u[idx[:4]], i[:4]))
+    with torch.no_grad():
+        assert not torch.allclose(T(u=u, i=i, user_index=idx), model(u[idx], i))

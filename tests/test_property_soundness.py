@@ -236,6 +236,22 @@ def test_control_batch_size_tagged_as_tensor_side(monkeypatch):
     _assert_detects(("batch",), 60, "batch sizes tagged as their tensor's side")
 
 
+def test_control_uniform_rows_of_any_batch_free_tensor(monkeypatch):
+    """``c.repeat(B, 1)`` / ``c.expand(B, ...)`` taken as the same row for every pair whatever c's
+    dim 0 (the rule asks for a new or size-1 dim 0): a two-row c alternates rows."""
+    from mari_fx.analysis.rules import shapes
+    from mari_fx.analysis.tags import Side
+
+    def wrong(ctx, sizes):
+        if ctx.side(ctx.arg(0)) == Side.CONST and shapes._batch_dim_size_arg(ctx) is not None:
+            return ctx.result(Side.USER)
+        return None
+
+    monkeypatch.setattr(shapes, "_uniform_rows", wrong)
+    _assert_detects(("batch",), 200, "batch-free tensors repeated by the batch size tagged USER",
+                    only=["bconst", "linear", "binary", "cat"])
+
+
 # Integer arithmetic stays exact through two guards (issue 9): combinations are built for floating
 # dtypes only (``combos._floating``) and materialized with int coefficients where they are integral
 # (``LoweringContext.weighted_sum``).  The control removes both (retarget here if they move).

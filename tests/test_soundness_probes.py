@@ -79,6 +79,10 @@ PROBES = {
     "over_len": lambda s, u, uid, i, iid: s.lu(u) / len(u) + s.li(i),
     "arange_rows": lambda s, u, uid, i, iid: s.lu(u) + torch.arange(u.size(0)).float()[:, None] + s.li(i),
     "full_of_batch_size": lambda s, u, uid, i, iid: s.li(i) + torch.full((u.shape[0], 1), float(u.shape[0])),
+    "buffer_expanded_to_rows": lambda s, u, uid, i, iid: s.lf(torch.cat([u * s.buf.expand(u.size(0), -1), i], 1)),
+    "buffer_repeated_to_rows": lambda s, u, uid, i, iid: s.lf(torch.cat([u + s.buf.repeat(u.size(0), 1), i], 1)),
+    "two_rows_repeated_and_cut": lambda s, u, uid, i, iid: s.lf(torch.cat(
+        [u * s.buf.view(2, 3).repeat(u.size(0), 2)[: u.size(0)], i], 1)),
     "half_split_rows": lambda s, u, uid, i, iid: torch.cat([s.lu(u)[: len(u) // 2], s.lu(u)[len(u) // 2:]]) + s.li(i),
     # integer feature crosses (int64 and int32 overflow, shifts, floor division)
     "hash_cross": lambda s, u, uid, i, iid: s.emb((uid * 31 + iid) % 1000) + s.lu(u)[:, :4],
@@ -170,6 +174,19 @@ def test_probes_split_and_hoist_where_they_can():
             assert record.capture == "torch.export" and record.split_layers == ("linear",)
         else:
             assert any(n.meta.get("mari_fx.rows") == "U" and n.op == "call_module" for n in T.graph.nodes)
+
+
+def test_batch_free_tensor_broadcast_to_rows_stays_user_side():
+    """``buf.expand(B, -1)`` / ``buf.repeat(B, 1)`` (a learned context per sample) is the same row for
+    every pair: built at U rows, so the Linear over ``u * ctx`` still splits on u's columns."""
+    for name in ("buffer_expanded_to_rows", "buffer_repeated_to_rows"):
+        model = Probe(PROBES[name]).eval()
+        T = mari_fx.transform(model, ["u", "uid"], _pairs(3, 8, 0)[0], cost_model=False)
+        (layer,) = T.meta["mari_fx.record"].layers  # lf (captured by torch.export: "linear")
+        assert layer.action == "split" and layer.split_user_features == DU, layer
+        broadcast = [n for n in T.graph.nodes if n.target in (
+            "expand", "repeat", torch.ops.aten.expand.default, torch.ops.aten.repeat.default)]
+        assert broadcast and all(n.meta["mari_fx.rows"] == "U" for n in broadcast)
 
 
 def test_control_batch_reorderings_tagged_rowwise(monkeypatch):

@@ -233,3 +233,65 @@ def _rewrite(gm: fx.GraphModule, fold: fx.Node, x: fx.Node, region: Set[fx.Node]
                         refold = gm.graph.call_method("flatten", (v, 0, 1))
                     refold.meta[UNFOLDED_KEY] = "refold"
                 c.replace_input_with(v, refold)
+
+
+_MASKED_SELECTS = {torch.masked_select, "masked_select"}
+
+
+def _per_row_mask(x: TensorInfo, m: TensorInfo) -> bool:
+    """``m`` picks from each row of ``x`` alone: a boolean of exactly ``x``'s per-row shape (a mask
+    that broadcasts, e.g. ``[F]`` against ``[B, F, F]``, would pick along other dims in ``x[:, m]``)."""
+    return m.dtype == torch.bool and tuple(m.shape) == tuple(x.shape[1:])
+
+
+def index_masked_selects(gm: fx.GraphModule, rows: int) -> List[str]:
+    """Rewrite ``torch.masked_select(x, m).view(-1, K)`` as ``x[:, m].view(-1, K)`` (example batch of
+    ``rows`` rows), a batch fold CTR libraries use to pick the upper triangle of a field Gram matrix.
+
+    ``masked_select`` of a batched ``x`` by a batch-free boolean ``m`` of shape ``x.shape[1:]`` lists,
+    row by row, the elements ``m`` selects, in row-major order: exactly the elements of ``x[:, m]``
+    (one row per sample) in the same order, flattened.  A ``view`` / ``reshape`` reads only that
+    order, so where every reader is one giving ``[rows, K]`` it can read ``x[:, m]`` instead, which
+    keeps the batch dim (and the rules then follow which selected elements are user-only).
+    Returns the names of the rewritten nodes; re-run the example afterwards.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> class M(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.register_buffer("upper", torch.ones(3, 3).triu(1).bool())
+        ...     def forward(self, e):                    # e: [B, 3, 4] field embeddings
+        ...         g = torch.bmm(e, e.transpose(1, 2))
+        ...         return torch.masked_select(g, self.upper).view(-1, 3)
+        >>> gm = mari_fx.trace(M(), ["e"], (torch.randn(2, 3, 4),))
+        >>> [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")][-2:]
+        [<built-in function getitem>, 'view']
+    """
+    batched = _batched_nodes(gm)
+    done: List[str] = []
+    for n in list(gm.graph.nodes):
+        if n.op not in ("call_function", "call_method") or n.target not in _MASKED_SELECTS or n.kwargs:
+            continue
+        if len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+            continue
+        x, m = n.args
+        xi, mi, oi = _info(x), _info(m), _info(n)
+        if (xi is None or mi is None or oi is None or x not in batched or m in batched or xi.ndim < 2
+                or xi.shape[0] != rows or not _per_row_mask(xi, mi)):
+            continue
+        per_row = oi.shape[0] // rows if rows else 0
+        readers = list(n.users)
+        if not readers or not all(
+                c.op in ("call_function", "call_method") and c.target in _RESHAPES and c.args[0] is n
+                and _info(c) is not None and tuple(_info(c).shape) == (rows, per_row) for c in readers):
+            continue
+        with gm.graph.inserting_after(n):
+            picked = gm.graph.call_function(operator.getitem, (x, (slice(None), m)))
+        for c in readers:
+            c.replace_input_with(n, picked)
+        gm.graph.erase_node(n)
+        done.append(picked.name)
+    if done:
+        gm.recompile()
+    return done

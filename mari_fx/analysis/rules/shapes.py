@@ -92,6 +92,7 @@ def is_batch_size(ctx: RuleContext, a: Any) -> bool:
 # target -> (position, keyword) of its size argument(s); the first size is the batch position.
 _SHAPE_SLOTS: Dict[Any, Tuple[int, str]] = {
     "view": (1, "size"), "reshape": (1, "shape"), "expand": (1, "size"), torch.reshape: (1, "shape"),
+    "repeat": (1, "repeats"), aten.repeat.default: (1, "repeats"),
     "new_zeros": (1, "size"), "new_ones": (1, "size"), "new_empty": (1, "size"), "new_full": (1, "size"),
     torch.zeros: (0, "size"), torch.ones: (0, "size"), torch.empty: (0, "size"), torch.full: (0, "size"),
     aten.view.default: (1, "size"), aten.reshape.default: (1, "shape"), aten._unsafe_view.default: (1, "size"),
@@ -198,11 +199,32 @@ def _reshape(ctx: RuleContext) -> Tag:
     return ctx.result(_side_beside_batch_size(ctx))
 
 
+def _uniform_rows(ctx: RuleContext, sizes: List[Any]) -> Optional[Tag]:
+    """``c.expand(x.size(0), ...)`` / ``c.repeat(x.size(0), 1, ...)`` of a batch-free ``c`` whose
+    dim 0 is new or of size 1 (a learned query, a CLS token, a context vector per sample): every
+    row is ``c``, like ``torch.zeros(x.size(0), k)``: USER, built at U rows (the batch size in the
+    batch position becomes U there) and gathered where it meets item data.  None when it is
+    not that (the generic rules decide)."""
+    src, size = ctx.value(ctx.arg(0)), _batch_dim_size_arg(ctx)
+    if ctx.side(ctx.arg(0)) != Side.CONST or size is None or not isinstance(src, TensorInfo):
+        return None
+    rest = ctx.inputs()
+    rest.remove(size)  # this one occurrence only
+    if any(ctx.side(n) != Side.CONST for n in rest):
+        return None
+    if len(sizes) > src.ndim or (len(sizes) == src.ndim and src.ndim >= 1 and src.shape[0] == 1):
+        return ctx.result(Side.USER)
+    return None
+
+
 @register("expand")
 def _expand(ctx: RuleContext) -> Tag:
+    sizes = _shape_args(ctx, 1, "size")
     if ctx.input_side() == Side.CONST:
         return ctx.result(Side.CONST)
-    sizes = _shape_args(ctx, 1, "size")
+    uniform = _uniform_rows(ctx, sizes)
+    if uniform is not None:
+        return uniform
     if len(sizes) != ctx.ndim(ctx.arg(0)) or not _keeps_batch(ctx, sizes[0]):
         return ctx.refuse("expand changes the batch dimension")
     return ctx.result(_side_beside_batch_size(ctx))
@@ -211,6 +233,9 @@ def _expand(ctx: RuleContext) -> Tag:
 @register("repeat")
 def _repeat(ctx: RuleContext) -> Tag:
     sizes = _shape_args(ctx, 1, "repeats")
+    uniform = _uniform_rows(ctx, sizes) if ctx.input_side() != Side.CONST else None
+    if uniform is not None:
+        return uniform
     if ctx.input_side() != Side.CONST and (len(sizes) != ctx.ndim(ctx.arg(0)) or sizes[0] != 1):
         return ctx.refuse("repeat along the batch dimension")
     return ctx.rowwise()
