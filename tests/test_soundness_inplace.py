@@ -359,6 +359,21 @@ def test_write_through_an_alias_that_cannot_be_inverted_is_refused():
     assert "add_" in str(err.value)
 
 
+def test_expand_view_read_after_a_write_into_its_base_sees_the_write():
+    """``e = h.unsqueeze(1).expand(...)``, then ``h.clamp_(...)``, then ``e`` read: the read re-expands
+    the written base (an expand view is replayed forward; only a write through it has no inverse)."""
+    def body(m, u, i):
+        h = m.lin(u)
+        e = h.unsqueeze(1).expand(-1, 2, -1)
+        h.clamp_(min=0.1)
+        return m.head(torch.cat([e.sum(1), i], -1))
+
+    model = Pair(body).eval()
+    T = check(model)
+    assert any(n.target == "clamp" for n in T.graph.nodes)  # made functional, not refused
+    assert any(n.meta.get("mari_fx.rows") == "U" and n.target == "expand" for n in T.graph.nodes)
+
+
 def test_opaque_call_that_writes_into_its_input_is_refused():
     class Bump(nn.Module):
         def forward(self, x):

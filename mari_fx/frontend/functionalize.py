@@ -26,8 +26,8 @@ Refused, with the node and the fix in the message:
 * mutation of a parameter or buffer (``self.count.add_(1)``, an EMA update) --
   :class:`~mari_fx.errors.DeclarationError` naming it: mari_fx transforms stateless
   inference forwards;
-* mutation through an alias mari_fx cannot invert (``expand``, ``as_strided``, an
-  opaque call that returned a view) when the base or another view is read afterwards,
+* mutation through an alias mari_fx cannot invert (a write into an ``expand`` view, ``as_strided``,
+  an opaque call that returned a view) when the base or another view is read afterwards,
   in-place ops without an out-of-place form (``resize_``, ``unsqueeze_``, random fills),
   mutation of a Python list, a write into memory a non-tensor value holds (``kt.values().mul_(2)``
   on a KeyedTensor: later ``kt.values()`` calls are fresh reads the pass cannot redirect) --
@@ -181,7 +181,7 @@ def mutation_kind(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> Optiona
 # the view from a rebuilt base) and an inverse (to write a new view value back into it).
 @dataclass(frozen=True)
 class _Step:
-    kind: str  # slice | select | unsqueeze | squeeze | transpose | permute | reshape | identity
+    kind: str  # slice | select | unsqueeze | squeeze | transpose | permute | reshape | expand | identity
     args: Tuple[Any, ...] = ()
     orig: Optional[fx.Node] = None  # reshape: the node to re-emit
 
@@ -364,6 +364,10 @@ def _view_steps(node: fx.Node, facts: _Facts) -> Optional[Tuple[fx.Node, List[_S
         if len(node.args) > 1 and isinstance(node.args[1], torch.dtype):
             return None  # a reinterpretation of the bytes, not a reshape
         return base, [_Step("reshape", (), node)]
+    if t in ("expand", "expand_as", aten.expand.default):
+        # read-only: a later read of it after a write into its base re-expands the new base, but a
+        # write through it (several elements share one memory location) has no inverse
+        return base, [_Step("expand", (), node)]
     if t in _IDENTITIES:
         return base, []
     return None
@@ -461,7 +465,7 @@ class _Rewriter:
             return self.call("call_method", k, (x, *a))
         if k == "permute":
             return self.call("call_method", "permute", (x, *a))
-        if k == "reshape":
+        if k in ("reshape", "expand"):
             orig = step.orig
             return self.call(orig.op, orig.target, (x, *self.read(tuple(orig.args[1:]))), self.read(dict(orig.kwargs)))
         return x
@@ -508,7 +512,7 @@ class _Rewriter:
                                       "would not see")
         g.last_mutation = self._node
         path = self.path[target]
-        if path is None or g.broken_by is not None:
+        if path is None or g.broken_by is not None or any(step.kind == "expand" for step in path):
             g.version += 1
             g.broken_by = self._node
             self.cur[target] = (new, g.version)
