@@ -12,6 +12,8 @@ Per node (``node.meta``):
 * :data:`FACT_KEY` -- a fact functionalize proved about a node (e.g. a static int);
 * :data:`FUNCTIONALIZED_KEY` -- on rewritten nodes: the in-place op they replace;
 * :data:`UNFOLDED_KEY` -- on nodes the batch-fold pass (:mod:`mari_fx.analysis.folds`) rewrote;
+* :data:`SEQ_FIRST_KEY` -- on calls of a batch-first twin (:mod:`mari_fx.analysis.seq_first`): the
+  path of the model's seq-first module the lowering calls instead;
 * :data:`ROWS_KEY` -- on transformed graphs: ``"U"``, ``"N"`` or ``"C"`` (batch-free);
 * :data:`ITEM_PRODUCT_KEY` -- on product nodes item precompute exposed: ``(split call, "item" | "broadcast")``.
 
@@ -32,6 +34,7 @@ ELEM_KEY = "mari_fx.elements"
 FACT_KEY = "mari_fx.fact"
 FUNCTIONALIZED_KEY = "mari_fx.functionalized"
 UNFOLDED_KEY = "mari_fx.unfolded"
+SEQ_FIRST_KEY = "mari_fx.seq_first"
 ROWS_KEY = "mari_fx.rows"
 ITEM_PRODUCT_KEY = "mari_fx.item_product"
 

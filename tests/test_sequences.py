@@ -518,3 +518,82 @@ def test_coverage_flops_of_the_bst_family_count_the_encoder(monkeypatch):
         assert (row[1], row[2]) == (f"{before / 1e6:.2f}", f"{after / 1e6:.2f}")
         # the encoder (user-only) runs at U = 1 row after, at N = 1000 rows before
         assert before / after > 3 and row[6] == 0  # nothing refused, the mask included
+
+
+# --------------------------------------------------------------------------- seq-first modules
+class SeqFirstRanker(nn.Module):
+    """torch's default layout: seq-first attention modules (``batch_first=False``) reached with
+    ``h.transpose(0, 1)`` / ``h.permute(1, 0, 2)`` and back; ``kind="batch_as_seq"`` hands the
+    ``[B, L, E]`` tensor to a seq-first layer as it is, so the layer attends across the batch."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Embedding(VOCAB, D)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, FF, dropout=0.0), 2,
+                                         enable_nested_tensor=False)
+        self.layer = nn.TransformerEncoderLayer(D, H, FF, dropout=0.0)
+        self.mha = nn.MultiheadAttention(D, H)
+        self.top = nn.Sequential(nn.Linear(2 * D, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def forward(self, hist, item):
+        pad = hist == 0
+        h = self.emb(hist)
+        if self.kind == "encoder":
+            s = self.enc(h.transpose(0, 1), src_key_padding_mask=pad).transpose(0, 1)
+        elif self.kind == "layer_permute":
+            s = self.layer(h.permute(1, 0, 2), src_key_padding_mask=pad).permute(1, 0, 2)
+        elif self.kind == "mha":
+            hs = h.transpose(0, 1)
+            s = self.mha(hs, hs, hs, key_padding_mask=pad)[0].transpose(0, 1)
+        else:  # batch_as_seq
+            s = self.layer(h)
+        return self.top(torch.cat([masked_mean(s, ~pad), self.emb(item)], -1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "layer_permute", "mha", "batch_as_seq"])
+def test_seq_first_modules_run_at_u_rows_as_the_model_calls_them(kind):
+    model = SeqFirstRanker(kind).eval()
+    g = torch.Generator().manual_seed(0)
+    ex = hist_batch(4, g)
+    T = mari_fx.transform(model, ["hist"], (ex, torch.randint(VOCAB, (4,), generator=g)))
+    path = {"encoder": "enc", "layer_permute": "layer", "mha": "mha", "batch_as_seq": "layer"}[kind]
+    # the model's own module, called at its own path; no twin class or path left in T
+    assert rows_of(T, path) == ({"N"} if kind == "batch_as_seq" else {"U"})
+    assert {type(m).__module__.split(".")[0] for _, m in T.named_modules() if _} <= {"torch", "mari_fx"}
+    assert not any("batch_first" in k for k in T.state_dict())
+    assert not any(type(m).__name__.startswith("BatchFirst") for m in T.modules())
+    for U, N in CELLS:
+        hist = hist_batch(U, g)
+        hist[0] = 0  # a user with an empty history: a fully padded sequence (the slow path's values)
+        item, idx = torch.randint(VOCAB, (N,), generator=g), ragged(U, N, g)
+        with torch.no_grad():
+            torch.testing.assert_close(T(hist=hist, item=item, user_index=idx), model(hist[idx], item),
+                                       equal_nan=True)
+
+
+def test_seq_first_encoder_deploys_as_stock_modules():
+    model = SeqFirstRanker("encoder").eval()
+    g = torch.Generator().manual_seed(1)
+    T = mari_fx.transform(model, ["hist"], (hist_batch(4, g), torch.randint(VOCAB, (4,), generator=g)))
+    request = dict(hist=hist_batch(3, g), item=torch.randint(VOCAB, (9,), generator=g), user_index=ragged(3, 9, g))
+    with torch.no_grad():
+        want = T(**request)
+        torch.testing.assert_close(mari_fx.export(T, request).module()(**request), want)
+        torch.testing.assert_close(mari_fx.export.script(T)(**request), want)
+
+
+def test_control_seq_first_module_read_as_batch_first(monkeypatch):
+    """Positive control: with every attention module read as batch-first (the batch_first=False
+    check dropped), the layer handed [B, L, E] -- attending across the batch -- is computed per
+    user, and the batch_as_seq check above sees a wrong answer."""
+    from mari_fx.analysis.rules import sequence
+
+    monkeypatch.setattr(sequence, "_batch_first_twin", lambda module: True)
+    model = SeqFirstRanker("batch_as_seq").eval()
+    g = torch.Generator().manual_seed(2)
+    T = mari_fx.transform(model, ["hist"], (hist_batch(4, g), torch.randint(VOCAB, (4,), generator=g)))
+    assert rows_of(T, "layer") == {"U"}
+    hist, item, idx = hist_batch(3, g), torch.randint(VOCAB, (7,), generator=g), ragged(3, 7, g)
+    with torch.no_grad():
+        assert not torch.allclose(T(hist=hist, item=item, user_index=idx), model(hist[idx], item), atol=1e-4)

@@ -41,5 +41,5 @@ from .elementwise import (_BINARY_FUNCS, _BINARY_METHODS, _DROPOUTS, _UNARY_FUNC
     _UNARY_MODULES)
 from .shapes import (ALL_ROWS, aten_slice_args, batch_dim_size_slot, column_index, expand_index,
     is_batch_size, is_batch_size_node, normalize_index, replace_at, size_read)
-from .sequence import (ATTENTION_ARGS, attention_args, _ATTN, batch_major_fold)
+from .sequence import (ATTENTION_ARGS, attention_args, _ATTN, _SEQ, batch_major_fold)
 from .einsum import parse_einsum

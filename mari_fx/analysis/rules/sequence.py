@@ -38,12 +38,16 @@ ATTENTION_ARGS: Dict[type, Tuple[Tuple[str, str], ...]] = {
 }
 
 
+def _batch_first_twin(module: nn.Module) -> bool:
+    return getattr(type(module), "batch_first_call", False)
+
+
 def attention_args(node: fx.Node, module: nn.Module) -> Optional[Dict[str, Tuple[str, Any]]]:
     """``{name: (kind, value)}`` of an attention module call's arguments (positional and keyword),
     kind one of "sequence", "key padding mask", "attention mask", "flag"; None for a subclass with
     its own ``forward`` or an argument the module does not take."""
     base = next((c for c in type(module).__mro__ if c in ATTENTION_ARGS), None)
-    if base is None or type(module).forward is not base.forward:
+    if base is None or (type(module).forward is not base.forward and not _batch_first_twin(module)):
         return None
     schema = ATTENTION_ARGS[base]
     if len(node.args) > len(schema) or any(k not in dict(schema) for k in node.kwargs):
@@ -110,8 +114,9 @@ def _attention_module(ctx: RuleContext) -> Tag:
     argument at fault (typically a mask)."""
     m = ctx.module
     name = type(m).__name__
-    # Transformer layers keep the flag on their attention submodules.
-    batch_first = all(a.batch_first for a in m.modules() if isinstance(a, nn.MultiheadAttention))
+    # Transformer layers keep the flag on their attention submodules; a twin of a seq-first module
+    # (mari_fx.analysis.seq_first) takes batch-first tensors whatever its flags say.
+    batch_first = _batch_first_twin(m) or all(a.batch_first for a in m.modules() if isinstance(a, nn.MultiheadAttention))
     if not batch_first:
         return ctx.refuse(f"{name}(batch_first=False) keeps the batch in dim 1")
     if m.training and any(getattr(d, "p", 0) > 0 for d in m.modules() if isinstance(d, nn.Dropout)):

@@ -8,6 +8,7 @@ which is row ``u * H + h`` for user ``u``, exactly the layout the module expects
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -16,14 +17,27 @@ import torch.nn as nn
 
 from ...analysis import rules
 from ..context import LAZY_BUILDERS, LoweringContext, register_lowering
-from ..values import U, Lazy, Rows
+from ..values import N, U, Lazy, Rows, Seq, Value
+from ...analysis.seq_first import TWINS
 from ...analysis.tags import ROWS_KEY, TAG_KEY, Side
+from ...meta import SEQ_FIRST_KEY
 
 
 def _lower_attention(lw: LoweringContext, node: fx.Node, module: nn.Module):
     if node.meta[TAG_KEY].side != Side.USER:
         return None
     args = rules.attention_args(node, module)
+    if not _folds(lw, args):
+        return None
+    new = lw.graph.node_copy(node, _attention_input(lw, node, module))
+    lw.port_meta(node, new)
+    new.meta[ROWS_KEY] = U
+    return Rows(new, U, node)
+
+
+def _folds(lw: LoweringContext, args) -> dict:
+    """The batch-major ``[B*H, L, S]`` masks among an attention call's arguments that are not
+    at U rows already: ``{mask: (src, how, k)}``."""
     folds = {}
     for kind, a in (args or {}).values():
         v = lw.lowered(a) if isinstance(a, fx.Node) else None
@@ -32,8 +46,13 @@ def _lower_attention(lw: LoweringContext, node: fx.Node, module: nn.Module):
         fold = rules.batch_major_fold(a) if kind == rules._ATTN else None
         if fold is not None:
             folds[a] = fold
-    if not folds:
-        return None
+    return folds
+
+
+def _attention_input(lw: LoweringContext, node: fx.Node, module: nn.Module):
+    """How a USER attention call reads an argument at U rows: a batch-major mask fold re-emitted on
+    its U-row source, anything else as it is."""
+    folds = _folds(lw, rules.attention_args(node, module))
 
     def at_u(a: Any) -> Any:
         if a in folds:
@@ -45,14 +64,44 @@ def _lower_attention(lw: LoweringContext, node: fx.Node, module: nn.Module):
             return out
         return lw.as_is(lw.value(a))
 
-    new = lw.graph.node_copy(node, at_u)
-    lw.port_meta(node, new)
-    new.meta[ROWS_KEY] = U
-    return Rows(new, U, node)
+    return at_u
 
 
 register_lowering(nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
                   nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer)(_lower_attention)
+
+
+@register_lowering(*TWINS.values())
+def _lower_batch_first_twin(lw: LoweringContext, node: fx.Node, module: nn.Module) -> Value:
+    """A batch-first twin (:mod:`mari_fx.analysis.seq_first`) becomes what the model computes: its
+    sequences transposed to ``[L, B, E]``, the model's own seq-first module (``node.meta
+    ["mari_fx.seq_first"]``), the sequence output transposed back -- all at the call's level (U rows
+    for a user-only call), so the transformed module calls stock modules only."""
+    level = U if node.meta[TAG_KEY].side == Side.USER else N
+    convert = _attention_input(lw, node, module) if level == U else (lambda a: lw.materialize(lw.value(a)))
+    seqs = {a for kind, a in rules.attention_args(node, module).values() if kind == rules._SEQ}
+    seq_first: dict = {}
+
+    def arg(a: Any) -> Any:
+        v = convert(a)
+        if a in seqs:
+            if a not in seq_first:  # one transpose per tensor: self-attention passes one tensor thrice
+                seq_first[a] = _at(lw, lw.graph.call_method("transpose", (v, 0, 1)), level)
+            return seq_first[a]
+        return v
+
+    call = _at(lw, lw.graph.call_module(node.meta[SEQ_FIRST_KEY], fx.node.map_arg(node.args, arg),
+                                        fx.node.map_arg(node.kwargs, arg)), level)
+    if isinstance(module, nn.MultiheadAttention):  # (output [L, B, E], weights [B, L, S] or None)
+        out = _at(lw, lw.graph.call_function(operator.getitem, (call, 0)), level)
+        weights = _at(lw, lw.graph.call_function(operator.getitem, (call, 1)), level)
+        return Seq((Rows(_at(lw, lw.graph.call_method("transpose", (out, 0, 1)), level), level), Rows(weights, level)))
+    return Rows(_at(lw, lw.graph.call_method("transpose", (call, 0, 1)), level), level, node)
+
+
+def _at(lw: LoweringContext, n: fx.Node, level: str) -> fx.Node:
+    n.meta[ROWS_KEY] = level
+    return n
 
 
 def _lazy_fold(lw: LoweringContext, node: fx.Node):

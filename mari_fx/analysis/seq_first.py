@@ -1,0 +1,237 @@
+"""Seq-first attention modules called batch-first.
+
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
+seq-first by default (``batch_first=False``): their sequences are ``[L, B, E]``, the batch in dim 1,
+and model code reaches them with ``h.transpose(0, 1)`` (or ``permute(1, 0, 2)``) and back.  No tag
+can follow a batch in dim 1, so such a module would run at N rows even over a user-only sequence.
+
+This pass, run on the traced graph (with example values) before tagging, rewrites each call of
+such a module whose sequences are ``[L, B, E]`` into a call of a *batch-first twin*: a
+:class:`BatchFirstCall` subclass of the module's class sharing its parameters and submodules,
+which transposes its ``[B, L, E]`` sequences to ``[L, B, E]``, runs the module's own forward with
+``batch_first=False`` -- the computation the model does, slow path included -- and transposes the
+sequence output back.  A ``transpose(0, 1)`` next to the call cancels against the one the pass
+inserts (``x.transpose(0, 1).transpose(0, 1)`` is ``x``, values and strides), so
+``enc(h.transpose(0, 1)).transpose(0, 1)`` becomes ``twin(h)``: batch-first, tagged by the attention
+rule like any batch-first module.  Key padding masks (``[B, S]``) and attention masks (``[L, S]``,
+``[B*H, L, S]``) have the same layout in both conventions and are passed as they are; the
+attention weights of ``MultiheadAttention`` are ``[B, L, S]`` in both.
+
+The twin is a fiction of the analysis: the lowering emits the transposes and a call of the model's
+own module (at its own path, ``node.meta["mari_fx.seq_first"]``), so a transformed module holds and
+calls stock modules only (state dict, TorchScript, export unchanged).  A twin's fast path would not
+match: the module keeps ``batch_first=False``, so it takes the slow path the model takes (the fused
+fast path gives NaN for a fully padded sequence where the slow path does not).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from ..meta import SEQ_FIRST_KEY
+from .example_prop import VALUE_KEY, TensorInfo
+from .rules.base import register
+from .rules.sequence import ATTENTION_ARGS, _SEQ, _attention_module
+
+
+class BatchFirstCall:
+    """Marks a batch-first twin of a seq-first module (see the module docstring)."""
+
+    batch_first_call = True
+
+
+class BatchFirstMultiheadAttention(BatchFirstCall, nn.MultiheadAttention):
+    """``nn.MultiheadAttention(batch_first=False)`` called with ``[B, L, E]`` query / key / value."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        q = query.transpose(0, 1)
+        k = q if key is query else key.transpose(0, 1)  # self-attention: one tensor, as the model passed it
+        v = k if value is key else q if value is query else value.transpose(0, 1)
+        out, weights = nn.MultiheadAttention.forward(self, q, k, v, key_padding_mask, need_weights, attn_mask,
+                                                     average_attn_weights, is_causal)
+        return out.transpose(0, 1), weights
+
+
+class BatchFirstTransformerEncoderLayer(BatchFirstCall, nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer(batch_first=False)`` called with a ``[B, L, E]`` src."""
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        return nn.TransformerEncoderLayer.forward(self, src.transpose(0, 1), src_mask, src_key_padding_mask,
+                                                  is_causal).transpose(0, 1)
+
+
+class BatchFirstTransformerEncoder(BatchFirstCall, nn.TransformerEncoder):
+    """``nn.TransformerEncoder`` of seq-first layers called with a ``[B, L, E]`` src."""
+
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: Optional[bool] = None) -> Tensor:
+        return nn.TransformerEncoder.forward(self, src.transpose(0, 1), mask, src_key_padding_mask,
+                                             is_causal).transpose(0, 1)
+
+
+TWINS = {nn.MultiheadAttention: BatchFirstMultiheadAttention,
+         nn.TransformerEncoderLayer: BatchFirstTransformerEncoderLayer,
+         nn.TransformerEncoder: BatchFirstTransformerEncoder}
+# A twin has a forward of its own, so the rules of its base class do not reach it through the MRO
+# (mari_fx.registry): it gets the attention rule, which reads it as batch-first.
+register(*TWINS.values())(_attention_module)
+
+
+def _seq_first(m: nn.Module) -> bool:
+    """A stock module (its class's own forward) whose attention is seq-first throughout."""
+    if type(m) not in TWINS:
+        return False
+    attn = [a for a in m.modules() if isinstance(a, nn.MultiheadAttention)]
+    return bool(attn) and not any(a.batch_first for a in attn)
+
+
+def _info(a: Any) -> Optional[TensorInfo]:
+    v = a.meta.get(VALUE_KEY) if isinstance(a, fx.Node) else None
+    return v if isinstance(v, TensorInfo) else None
+
+
+def _swapped_from(a: fx.Node) -> Optional[fx.Node]:
+    """``b`` when ``a`` is ``b`` with dims 0 and 1 swapped (3-d): ``transpose(0, 1)``,
+    ``swapaxes(0, 1)``, ``permute(1, 0, 2)``."""
+    if a.op not in ("call_method", "call_function") or not a.args or not isinstance(a.args[0], fx.Node):
+        return None
+    b, rest = a.args[0], list(a.args[1:])
+    info = _info(b)
+    if info is None or info.ndim != 3 or a.kwargs:
+        return None
+    if a.target in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
+        return b if sorted(d % 3 for d in rest) == [0, 1] and len(rest) == 2 else None
+    if a.target in ("permute", torch.permute):
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return b if [d % 3 for d in dims] == [1, 0, 2] else None
+    return None
+
+
+def _args(node: fx.Node, m: nn.Module) -> Optional[Dict[str, Tuple[str, Any]]]:
+    base = type(m)
+    schema = ATTENTION_ARGS[base]
+    if len(node.args) > len(schema) or any(k not in dict(schema) for k in node.kwargs):
+        return None
+    kinds = dict(schema)
+    bound = {name: (kind, a) for (name, kind), a in zip(schema, node.args)}
+    bound.update({k: (kinds[k], v) for k, v in node.kwargs.items()})
+    return bound
+
+
+def _rewritable(node: fx.Node, m: nn.Module, rows: int) -> bool:
+    args = _args(node, m)
+    if args is None:
+        return False
+    for kind, a in args.values():
+        if kind != _SEQ:
+            continue
+        info = _info(a)
+        if info is None or info.ndim != 3 or info.shape[1] != rows:
+            return False  # an unbatched [L, E] sequence, or not the pair batch in dim 1
+    if isinstance(m, nn.MultiheadAttention):  # a (output, weights) tuple: read by index only
+        return all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)
+                   for u in node.users)
+    return True
+
+
+def batch_first_calls(gm: fx.GraphModule, rows: int) -> List[str]:
+    """Rewrite the calls of seq-first attention modules over ``[L, B, E]`` sequences (example batch
+    of ``rows`` rows) into calls of their batch-first twins; returns the module paths rewritten.
+    Re-run the example afterwards.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> class M(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # seq-first
+        ...     def forward(self, hist, i):                                        # hist: [B, L, 8]
+        ...         return self.enc(hist.transpose(0, 1)).transpose(0, 1).mean(1) + i
+        >>> gm = mari_fx.trace(M().eval(), ["hist"], (torch.randn(4, 5, 8), torch.randn(4, 8)))
+        >>> [(n.target, str(n.meta["mari_fx.tag"])) for n in gm.graph.nodes if n.op == "call_module"]
+        [('enc_batch_first', 'user')]
+    """
+    modules = dict(gm.named_modules())
+    calls: Dict[str, List[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and _seq_first(modules.get(n.target)):
+            calls.setdefault(n.target, []).append(n)
+    done = []
+    for path, nodes in calls.items():
+        m = modules[path]
+        if not all(_rewritable(n, m, rows) for n in nodes):
+            continue  # every call reads the same module: all or none
+        twin = copy.copy(m)  # shares parameters, buffers and submodules (one set of dicts)
+        twin.__class__ = TWINS[type(m)]
+        twin_path = _free_name(gm, path.replace(".", "_") + "_batch_first")
+        gm.add_submodule(twin_path, twin)
+        for n in nodes:
+            _rewrite(gm, n, twin_path, path)
+        done.append(path)
+    if done:
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or n.is_impure())
+        gm.recompile()
+    return done
+
+
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    k, out = 0, name
+    while hasattr(gm, out):
+        k += 1
+        out = f"{name}_{k}"
+    return out
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, twin_path: str, path: str) -> None:
+    g = gm.graph
+    seqs = {a for kind, a in _args(node, gm.get_submodule(path)).values() if kind == _SEQ}
+    batch_first: Dict[fx.Node, fx.Node] = {}
+    with g.inserting_before(node):
+        for a in seqs:
+            src = _swapped_from(a)
+            batch_first[a] = src if src is not None else g.call_method("transpose", (a, 0, 1))
+    convert = lambda a: batch_first.get(a, a)  # noqa: E731
+    with g.inserting_after(node):
+        new = g.call_module(twin_path, fx.node.map_arg(node.args, convert), fx.node.map_arg(node.kwargs, convert))
+    new.meta = dict(node.meta)
+    new.meta[SEQ_FIRST_KEY] = path
+    outputs = [u for u in node.users if u.args[1] == 0] if isinstance(gm.get_submodule(path), nn.MultiheadAttention) \
+        else [node]
+    for out in outputs:
+        if out is node:
+            bf = new
+        else:
+            with g.inserting_after(new):
+                bf = g.call_function(operator.getitem, (new, 0))
+        with g.inserting_after(bf):
+            sf = g.call_method("transpose", (bf, 0, 1))
+        out.replace_all_uses_with(sf)
+        for reader in list(sf.users):  # ... .transpose(0, 1) of the output: the batch-first output itself
+            if reader.args[0] is sf and _is_swap(reader):
+                reader.replace_all_uses_with(bf)
+    for u in list(node.users):  # the weights (MultiheadAttention's element 1), [B, L, S] either way
+        u.replace_input_with(node, new)
+    g.erase_node(node)
+
+
+def _is_swap(n: fx.Node) -> bool:
+    """``n`` swaps dims 0 and 1 of a 3-d tensor (its input's example value may not be known yet)."""
+    rest = list(n.args[1:])
+    if n.kwargs or n.op not in ("call_method", "call_function"):
+        return False
+    if n.target in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
+        return len(rest) == 2 and sorted(d % 3 if isinstance(d, int) else -1 for d in rest) == [0, 1] and all(
+            isinstance(d, int) and -3 <= d < 3 for d in rest)
+    if n.target in ("permute", torch.permute):
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return len(dims) == 3 and all(isinstance(d, int) for d in dims) and [d % 3 for d in dims] == [1, 0, 2]
+    return False
