@@ -546,20 +546,35 @@ class SeqFirstRanker(nn.Module):
         elif self.kind == "mha":
             hs = h.transpose(0, 1)
             s = self.mha(hs, hs, hs, key_padding_mask=pad)[0].transpose(0, 1)
+        elif self.kind in ("first_position", "mean_over_dim0"):  # pooled while still seq-first
+            s = self.enc(h.transpose(0, 1), src_key_padding_mask=pad)
+            pooled = s[0] if self.kind == "first_position" else s.mean(0)
+            return self.top(torch.cat([pooled, self.emb(item)], -1)).squeeze(-1)
+        elif self.kind == "target_mha":  # the candidate as a one-position query [1, B, E]
+            hs = h.transpose(0, 1)
+            att = self.mha(self.emb(item).unsqueeze(0), hs, hs, key_padding_mask=pad)[0].squeeze(0)
+            return self.top(torch.cat([att, masked_mean(h, ~pad)], -1)).squeeze(-1)
         else:  # batch_as_seq
             s = self.layer(h)
         return self.top(torch.cat([masked_mean(s, ~pad), self.emb(item)], -1)).squeeze(-1)
 
 
-@pytest.mark.parametrize("kind", ["encoder", "layer_permute", "mha", "batch_as_seq"])
+SEQ_FIRST_KINDS = {"encoder": "enc", "layer_permute": "layer", "mha": "mha", "first_position": "enc",
+                   "mean_over_dim0": "enc", "target_mha": "mha", "batch_as_seq": "layer"}
+
+
+@pytest.mark.parametrize("kind", list(SEQ_FIRST_KINDS))
 def test_seq_first_modules_run_at_u_rows_as_the_model_calls_them(kind):
     model = SeqFirstRanker(kind).eval()
     g = torch.Generator().manual_seed(0)
     ex = hist_batch(4, g)
     T = mari_fx.transform(model, ["hist"], (ex, torch.randint(VOCAB, (4,), generator=g)))
-    path = {"encoder": "enc", "layer_permute": "layer", "mha": "mha", "batch_as_seq": "layer"}[kind]
+    path = SEQ_FIRST_KINDS[kind]
     # the model's own module, called at its own path; no twin class or path left in T
-    assert rows_of(T, path) == ({"N"} if kind == "batch_as_seq" else {"U"})
+    assert rows_of(T, path) == ({"N"} if kind in ("batch_as_seq", "target_mha") else {"U"})
+    if kind in ("first_position", "mean_over_dim0"):  # pooled at U rows: the first Linear splits
+        (top,) = [l for l in T.meta["mari_fx.record"].layers if l.name == "top.0"]
+        assert top.action == "split" and top.split_user_features == D, top
     assert {type(m).__module__.split(".")[0] for _, m in T.named_modules() if _} <= {"torch", "mari_fx"}
     assert not any("batch_first" in k for k in T.state_dict())
     assert not any(type(m).__name__.startswith("BatchFirst") for m in T.modules())

@@ -197,8 +197,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, twin_path: str, path: str) -> No
     batch_first: Dict[fx.Node, fx.Node] = {}
     with g.inserting_before(node):
         for a in seqs:
-            src = _swapped_from(a)
-            batch_first[a] = src if src is not None else g.call_method("transpose", (a, 0, 1))
+            batch_first[a] = _swapped_from(a) or _unsqueezed_first(g, a) or g.call_method("transpose", (a, 0, 1))
     convert = lambda a: batch_first.get(a, a)  # noqa: E731
     with g.inserting_after(node):
         new = g.call_module(twin_path, fx.node.map_arg(node.args, convert), fx.node.map_arg(node.kwargs, convert))
@@ -214,13 +213,52 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, twin_path: str, path: str) -> No
                 bf = g.call_function(operator.getitem, (new, 0))
         with g.inserting_after(bf):
             sf = g.call_method("transpose", (bf, 0, 1))
+        length = _info(out).shape[0] if _info(out) is not None and _info(out).ndim == 3 else None
         out.replace_all_uses_with(sf)
-        for reader in list(sf.users):  # ... .transpose(0, 1) of the output: the batch-first output itself
-            if reader.args[0] is sf and _is_swap(reader):
-                reader.replace_all_uses_with(bf)
+        for reader in list(sf.users):  # a reader that reads the output batch-first: no transpose at all
+            with g.inserting_before(reader):
+                same = _read_batch_first(g, reader, sf, bf, length)
+            if same is not None:
+                reader.replace_all_uses_with(same)
     for u in list(node.users):  # the weights (MultiheadAttention's element 1), [B, L, S] either way
         u.replace_input_with(node, new)
     g.erase_node(node)
+
+
+_POOLS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+
+
+def _read_batch_first(g: fx.Graph, reader: fx.Node, sf: fx.Node, bf: fx.Node, length: Optional[int]) -> Optional[fx.Node]:
+    """``reader`` of ``sf`` (``bf.transpose(0, 1)``, ``[L, B, E]``) as an op on ``bf``: the same
+    elements with the batch in dim 0 -- ``sf.transpose(0, 1)`` is ``bf``, ``sf[k]`` is ``bf[:, k]``
+    (a CLS / last position), ``sf.mean(0)`` / ``sum`` / ``amax`` / ``amin`` are ``bf.mean(1)`` ...
+    (one sum in another order: fp32 round-off), ``sf.squeeze(0)`` of ``L == 1`` is ``bf.squeeze(1)``;
+    None for anything else (it reads ``sf``, MIXED through the refused transpose)."""
+    if reader.op not in ("call_method", "call_function") or not reader.args or reader.args[0] is not sf:
+        return None
+    if _is_swap(reader):
+        return bf
+    t, rest, kw = reader.target, list(reader.args[1:]), dict(reader.kwargs)
+    if t is operator.getitem and len(rest) == 1 and isinstance(rest[0], int) and not kw:
+        return g.call_function(operator.getitem, (bf, (slice(None), rest[0])))
+    if t in _POOLS:
+        dim = rest[0] if rest else kw.pop("dim", None)
+        if dim in (0, -3) and len(rest) <= 1 and not kw:
+            return g.create_node(reader.op, t, (bf, 1))
+    if t in ("squeeze", torch.squeeze) and rest in ([0], [-3]) and not kw and length == 1:
+        return g.create_node(reader.op, t, (bf, 1))
+    return None
+
+
+def _unsqueezed_first(g: fx.Graph, a: fx.Node) -> Optional[fx.Node]:
+    """``x.unsqueeze(1)`` when ``a`` is ``x.unsqueeze(0)`` of a 2-d ``x`` (a one-position query
+    ``[1, B, E]``, e.g. the candidate in target attention), which is ``a.transpose(0, 1)``."""
+    if a.op not in ("call_method", "call_function") or a.target not in ("unsqueeze", torch.unsqueeze):
+        return None
+    x, rest = a.args[0], list(a.args[1:]) + list(a.kwargs.values())
+    if not isinstance(x, fx.Node) or _info(x) is None or _info(x).ndim != 2 or rest not in ([0], [-3]):
+        return None
+    return g.call_method("unsqueeze", (x, 1))
 
 
 def _is_swap(n: fx.Node) -> bool:
