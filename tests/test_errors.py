@@ -25,6 +25,40 @@ def test_untraceable_model_says_why():
         mari_fx.transform(DataDependent(), ["user"], EX)
 
 
+class PackedGRU(nn.Module):
+    """DIEN-style interest extractor over a padded history: ``pack=True`` packs it (the lengths are
+    read as data: no capture route follows it); ``pack=False`` is the suggested rewrite."""
+
+    def __init__(self, pack: bool):
+        super().__init__()
+        self.pack = pack
+        self.emb, self.gru, self.out = nn.Embedding(30, 4), nn.GRU(4, 4, batch_first=True), nn.Linear(8, 1)
+
+    def forward(self, hist, item):
+        lengths = (hist > 0).sum(1)
+        x = self.emb(hist)
+        if self.pack:
+            _, h = self.gru(nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                              enforce_sorted=False))
+            last = h[-1]
+        else:
+            out, _ = self.gru(x)
+            last = out.gather(1, (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, 4)).squeeze(1)
+        return self.out(torch.cat([last, self.emb(item)], -1))
+
+
+def test_packed_sequence_says_why_and_the_suggested_rewrite_runs_at_u_rows():
+    hist = torch.tensor([[3, 4, 0, 0], [5, 0, 0, 0], [6, 7, 8, 9]])
+    idx, item = torch.tensor([0, 2, 1, 1, 0]), torch.tensor([1, 2, 3, 4, 5])
+    with pytest.raises(mari_fx.TraceError, match=r"(?s)cause: a traced value read as data.*pack_padded_sequence"):
+        mari_fx.transform(PackedGRU(pack=True).eval(), ["hist"], (hist[idx], item))
+    model = PackedGRU(pack=False).eval()
+    T = mari_fx.transform(model, ["hist"], (hist[idx], item))
+    assert {n.meta["mari_fx.rows"] for n in T.graph.nodes if n.target == "gru"} == {"U"}
+    with torch.no_grad():
+        torch.testing.assert_close(T(hist=hist, item=item, user_index=idx), model(hist[idx], item))
+
+
 def test_declared_input_that_does_not_exist():
     with pytest.raises(mari_fx.DeclarationError, match=r"'usr'.*arguments are \['user', 'item'\]"):
         mari_fx.transform(CoarseRanker(), ["usr"], EX)

@@ -24,6 +24,10 @@ _HINTS = (
      "(self.layer = ...) in __init__"),
     ("Proxy object cannot be iterated", "iteration over a traced value (e.g. `for row in x`, or unpacking); "
      "use torch.unbind / split with a constant size"),
+    ("__cuda_array_interface__", "a traced value read as data outside torch ops (pack_padded_sequence's "
+     "lengths, .tolist(), .numpy()); for an RNN over padded sequences run it on the padded tensor and "
+     "pick each row's last valid step with torch.gather, or keep the module that packs as a call "
+     "(leaf_modules=[ThatModule])"),
 )
 
 
