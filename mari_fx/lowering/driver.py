@@ -14,6 +14,7 @@ from .. import registry
 from ..analysis import rules
 from ..analysis.example_prop import VALUE_KEY, TensorInfo
 from ..analysis.tags import NOTE_KEY, ROWS_KEY, TAG_KEY, SeqTag, Side
+from ..meta import SEQ_FIRST_KEY
 from ..errors import MariError
 from ..frontend.capture import copy_model
 from ..frontend.functionalize import is_mutating
@@ -147,7 +148,9 @@ class Lowerer(LoweringContext):
                     node=n.name, op=_describe(n, self.modules), location=_location(n),
                     reason=f"{note}; the element map kept its user elements ({kept}), computed at U rows" if kept
                     else note))
-            if isinstance(v, Rows) and v.level == U and _is_compute(n):
+            at_u = (isinstance(v, Rows) and v.level == U) or (
+                isinstance(v, Seq) and v.items and all(isinstance(i, Rows) and i.level == U for i in v.items))
+            if at_u and _is_compute(n):
                 hoisted.append(_qualname(n))
         return Record(
             inputs=self.spec.inputs,
@@ -221,7 +224,8 @@ def _describe(n: fx.Node, modules) -> str:
 
 
 def _qualname(n: fx.Node) -> str:
-    return n.target if n.op == "call_module" else n.name
+    # a batch-first twin's call is the model's seq-first module (mari_fx.analysis.seq_first)
+    return n.meta.get(SEQ_FIRST_KEY, n.target) if n.op == "call_module" else n.name
 
 
 def _location(n: fx.Node) -> str:

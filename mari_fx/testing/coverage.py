@@ -34,6 +34,8 @@ def _families() -> List[Tuple[str, Callable, List[str], Callable]]:
          [ids(50, 10), ids(20), ids(50)]),
         ("  same, with a key padding mask (src_key_padding_mask)", lambda: ex.DINRanker(padding_mask=True),
          ["hist", "user_id"], [ids(50, 10), ids(20), ids(50)]),
+        ("  same, seq-first encoder (batch_first=False) reached by transposes",
+         lambda: ex.DINRanker(padding_mask=True, seq_first=True), ["hist", "user_id"], [ids(50, 10), ids(20), ids(50)]),
         ("DCN-v2 cross network", lambda: ex.DCNRanker(), ["user"], [dense(12), dense(6)]),
         ("DCN-Mix (low-rank cross)", lambda: ex.DCNRanker(low_rank=4), ["user"], [dense(12), dense(6)]),
         ("MMoE multi-task (3 experts, 2 gates)", lambda: ex.MMoERanker(), ["user"], [dense(10), dense(6)]),

@@ -128,18 +128,23 @@ class DINRanker(nn.Module):
     """
 
     def __init__(self, num_items: int = 50, num_users: int = 20, dim: int = 8, att_hidden: int = 16,
-                 encoder: bool = True, padding_mask: bool = False):
+                 encoder: bool = True, padding_mask: bool = False, seq_first: bool = False):
         super().__init__()
         self.padding_mask = padding_mask  # item id 0 pads the history: the encoder masks it out
+        self.seq_first = seq_first  # the encoder in torch's default layout, [S, B, D], reached by transposes
         self.item_emb = nn.Embedding(num_items, dim)
         self.user_emb = nn.Embedding(num_users, dim)
-        self.encoder = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True) if encoder else None
+        self.encoder = (nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=not seq_first)
+                        if encoder else None)
         self.att = mlp([4 * dim, att_hidden, 1], last_act=False)
         self.top = mlp([3 * dim, 32, 1], last_act=False)
 
     def forward(self, hist: torch.Tensor, user_id: torch.Tensor, item_id: torch.Tensor) -> torch.Tensor:
         k = self.item_emb(hist)                                     # [B, S, D]   user-only
-        if self.encoder is not None and self.padding_mask:
+        if self.encoder is not None and self.seq_first:
+            mask = hist == 0 if self.padding_mask else None
+            k = self.encoder(k.transpose(0, 1), src_key_padding_mask=mask).transpose(0, 1)
+        elif self.encoder is not None and self.padding_mask:
             k = self.encoder(k, src_key_padding_mask=hist == 0)     # user-only, with a user-side mask
         elif self.encoder is not None:
             k = self.encoder(k)                                     # user-only sequence encoder
