@@ -566,10 +566,15 @@ SEQ_FIRST_KINDS = {"encoder": "enc", "layer_permute": "layer", "mha": "mha", "fi
 @pytest.mark.parametrize("kind", list(SEQ_FIRST_KINDS))
 def test_seq_first_modules_run_at_u_rows_as_the_model_calls_them(kind):
     model = SeqFirstRanker(kind).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     ex = hist_batch(4, g)
     T = mari_fx.transform(model, ["hist"], (ex, torch.randint(VOCAB, (4,), generator=g)))
     path = SEQ_FIRST_KINDS[kind]
+    # the caller's model is untouched: its classes, flags and tensors
+    assert [type(m) for m in model.modules()] == [type(m) for m in SeqFirstRanker(kind).modules()]
+    assert not any(a.batch_first for a in model.modules() if isinstance(a, nn.MultiheadAttention))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # the model's own module, called at its own path; no twin class or path left in T
     assert rows_of(T, path) == ({"N"} if kind in ("batch_as_seq", "target_mha") else {"U"})
     if kind in ("first_position", "mean_over_dim0"):  # pooled at U rows: the first Linear splits
