@@ -469,3 +469,29 @@ def test_control_masked_select_with_a_broadcasting_mask_read_per_row(monkeypatch
     T = mari_fx.transform(model, ["u"], (u[idx[:4]], i[:4]))
     with torch.no_grad():
         assert not torch.allclose(T(u=u, i=i, user_index=idx), model(u[idx], i))
+
+
+class ColumnPick(nn.Module):
+    """Columns of ``cat([u, i])`` picked (and reordered) by a constant index: method and function form."""
+
+    def __init__(self, method: bool):
+        super().__init__()
+        self.method = method
+        self.register_buffer("order", torch.tensor([9, 0, 1, 7, 2, 3, 4, 5, 8, 6]))
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, u, i):
+        x = torch.cat([u, i], 1)
+        picked = x.index_select(1, self.order) if self.method else torch.index_select(x, 1, self.order)
+        return self.lin(picked)
+
+
+@pytest.mark.parametrize("method", [True, False])
+def test_columns_picked_by_index_select_keep_their_sides(method):
+    model = ColumnPick(method).eval()
+    u, i, idx = torch.randn(3, 6), torch.randn(8, 4), torch.tensor([0, 2, 1, 1, 0, 2, 2, 0])
+    T = mari_fx.transform(model, ["u"], (u[idx[:4]], i[:4]), cost_model=False)
+    (layer,) = T.meta["mari_fx.record"].layers
+    assert layer.action == "split" and layer.split_user_features == 6, layer  # u's 6 columns, wherever they went
+    with torch.no_grad():
+        torch.testing.assert_close(T(u=u, i=i, user_index=idx), model(u[idx], i))

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mari_fx
+from mari_fx.runtime.modules import SplitLinear
 from mari_fx.analysis.rules import RULES, register, rowwise
 from mari_fx.analysis.tags import NOTE_KEY, TAG_KEY, Segment, Side, TensorTag
 
@@ -166,15 +167,20 @@ def test_matmul_against_parameter_and_functional_linear_are_split():
 
         def forward(self, u, i):
             x = torch.cat([i[:, :2], u, i[:, 2:]], -1)
-            return x @ self.w, F.linear(x, self.w2, self.b2), torch.addmm(self.b2, x, self.w2.t())
+            return (x @ self.w, F.linear(x, self.w2, self.b2), torch.addmm(self.b2, x, self.w2.t()),
+                    x @ self.w2.T, torch.matmul(x, self.w2.transpose(0, 1)), x @ (self.w * 2.0))
 
     model = M().eval()
     # 24 user columns: enough for the split to pay for its gather and kernels (mari_fx.lowering.cost)
     T = mari_fx.transform(model, ["u"], (torch.randn(4, 24), torch.randn(4, 5)))
     layers = {l.name: l for l in T.meta["mari_fx.record"].layers}
-    assert layers["matmul"].action == "split" and layers["linear"].action == "split"
-    # addmm's weight is w2.t() (computed, not a parameter): kept whole, with the reason
-    assert layers["addmm"].action == "kept" and "not parameters" in layers["addmm"].reason
+    # x @ W, F.linear, and x @ W.t() / W.T / W.transpose(0, 1) of a parameter (inside addmm too)
+    assert all(layers[n].action == "split" for n in ("matmul", "linear", "addmm", "matmul_1", "matmul_2")), layers
+    # a weight computed from a parameter is kept whole, with the reason
+    assert layers["matmul_3"].action == "kept" and "not a 2-d parameter" in layers["matmul_3"].reason
+    split = {n.target: m for n in T.graph.nodes if n.op == "call_module"
+             for m in [T.get_submodule(n.target)] if isinstance(m, SplitLinear)}
+    assert all(m.source.weight == "w2" and not m.source.transposed for k, m in split.items() if "addmm" in k)
     idx = ragged_index(3, 7)
     u, i = torch.randn(3, 24), torch.randn(7, 5)
     for got, want in zip(T(u=u, i=i, user_index=idx), model(u[idx], i)):

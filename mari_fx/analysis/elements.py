@@ -280,7 +280,7 @@ _LAYOUT_FUNCS = {
     aten.contiguous.default, aten.detach.default, aten.unbind.int,
 }
 # arguments that are indices, not data: constant tensors there keep their values
-_INDEX_ARGS = {operator.getitem: (1,), torch.index_select: (2,), "index_select": (1,),
+_INDEX_ARGS = {operator.getitem: (1,), torch.index_select: (2,), "index_select": (2,),  # x.index_select(dim, index)
                aten.index.Tensor: (1,), aten.index_select.default: (2,)}
 
 

@@ -64,17 +64,39 @@ def _linear_view(lw: LoweringContext, node: fx.Node, module) -> Optional[_Linear
                            (_path(args["weight"]), _path(b_arg), False))
     if t in targets.MATMUL:
         w_arg = args.get("other", args.get("mat2"))
-        w = _param(lw, w_arg)
+        w, transposed, w_node = _right_weight(lw, w_arg)
         ok = w is not None and w.dim() == 2
-        return _LinearView(args["input"], w.t() if ok else None, None, node.name,
-                           "" if ok else "right operand is not a 2-d parameter", (_path(w_arg), None, True))
+        return _LinearView(args["input"], (w.t() if transposed else w) if ok else None, None, node.name,
+                           "" if ok else "right operand is not a 2-d parameter (or its transpose)",
+                           (_path(w_node), None, transposed))
     if t in targets.ADDMM:
-        b, w = _param(lw, args["input"]), _param(lw, args["mat2"])
+        b = _param(lw, args["input"])
+        w, transposed, w_node = _right_weight(lw, args["mat2"])
         ok = w is not None and b is not None and args.get("beta", 1) == 1 and args.get("alpha", 1) == 1
-        return _LinearView(args["mat1"], w.t() if ok else None, b, node.name,
+        return _LinearView(args["mat1"], (w.t() if transposed else w) if ok else None, b, node.name,
                            "" if ok else "addmm operands are not parameters (or beta/alpha given)",
-                           (_path(args["mat2"]), _path(args["input"]), True))
+                           (_path(w_node), _path(args["input"]), transposed))
     return None
+
+
+_SWAPS = ("t", torch.t, "transpose", torch.transpose, "swapaxes", "swapdims")
+
+
+def _right_weight(lw: LoweringContext, a: Any) -> Tuple[Optional[torch.Tensor], bool, Any]:
+    """``(tensor, transposed, get_attr node)`` of the right operand of ``x @ a``: a 2-d parameter
+    ``W`` (``[in, out]``: transposed) or its transpose ``W.t()`` / ``W.T`` / ``W.transpose(0, 1)``
+    (``W`` is ``[out, in]``, as ``F.linear`` takes it); ``(None, True, a)`` for anything else."""
+    w = _param(lw, a)
+    if w is not None or not (isinstance(a, fx.Node) and a.op in ("call_method", "call_function") and a.args):
+        return w, True, a
+    src, rest = a.args[0], list(a.args[1:])
+    swap = ((a.target in _SWAPS and (not rest or sorted(d % 2 for d in rest if isinstance(d, int)) == [0, 1])
+             and len(rest) in (0, 2) and not a.kwargs)
+            or (a.target is getattr and rest in (["T"], ["mT"])))
+    p = _param(lw, src) if swap else None
+    if p is None or p.dim() != 2:
+        return None, True, a
+    return p, False, src
 
 
 def _lower_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[Value]:
