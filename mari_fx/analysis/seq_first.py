@@ -37,7 +37,7 @@ from torch import Tensor
 from ..meta import SEQ_FIRST_KEY
 from .example_prop import VALUE_KEY, TensorInfo
 from .rules.base import register
-from .rules.sequence import ATTENTION_ARGS, _SEQ, _attention_module
+from .rules.sequence import _SEQ, _attention_module, attention_args
 
 
 class BatchFirstCall:
@@ -104,31 +104,12 @@ def _swapped_from(a: fx.Node) -> Optional[fx.Node]:
     ``swapaxes(0, 1)``, ``permute(1, 0, 2)``."""
     if a.op not in ("call_method", "call_function") or not a.args or not isinstance(a.args[0], fx.Node):
         return None
-    b, rest = a.args[0], list(a.args[1:])
-    info = _info(b)
-    if info is None or info.ndim != 3 or a.kwargs:
-        return None
-    if a.target in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
-        return b if sorted(d % 3 for d in rest) == [0, 1] and len(rest) == 2 else None
-    if a.target in ("permute", torch.permute):
-        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-        return b if [d % 3 for d in dims] == [1, 0, 2] else None
-    return None
-
-
-def _args(node: fx.Node, m: nn.Module) -> Optional[Dict[str, Tuple[str, Any]]]:
-    base = type(m)
-    schema = ATTENTION_ARGS[base]
-    if len(node.args) > len(schema) or any(k not in dict(schema) for k in node.kwargs):
-        return None
-    kinds = dict(schema)
-    bound = {name: (kind, a) for (name, kind), a in zip(schema, node.args)}
-    bound.update({k: (kinds[k], v) for k, v in node.kwargs.items()})
-    return bound
+    info = _info(a.args[0])
+    return a.args[0] if info is not None and info.ndim == 3 and _is_swap(a) else None
 
 
 def _rewritable(node: fx.Node, m: nn.Module, rows: int) -> bool:
-    args = _args(node, m)
+    args = attention_args(node, m)
     if args is None:
         return False
     for kind, a in args.values():
@@ -193,7 +174,7 @@ def _free_name(gm: fx.GraphModule, name: str) -> str:
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, twin_path: str, path: str) -> None:
     g = gm.graph
-    seqs = {a for kind, a in _args(node, gm.get_submodule(path)).values() if kind == _SEQ}
+    seqs = {a for kind, a in attention_args(node, gm.get_submodule(path)).values() if kind == _SEQ}
     batch_first: Dict[fx.Node, fx.Node] = {}
     with g.inserting_before(node):
         for a in seqs:
