@@ -196,3 +196,32 @@ def test_control_batch_reorderings_tagged_rowwise(monkeypatch):
         monkeypatch.setitem(RULES, t, rowwise)
     verdicts = {n: verdict(n) for n in REORDERING}
     assert all(v.startswith("wrong") for v in verdicts.values()), verdicts
+
+
+RANDOM = {
+    "randn_like_of_user": lambda s, u, uid, i, iid: s.lu(u) + torch.randn_like(s.lu(u)) + s.li(i),
+    "rand_rows_by_batch_size": lambda s, u, uid, i, iid: s.lu(u) * torch.rand(u.shape[0], 1) + s.li(i),
+    "bernoulli_of_user": lambda s, u, uid, i, iid: torch.bernoulli(torch.sigmoid(s.lu(u))) + s.li(i),
+    "dropout_training_true": lambda s, u, uid, i, iid: F.dropout(s.lu(u), 0.5, training=True) + s.li(i),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM))
+def test_random_ops_draw_per_pair(name):
+    """A random op over user data is never hoisted (a user's pairs would share one draw): it runs at
+    N rows, so with the same seed T draws exactly what the model draws."""
+    torch.manual_seed(0)
+    model = Probe(RANDOM[name]).eval()
+    T = mari_fx.transform(model, ["u", "uid"], _pairs(3, 8, 0)[0])
+    for U, N in ((1, 5), (3, 9)):
+        pairs, idx = _pairs(U, N, 4)
+        with torch.no_grad():
+            torch.manual_seed(7)
+            want = model(*pairs)
+            torch.manual_seed(7)
+            got = T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx))
+        torch.testing.assert_close(got, want)
+    draws = [n for n in T.graph.nodes if getattr(n.target, "__name__", n.target) in (
+        "randn_like", "rand", "bernoulli", "dropout", "randn_like.default", "rand.default", "bernoulli.default",
+        "dropout.default")]
+    assert draws and all(n.meta["mari_fx.rows"] == "N" for n in draws), [(n.target, n.meta.get("mari_fx.rows")) for n in draws]
