@@ -45,7 +45,7 @@ X_WIDTH, T_WIDTH = 6, 4
 N_INPUTS = 4  # X, t, uid, iid
 ID_RANGE = 100_000  # ids up to 1e5: uid * 1000003 is far beyond 2**24, products fit int64
 EXAMPLE_ROWS = 5
-FAMILIES = ("base", "inplace", "setitem", "batch", "int", "mag", "args", "field")
+FAMILIES = ("base", "inplace", "setitem", "batch", "int", "mag", "args", "field", "conv")
 
 
 # --------------------------------------------------------------------------- pool metadata
@@ -889,6 +889,32 @@ class Flatten(Op):
         else:
             h = X.view(-1, w)
         return net.mods[f"m{k}"](h) if out else h
+
+
+@op("conv1d", "conv")
+class Conv1d(Op):
+    """``nn.Conv1d`` over ``h.unsqueeze(1)`` ([B, 1, w]: the columns are the positions, so a kernel
+    of 3 mixes neighbouring columns; one output channel, squeezed back to [B, w]) or over a field
+    tensor [B, F, E] (fields are channels), flattened to [B, *]."""
+
+    def draw(self, g):
+        a = g.pick(lambda m: is_f(m) or is_g(m))
+        if a is None:
+            return None
+        m = g.metas[a]
+        channels, length = (1, m.shape[0]) if is_f(m) else m.shape
+        out_ch, kernel = (1 if is_f(m) else g.int_(1, 2)), g.choice([1, 3])
+        return (a, channels, out_ch, kernel), fresh("f", (out_ch * length,), g.k)
+
+    def build(self, net, k, p):
+        _, channels, out_ch, kernel = p
+        net.mods[f"m{k}"] = nn.Conv1d(channels, out_ch, kernel, padding=kernel // 2)
+
+    def run(self, net, k, pool, p):
+        h = pool[p[0]]
+        if h.dim() == 2:
+            return net.mods[f"m{k}"](h.unsqueeze(1)).squeeze(1)
+        return net.mods[f"m{k}"](h).flatten(1)
 
 
 @op("gram_triu", "field")

@@ -24,7 +24,7 @@ from mari_fx.analysis.tags import TensorTag
 
 # Draws per family in CI (>= 2,000 for the issue-9 families, >= 1,000 with field tensors).
 BUDGET = {"inplace": 600, "setitem": 24, "batch": 400, "int": 500, "mag": 300, "args": 200, "field": 1000,
-          "all": 150}
+          "conv": 60, "all": 150}
 ISSUE_9 = ("inplace", "setitem", "batch", "int", "mag", "args")
 # Families that still produce wrong answers: xfail(strict) so that each entry must be deleted when
 # its fix lands (the test then has to pass with 0 mismatches).

@@ -617,3 +617,57 @@ def test_control_seq_first_module_read_as_batch_first(monkeypatch):
     hist, item, idx = hist_batch(3, g), torch.randint(VOCAB, (7,), generator=g), ragged(3, 7, g)
     with torch.no_grad():
         assert not torch.allclose(T(hist=hist, item=item, user_index=idx), model(hist[idx], item), atol=1e-4)
+
+
+class SASRecBlocks(nn.Module):
+    """pmixer/SASRec.pytorch's ``log2feats`` as the user encoder of a ranker: per block, seq-first
+    ``MultiheadAttention`` between transposes with a LayerNorm-ed query and a residual computed
+    seq-first (``Q = norm(seqs.T)``, ``seqs = Q + mha(Q, seqs.T, seqs.T)[0]``), a point-wise
+    feed-forward of ``Conv1d(kernel_size=1)`` over ``seqs.transpose(-1, -2)``, in-place masking."""
+
+    def __init__(self, blocks: int = 2):
+        super().__init__()
+        self.item_emb, self.pos_emb = nn.Embedding(VOCAB, D, padding_idx=0), nn.Embedding(L, D)
+        self.norm_q = nn.ModuleList(nn.LayerNorm(D, eps=1e-8) for _ in range(blocks))
+        self.attn = nn.ModuleList(nn.MultiheadAttention(D, H, 0.2) for _ in range(blocks))
+        self.norm_f = nn.ModuleList(nn.LayerNorm(D, eps=1e-8) for _ in range(blocks))
+        self.conv1 = nn.ModuleList(nn.Conv1d(D, D, 1) for _ in range(blocks))
+        self.conv2 = nn.ModuleList(nn.Conv1d(D, D, 1) for _ in range(blocks))
+        self.last = nn.LayerNorm(D, eps=1e-8)
+        self.register_buffer("positions", torch.arange(L))
+        self.top = nn.Sequential(nn.Linear(2 * D, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def forward(self, hist, item):
+        seqs = self.item_emb(hist)
+        seqs *= D ** 0.5
+        seqs += self.pos_emb(self.positions)
+        keep = ~(hist == 0).unsqueeze(-1)
+        seqs *= keep
+        causal = ~torch.tril(torch.ones((L, L), dtype=torch.bool))
+        for norm_q, attn, norm_f, conv1, conv2 in zip(self.norm_q, self.attn, self.norm_f, self.conv1, self.conv2):
+            seqs = torch.transpose(seqs, 0, 1)
+            Q = norm_q(seqs)
+            out, _ = attn(Q, seqs, seqs, attn_mask=causal)
+            seqs = torch.transpose(Q + out, 0, 1)
+            seqs = norm_f(seqs)
+            ff = conv2(torch.relu(conv1(seqs.transpose(-1, -2)))).transpose(-1, -2)
+            seqs = (ff + seqs) * keep
+        return self.top(torch.cat([self.last(seqs)[:, -1, :], self.item_emb(item)], -1)).squeeze(-1)
+
+
+def test_sasrec_blocks_run_at_u_rows():
+    """The swaps around seq-first attention are sunk past the LayerNorm and the residual add
+    (mari_fx.analysis.seq_first.sink_swaps) and cancel: the whole encoder, Conv1d feed-forward
+    included, runs once per user, and the top layer splits on its 8 user columns."""
+    model = SASRecBlocks().eval()
+    g = torch.Generator().manual_seed(3)
+    T = mari_fx.transform(model, ["hist"], (hist_batch(4, g), torch.randint(VOCAB, (4,), generator=g)))
+    encoder = [n for n in T.graph.nodes if n.op == "call_module" and n.target.split(".")[0] in
+               ("norm_q", "attn", "norm_f", "conv1", "conv2", "last")]
+    assert len(encoder) == 11 and all(n.meta[ROWS_KEY] == "U" for n in encoder)
+    (top,) = [l for l in T.meta["mari_fx.record"].layers if l.name == "top.0"]
+    assert top.action == "split" and top.split_user_features == D
+    for U, N in CELLS:
+        hist, item, idx = hist_batch(U, g), torch.randint(VOCAB, (N,), generator=g), ragged(U, N, g)
+        with torch.no_grad():
+            torch.testing.assert_close(T(hist=hist, item=item, user_index=idx), model(hist[idx], item))

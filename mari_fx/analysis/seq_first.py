@@ -32,8 +32,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+from .. import targets
 from ..meta import SEQ_FIRST_KEY
 from .example_prop import VALUE_KEY, TensorInfo
 from .rules.base import register
@@ -97,15 +99,6 @@ def _seq_first(m: nn.Module) -> bool:
 def _info(a: Any) -> Optional[TensorInfo]:
     v = a.meta.get(VALUE_KEY) if isinstance(a, fx.Node) else None
     return v if isinstance(v, TensorInfo) else None
-
-
-def _swapped_from(a: fx.Node) -> Optional[fx.Node]:
-    """``b`` when ``a`` is ``b`` with dims 0 and 1 swapped (3-d): ``transpose(0, 1)``,
-    ``swapaxes(0, 1)``, ``permute(1, 0, 2)``."""
-    if a.op not in ("call_method", "call_function") or not a.args or not isinstance(a.args[0], fx.Node):
-        return None
-    info = _info(a.args[0])
-    return a.args[0] if info is not None and info.ndim == 3 and _is_swap(a) else None
 
 
 def _rewritable(node: fx.Node, m: nn.Module, rows: int) -> bool:
@@ -178,7 +171,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, twin_path: str, path: str) -> No
     batch_first: Dict[fx.Node, fx.Node] = {}
     with g.inserting_before(node):
         for a in seqs:
-            batch_first[a] = _swapped_from(a) or _unsqueezed_first(g, a) or g.call_method("transpose", (a, 0, 1))
+            batch_first[a] = _swap_source(a, set()) or _unsqueezed_first(g, a) or g.call_method("transpose", (a, 0, 1))
     convert = lambda a: batch_first.get(a, a)  # noqa: E731
     with g.inserting_after(node):
         new = g.call_module(twin_path, fx.node.map_arg(node.args, convert), fx.node.map_arg(node.kwargs, convert))
@@ -254,3 +247,127 @@ def _is_swap(n: fx.Node) -> bool:
         dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
         return len(dims) == 3 and all(isinstance(d, int) for d in dims) and [d % 3 for d in dims] == [1, 0, 2]
     return False
+
+
+# --------------------------------------------------------------------------- swaps sunk past per-position ops
+_POSITION_MODULES = tuple(targets.UNARY_MODULES) + (nn.Linear, nn.Dropout)
+
+
+def sink_swaps(gm: fx.GraphModule, rows: int) -> List[str]:
+    """Move each swap of dims 0 and 1 (``x.transpose(0, 1)`` of a 3-d ``x``) past the ops that
+    compute every position of those dims from that position alone -- ``f(x.transpose(0, 1)) ==
+    f(x).transpose(0, 1)`` -- and cancel two swaps in a row.  Seq-first code computes between its
+    transposes (SASRec: ``Q = layernorm(seqs.transpose(0, 1))``, ``seqs = Q + mha(Q, ...)[0]``);
+    sunk, those ops run batch-first and the transposes meet the ones around the attention module
+    (:func:`batch_first_calls`).  Every rewrite is an identity on values.  Returns the names of the
+    nodes moved; re-run the example afterwards.
+
+    Per-position ops: Linear / ``F.linear`` (batch-free weights), LayerNorm over the last dim,
+    activations, Dropout in eval mode, softmax over the last dim, elementwise ops whose every
+    other tensor operand is batch-free with all dims but the last of size 1.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> class M(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm = torch.nn.LayerNorm(8)
+        ...     def forward(self, h, i):                                      # h: [B, L, 8]
+        ...         s = self.norm(h.transpose(0, 1)).relu()                   # seq-first
+        ...         return s.transpose(0, 1).mean(1) + i
+        >>> gm = mari_fx.trace(M().eval(), ["h"], (torch.randn(4, 5, 8), torch.randn(4, 8)))
+        >>> [n.target for n in gm.graph.nodes if n.op in ("call_module", "call_method")]
+        ['norm', 'relu', 'mean']
+    """
+    from .folds import _batched_nodes, _in_place
+
+    if any(_in_place(n) for n in gm.graph.nodes):
+        return []  # aliasing through the views would matter: keep the graph as written
+    modules = dict(gm.named_modules())
+    batched = _batched_nodes(gm)
+    g = gm.graph
+    made: set = set()  # swaps this pass inserted (no example value yet): transpose(x, 0, 1) of 3-d x
+    moved: List[str] = []
+    work = [n for n in g.nodes if _swap_source(n, made) is not None]
+    while work:
+        swap = work.pop(0)
+        if swap.graph is not g:
+            continue
+        for reader in list(swap.users):
+            if reader.graph is not g or not _per_position(reader, modules, batched, made):
+                continue
+            with g.inserting_after(reader):
+                moved_node = g.node_copy(reader, lambda a: _swap_source(a, made) or a)
+            moved_node.meta = {k: v for k, v in reader.meta.items() if k != VALUE_KEY}
+            with g.inserting_after(moved_node):
+                new_swap = g.call_method("transpose", (moved_node, 0, 1))
+            made.add(new_swap)
+            reader.replace_all_uses_with(new_swap)
+            g.erase_node(reader)
+            moved.append(moved_node.name)
+            work.append(new_swap)
+    for n in list(g.nodes):  # two swaps in a row: the tensor itself (values and strides)
+        src = _swap_source(n, made)
+        inner = _swap_source(src, made) if src is not None else None
+        if inner is not None:
+            n.replace_all_uses_with(inner)
+            moved.append(n.name)
+    if moved:
+        g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or n.is_impure())
+        gm.recompile()
+    return moved
+
+
+def _swap_source(n: Any, made: set) -> Optional[fx.Node]:
+    """``x`` when ``n`` swaps dims 0 and 1 of a 3-d ``x`` (known from the example, or a swap
+    :func:`sink_swaps` made of a 3-d value)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_method", "call_function") or not n.args:
+        return None
+    x = n.args[0]
+    if not isinstance(x, fx.Node) or not _is_swap(n):
+        return None
+    three_d = n in made or any(_info(v) is not None and _info(v).ndim == 3 for v in (n, x))
+    return x if three_d else None
+
+
+def _per_position(n: fx.Node, modules: Dict[str, nn.Module], batched, made: set) -> bool:
+    """``n`` computes each position of dims 0 and 1 from that position of its swapped inputs alone,
+    so it commutes with swapping them (see :func:`sink_swaps`)."""
+    out = _info(n)
+    if out is None or out.ndim != 3 or n.op not in ("call_module", "call_method", "call_function"):
+        return False
+    swapped = [a for a in n.all_input_nodes if _swap_source(a, made) is not None]
+    others = [a for a in n.all_input_nodes if a not in swapped]
+    if not swapped:
+        return False
+    if n.op == "call_module":
+        m = modules.get(n.target)
+        if isinstance(m, nn.LayerNorm):
+            ok = len(m.normalized_shape) == 1
+        else:
+            ok = isinstance(m, _POSITION_MODULES) and not (isinstance(m, nn.Dropout) and m.training)
+        return ok and len(n.args) == 1 and not n.kwargs
+    t = n.target
+    if t in targets.LINEAR or t is F.layer_norm:  # weights: any batch-free tensors
+        if t is F.layer_norm:
+            shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+            if not isinstance(shape, (list, tuple)) or len(shape) != 1:
+                return False
+        return swapped == [n.args[0]] and not any(a in batched for a in others)
+    if t in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax"):
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return dim in (-1, 2) and swapped == [n.args[0]] and not others
+    # elementwise: every other operand broadcasts over the last dim only, so it meets the same
+    # element of every position whichever of dims 0 and 1 comes first
+    return t in targets.ELEMENTWISE and t not in ("to", "type", "type_as") and all(
+        _trailing_only(a) for a in others)
+
+
+def _trailing_only(a: fx.Node) -> bool:
+    """A tensor whose dims but the last are all of size 1 (a bias, a scale, a 0-d tensor), or a
+    number (an int or float node)."""
+    v = a.meta.get(VALUE_KEY)
+    info = _info(a)
+    if info is not None:
+        return all(d == 1 for d in info.shape[:-1])
+    return isinstance(v, (int, float, bool)) and not isinstance(v, torch.Size)

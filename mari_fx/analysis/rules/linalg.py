@@ -1,4 +1,5 @@
-"""Linear algebra: Linear, matmul against batch-free operands, bmm / baddbmm per sample, Bilinear."""
+"""Linear algebra: Linear, matmul against batch-free operands, bmm / baddbmm per sample, Bilinear,
+convolutions."""
 from __future__ import annotations
 
 import operator
@@ -30,6 +31,14 @@ def _matmul(ctx: RuleContext) -> Tag:
 
 
 register(torch.bmm, "bmm")(rowwise_in("input", "mat2", min_ndim=3))
+
+# Convolutions compute each sample from its own [C, *spatial] input with batch-free weights; the
+# input must be batched ([B, C, L] for conv1d): an unbatched [C, L] input has no batch dim, its
+# dim 0 would be the channels.  Channels and positions mix, so no column segment survives.
+_CONV1D, _CONV2D, _CONV3D = (rowwise_in("input", min_ndim=n) for n in (3, 4, 5))
+register(nn.Conv1d, F.conv1d)(_CONV1D)
+register(nn.Conv2d, F.conv2d)(_CONV2D)
+register(nn.Conv3d, F.conv3d)(_CONV3D)
 register(torch.baddbmm, "baddbmm")(rowwise_in("input", "batch1", "batch2", min_ndim=3))
 
 # torch.export (ATen) spellings of the same ops
@@ -43,6 +52,15 @@ register(aten.matmul.default, aten.mm.default)(_matmul)
 
 
 register(aten.bmm.default)(RULES[torch.bmm])
+
+
+register(aten.conv1d.default)(_CONV1D)
+
+
+register(aten.conv2d.default)(_CONV2D)
+
+
+register(aten.conv3d.default)(_CONV3D)
 
 
 register(aten.baddbmm.default)(RULES[torch.baddbmm])
