@@ -671,3 +671,34 @@ def test_sasrec_blocks_run_at_u_rows():
         hist, item, idx = hist_batch(U, g), torch.randint(VOCAB, (N,), generator=g), ragged(U, N, g)
         with torch.no_grad():
             torch.testing.assert_close(T(hist=hist, item=item, user_index=idx), model(hist[idx], item))
+
+
+class SeqFirstViews(nn.Module):
+    """``view`` of a seq-first value the model had contiguous (a Linear's or an attention module's
+    output), merging the sequence with the batch: the rewrite must hand it the same layout."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.lin = nn.Linear(D, D)
+        self.mha = nn.MultiheadAttention(D, H)
+        self.enc = nn.TransformerEncoderLayer(D, H, FF, dropout=0.0)
+        self.top = nn.Linear(L * D, 1)
+
+    def forward(self, h, item):
+        s = h.transpose(0, 1)  # [L, B, D]
+        y = {"linear": lambda: self.lin(s), "mha": lambda: self.mha(s, s, s)[0], "encoder": lambda: self.enc(s)}[self.kind]()
+        y = y.view(-1, D).view(L, -1, D)  # only a contiguous [L, B, D] views as [L * B, D]
+        return self.top(y.transpose(0, 1).reshape(-1, L * D) + item.repeat(1, L)).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mha", "encoder"])
+def test_views_of_rewritten_seq_first_values_get_their_layout(kind):
+    model = SeqFirstViews(kind).eval()
+    g = torch.Generator().manual_seed(5)
+    T = mari_fx.transform(model, ["h"], (torch.randn(4, L, D, generator=g), torch.randn(4, D, generator=g)))
+    assert rows_of(T, {"linear": "lin", "mha": "mha", "encoder": "enc"}[kind]) == {"U"}
+    for U, N in CELLS:
+        h, item, idx = torch.randn(U, L, D, generator=g), torch.randn(N, D, generator=g), ragged(U, N, g)
+        with torch.no_grad():
+            torch.testing.assert_close(T(h=h, item=item, user_index=idx), model(h[idx], item))

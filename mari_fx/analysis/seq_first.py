@@ -194,6 +194,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, twin_path: str, path: str) -> No
                 same = _read_batch_first(g, reader, sf, bf, length)
             if same is not None:
                 reader.replace_all_uses_with(same)
+        _contiguous_for_views(g, sf)
     for u in list(node.users):  # the weights (MultiheadAttention's element 1), [B, L, S] either way
         u.replace_input_with(node, new)
     g.erase_node(node)
@@ -251,6 +252,20 @@ def _is_swap(n: fx.Node) -> bool:
 
 # --------------------------------------------------------------------------- swaps sunk past per-position ops
 _POSITION_MODULES = tuple(targets.UNARY_MODULES) + (nn.Linear, nn.Dropout)
+# "to" / "type" may read a tensor for its dtype; contiguous exists for its layout, which a sunk swap changes
+_LAYOUT_SENSITIVE = ("to", "type", "type_as", "contiguous", torch.ops.aten.contiguous.default)
+_VIEWS = ("view", "view_as", torch.ops.aten.view.default)
+
+
+def _contiguous_for_views(g: fx.Graph, swap: fx.Node) -> None:
+    """Readers that need the layout the model had (``view`` of a Linear's contiguous output) read
+    ``swap.contiguous()``: a swap inserted here is a strided view, the model's value was not."""
+    views = [r for r in swap.users if r.op in ("call_method", "call_function") and r.target in _VIEWS]
+    if views:
+        with g.inserting_after(swap):
+            dense = g.call_method("contiguous", (swap,))
+        for r in views:
+            r.replace_input_with(swap, dense)
 
 
 def sink_swaps(gm: fx.GraphModule, rows: int) -> List[str]:
@@ -306,6 +321,9 @@ def sink_swaps(gm: fx.GraphModule, rows: int) -> List[str]:
             g.erase_node(reader)
             moved.append(moved_node.name)
             work.append(new_swap)
+    for n in made:
+        if n.graph is g:
+            _contiguous_for_views(g, n)
     for n in list(g.nodes):  # two swaps in a row: the tensor itself (values and strides)
         src = _swap_source(n, made)
         inner = _swap_source(src, made) if src is not None else None
@@ -359,8 +377,7 @@ def _per_position(n: fx.Node, modules: Dict[str, nn.Module], batched, made: set)
         return dim in (-1, 2) and swapped == [n.args[0]] and not others
     # elementwise: every other operand broadcasts over the last dim only, so it meets the same
     # element of every position whichever of dims 0 and 1 comes first
-    return t in targets.ELEMENTWISE and t not in ("to", "type", "type_as") and all(
-        _trailing_only(a) for a in others)
+    return t in targets.ELEMENTWISE and t not in _LAYOUT_SENSITIVE and all(_trailing_only(a) for a in others)
 
 
 def _trailing_only(a: fx.Node) -> bool:
