@@ -904,15 +904,15 @@ class Conv1d(Op):
         m = g.metas[a]
         channels, length = (1, m.shape[0]) if is_f(m) else m.shape
         out_ch, kernel = (1 if is_f(m) else g.int_(1, 2)), g.choice([1, 3])
-        return (a, channels, out_ch, kernel), fresh("f", (out_ch * length,), g.k)
+        return (a, channels, out_ch, kernel, is_f(m)), fresh("f", (out_ch * length,), g.k)
 
     def build(self, net, k, p):
-        _, channels, out_ch, kernel = p
+        _, channels, out_ch, kernel, _ = p
         net.mods[f"m{k}"] = nn.Conv1d(channels, out_ch, kernel, padding=kernel // 2)
 
     def run(self, net, k, pool, p):
-        h = pool[p[0]]
-        if h.dim() == 2:
+        h, columns = pool[p[0]], p[4]  # decided when drawn: no Python branch on a traced value
+        if columns:
             return net.mods[f"m{k}"](h.unsqueeze(1)).squeeze(1)
         return net.mods[f"m{k}"](h).flatten(1)
 
