@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .. import targets
 from ..meta import SEQ_FIRST_KEY
-from .example_prop import VALUE_KEY, TensorInfo
+from .example_prop import VALUE_KEY
+from .folds import _batched_nodes, _in_place, _info
 from .rules.base import register
 from .rules.sequence import _SEQ, _attention_module, attention_args
 
@@ -94,11 +95,6 @@ def _seq_first(m: nn.Module) -> bool:
         return False
     attn = [a for a in m.modules() if isinstance(a, nn.MultiheadAttention)]
     return bool(attn) and not any(a.batch_first for a in attn)
-
-
-def _info(a: Any) -> Optional[TensorInfo]:
-    v = a.meta.get(VALUE_KEY) if isinstance(a, fx.Node) else None
-    return v if isinstance(v, TensorInfo) else None
 
 
 def _rewritable(node: fx.Node, m: nn.Module, rows: int) -> bool:
@@ -294,8 +290,6 @@ def sink_swaps(gm: fx.GraphModule, rows: int) -> List[str]:
         >>> [n.target for n in gm.graph.nodes if n.op in ("call_module", "call_method")]
         ['norm', 'relu', 'mean']
     """
-    from .folds import _batched_nodes, _in_place
-
     if any(_in_place(n) for n in gm.graph.nodes):
         return []  # aliasing through the views would matter: keep the graph as written
     modules = dict(gm.named_modules())

@@ -26,10 +26,10 @@ from ...meta import SEQ_FIRST_KEY
 def _lower_attention(lw: LoweringContext, node: fx.Node, module: nn.Module):
     if node.meta[TAG_KEY].side != Side.USER:
         return None
-    args = rules.attention_args(node, module)
-    if not _folds(lw, args):
+    folds = _folds(lw, rules.attention_args(node, module))
+    if not folds:
         return None
-    new = lw.graph.node_copy(node, _attention_input(lw, node, module))
+    new = lw.graph.node_copy(node, _attention_input(lw, folds))
     lw.port_meta(node, new)
     new.meta[ROWS_KEY] = U
     return Rows(new, U, node)
@@ -49,10 +49,9 @@ def _folds(lw: LoweringContext, args) -> dict:
     return folds
 
 
-def _attention_input(lw: LoweringContext, node: fx.Node, module: nn.Module):
-    """How a USER attention call reads an argument at U rows: a batch-major mask fold re-emitted on
-    its U-row source, anything else as it is."""
-    folds = _folds(lw, rules.attention_args(node, module))
+def _attention_input(lw: LoweringContext, folds: dict):
+    """How a USER attention call reads an argument at U rows: a batch-major mask fold (of
+    :func:`_folds`) re-emitted on its U-row source, anything else as it is."""
 
     def at_u(a: Any) -> Any:
         if a in folds:
@@ -78,8 +77,9 @@ def _lower_batch_first_twin(lw: LoweringContext, node: fx.Node, module: nn.Modul
     ["mari_fx.seq_first"]``), the sequence output transposed back -- all at the call's level (U rows
     for a user-only call), so the transformed module calls stock modules only."""
     level = U if node.meta[TAG_KEY].side == Side.USER else N
-    convert = _attention_input(lw, node, module) if level == U else (lambda a: lw.materialize(lw.value(a)))
-    seqs = {a for kind, a in rules.attention_args(node, module).values() if kind == rules._SEQ}
+    args = rules.attention_args(node, module)
+    convert = _attention_input(lw, _folds(lw, args)) if level == U else (lambda a: lw.materialize(lw.value(a)))
+    seqs = {a for kind, a in args.values() if kind == rules._SEQ}
     seq_first: dict = {}
 
     def arg(a: Any) -> Any:
