@@ -604,6 +604,27 @@ class BatchConst(Op):
         return h * x
 
 
+@op("expandas", "batch")
+class ExpandAs(Op):
+    """``x.expand_as(h)``: a batch-free one-row parameter (every row is c), or a batched column of
+    another entry (``other[:, :1].expand_as(h)``: its rows, at h's rows); times h."""
+
+    def draw(self, g):
+        a = g.pick(is_f)
+        b = g.pick(is_f) if g.draw(st.booleans()) else None
+        return (a, b, g.metas[a].width), fresh("f", g.metas[a].shape, g.k)
+
+    def build(self, net, k, p):
+        if p[1] is None:
+            net.register_parameter(f"w{k}", nn.Parameter(torch.randn(1, p[2])))
+
+    def run(self, net, k, pool, p):
+        a, b, _ = p
+        h = pool[a]
+        x = getattr(net, f"w{k}") if b is None else pool[b][:, :1]
+        return h * x.expand_as(h)
+
+
 @op("ibsize", "batch")
 class IntBatchSize(Op):
     """Batch size in integer arithmetic: ``c + c.size(0)``, ``c % c.shape[0]``, ``c + arange(B)``."""

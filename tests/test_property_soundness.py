@@ -378,3 +378,13 @@ def test_generated_programs_trace_with_torch_fx():
         fx.symbolic_trace(rp.RandomNet(program))
 
     prop()
+
+
+def test_control_expand_as_read_off_its_target(monkeypatch):
+    """``x.expand_as(h)`` tagged by ``h`` alone (the side a batch-free ``x`` takes) even when ``x``
+    is batched: a user column expanded to an item tensor's shape would be built at U rows."""
+    def wrong(ctx):
+        return ctx.result(ctx.side(ctx.arg(1, "other")))
+
+    _patch_rules(monkeypatch, ["expand_as"], wrong)
+    _assert_detects(("batch",), 200, "expand_as tagged by its target", only=["expandas", "linear", "binary", "cat"])

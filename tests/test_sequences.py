@@ -702,3 +702,55 @@ def test_views_of_rewritten_seq_first_values_get_their_layout(kind):
         h, item, idx = torch.randn(U, L, D, generator=g), torch.randn(N, D, generator=g), ragged(U, N, g)
         with torch.no_grad():
             torch.testing.assert_close(T(h=h, item=item, user_index=idx), model(h[idx], item))
+
+
+class RecBoleSASRec(nn.Module):
+    """RecBole's SASRec as a ranker's user encoder: positions ``arange(L).unsqueeze(0).expand_as(seq)``,
+    an extended attention mask, ``nn.Softmax`` built inside forward (torch.fx cannot trace that, so
+    it is captured by torch.export, in ATen ops), and ``gather_indexes`` of the last real item."""
+
+    def __init__(self):
+        super().__init__()
+        self.item_emb, self.pos = nn.Embedding(VOCAB, D, padding_idx=0), nn.Embedding(L, D)
+        self.q, self.k, self.v, self.dense = (nn.Linear(D, D) for _ in range(4))
+        self.ln = nn.LayerNorm(D)
+        self.head = nn.Sequential(nn.Linear(2 * D + 3, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def heads(self, x):
+        return x.view(x.size()[:-1] + (H, D // H)).permute(0, 2, 1, 3)
+
+    def forward(self, hist, hist_len, item, feat):
+        pos = torch.arange(hist.size(1), dtype=torch.long).unsqueeze(0).expand_as(hist)
+        h = self.ln(self.item_emb(hist) + self.pos(pos))
+        mask = torch.tril((hist > 0).long().unsqueeze(1).unsqueeze(2).expand(-1, -1, hist.size(-1), -1))
+        mask = torch.where(mask.bool(), 0.0, -10000.0)
+        scores = torch.matmul(self.heads(self.q(h)), self.heads(self.k(h)).transpose(-1, -2)) / math.sqrt(D // H)
+        c = torch.matmul(nn.Softmax(dim=-1)(scores + mask), self.heads(self.v(h))).permute(0, 2, 1, 3)
+        h = self.ln(self.dense(c.contiguous().view(c.size()[:-2] + (D,))) + h)
+        last = h.gather(dim=1, index=(hist_len - 1).view(-1, 1, 1).expand(-1, -1, D)).squeeze(1)
+        return self.head(torch.cat([last, self.item_emb(item), feat], 1))
+
+
+def test_export_captured_sasrec_runs_its_encoder_at_u_rows():
+    """The ATen spellings (``expand_as``, ``arange``, ``gather``) have the rules of the torch ones:
+    the export-captured encoder and the last-item gather run at U rows, the head splits."""
+    g = torch.Generator().manual_seed(0)
+
+    def batch(users, n):
+        idx = ragged(users, n, g)
+        hist = hist_batch(users, g)
+        return (hist[idx], (hist > 0).sum(1)[idx], torch.randint(1, VOCAB, (n,), generator=g),
+                torch.randn(n, 3, generator=g)), idx
+
+    model = RecBoleSASRec().eval()
+    T = mari_fx.transform(model, ["hist", "hist_len"], batch(3, 8)[0])
+    record = T.meta["mari_fx.record"]
+    assert record.capture == "torch.export"
+    (layer,) = [l for l in record.layers if l.action == "split"]
+    assert layer.split_user_features == D, layer
+    for op in (torch.ops.aten.expand_as.default, torch.ops.aten.gather.default, torch.ops.aten.softmax.int):
+        assert rows_of(T, op) == {"U"}, op
+    for users, n in CELLS[1:]:
+        pairs, idx = batch(users, n)
+        with torch.no_grad():
+            torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx)), model(*pairs))

@@ -968,26 +968,11 @@ def _scatter_rule(ctx: Any) -> Any:
     return ctx.result(join_all(ctx.side(n) for n in batched))
 
 
-def _reshape_as_rule(ctx: Any) -> Any:
-    """``c.reshape_as(p)``: row-wise when ``c``, ``p`` and the result all keep the rows in dim 0
-    (the sizes are read from ``p`` at run time, so U or N rows alike)."""
-    from ..analysis.tags import Side
-
-    src, like = ctx.arg(0), ctx.arg(1, "other")
-    if ctx.input_side() == Side.CONST:
-        return ctx.result(Side.CONST)
-    shapes = [ctx.value(src), ctx.value(like), ctx.out]
-    if not all(getattr(v, "ndim", 0) >= 1 for v in shapes) or len({v.shape[0] for v in shapes}) != 1:
-        return ctx.refuse("reshape_as does not keep dim 0 as the batch")
-    return ctx.rowwise()
-
-
 def _register_rules() -> None:
     from ..analysis.rules import register
 
     register(torch.slice_scatter, torch.select_scatter, aten.slice_scatter.default,
              aten.select_scatter.default)(_scatter_rule)
-    register("reshape_as")(_reshape_as_rule)
 
 
 _register_rules()

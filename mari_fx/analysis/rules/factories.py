@@ -16,7 +16,8 @@ _NEW_METHODS = ("new_zeros", "new_ones", "new_empty", "new_full", aten.new_zeros
 
 
 @register(torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn, torch.arange, *_NEW_METHODS,
-          aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default)
+          aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default, aten.arange.default,
+          aten.arange.start, aten.arange.start_step)
 def _factory(ctx: RuleContext) -> Tag:
     """A factory whose batch-position size is a batch size (``torch.zeros(x.size(0), k)``,
     ``x.new_zeros(x.size(0), k)``) makes the same row for every pair: USER (U rows, gathered where

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import register, rowwise, rowwise_in, RuleContext, Side, static_int, Tag
+from .base import aten, register, rowwise, rowwise_in, RuleContext, Side, static_int, Tag
 
 
-@register(torch.index_select, "index_select")
+@register(torch.index_select, "index_select", aten.index_select.default)
 def _index_select(ctx: RuleContext) -> Tag:
     """Along a non-batch dim with a batch-free index: row-wise in the input.  Along dim 0 of a
     batch-free table with a batched 1-d index: a table lookup, row-wise in the index."""
@@ -23,7 +23,7 @@ def _index_select(ctx: RuleContext) -> Tag:
     return ctx.refuse("index_select picks rows of the batch dimension (or a batched index picks columns)")
 
 
-@register(torch.gather, "gather")
+@register(torch.gather, "gather", aten.gather.default)
 def _gather(ctx: RuleContext) -> Tag:
     """``out[b, j] = x[b, index[b, j]]`` along a non-batch dim: row-wise when input and index are
     batched alike (gather does not broadcast: a batch-free index would keep its own row count)."""
@@ -37,7 +37,7 @@ def _gather(ctx: RuleContext) -> Tag:
     return rowwise(ctx, ("input", "index"))
 
 
-@register(torch.take_along_dim, "take_along_dim")
+@register(torch.take_along_dim, "take_along_dim", aten.take_along_dim.default)
 def _take_along_dim(ctx: RuleContext) -> Tag:
     x = ctx.arg(0, "input")
     if ctx.input_side() == Side.CONST:
@@ -48,4 +48,4 @@ def _take_along_dim(ctx: RuleContext) -> Tag:
 
 
 register(nn.PReLU)(rowwise_in("input"))
-register(*{F.prelu, torch.prelu, "prelu"})(rowwise_in("input"))  # the weight is per channel (dim 1): batch-free
+register(*{F.prelu, torch.prelu, "prelu", aten.prelu.default})(rowwise_in("input"))  # the weight is per channel (dim 1): batch-free

@@ -241,6 +241,43 @@ def _repeat(ctx: RuleContext) -> Tag:
     return ctx.rowwise()
 
 
+@register("reshape_as", "view_as", aten.reshape_as.default, aten.view_as.default)
+def _reshape_as(ctx: RuleContext) -> Tag:
+    """``c.reshape_as(p)`` / ``c.view_as(p)``: row-wise when ``c``, ``p`` and the result all keep
+    the rows in dim 0 (the sizes are read from ``p`` at run time, so U or N rows alike)."""
+    src, like = ctx.arg(0), ctx.arg(1, "other")
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    shapes = [ctx.value(src), ctx.value(like), ctx.out]
+    if not all(getattr(v, "ndim", 0) >= 1 for v in shapes) or len({v.shape[0] for v in shapes}) != 1:
+        return ctx.refuse("reshape_as does not keep dim 0 as the batch")
+    return ctx.rowwise()
+
+
+@register("expand_as", aten.expand_as.default)
+def _expand_as(ctx: RuleContext) -> Tag:
+    """``c.expand_as(p)``: ``c``'s values at ``p``'s shape; ``p`` gives the row count only.
+
+    A batch-free ``c`` whose dim 0 is new or of size 1 (positions per sample:
+    ``arange(L).unsqueeze(0).expand_as(seq)``) is the same row for every pair: it takes ``p``'s
+    side, so it is built wherever ``p`` lives (U rows beside a user sequence).  A batched ``c``
+    keeps its rows when ``p`` is batched at the same rank: row-wise over both (a user ``c``
+    meets an item ``p`` at N rows)."""
+    src, like = ctx.arg(0), ctx.arg(1, "other")
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    s, p = ctx.value(src), ctx.value(like)
+    if not (isinstance(s, TensorInfo) and isinstance(p, TensorInfo) and _is_batched_node(like)):
+        return ctx.refuse("expand_as to a shape whose dim 0 is not the batch")
+    if ctx.side(src) == Side.CONST:
+        if s.ndim < p.ndim or (s.ndim >= 1 and s.shape[0] == 1):
+            return ctx.result(ctx.side(like))
+        return ctx.refuse("expand_as of a batch-free tensor with rows of its own to the batch")
+    if s.ndim != p.ndim or not _is_batched_node(src):
+        return ctx.refuse("expand_as changes the batch dimension")
+    return ctx.rowwise()
+
+
 @register(torch.flatten, "flatten", nn.Flatten)
 def _flatten(ctx: RuleContext) -> Tag:
     if ctx.module is not None:
