@@ -60,11 +60,19 @@ UNARY_FUNCS += [
     aten.rsqrt.default, aten.clamp.default, aten.leaky_relu.default, aten.elu.default, aten.hardtanh.default,
     aten.softplus.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
     aten.to.dtype, aten._to_copy.default, aten.square.default, aten.reciprocal.default, aten.log1p.default,
+    aten.expm1.default, aten.erf.default, aten.sin.default, aten.cos.default, aten.sign.default, aten.floor.default,
+    aten.ceil.default, aten.round.default, aten.trunc.default, aten.nan_to_num.default, aten.mish.default,
+    aten.selu.default, aten.celu.default, aten.relu6.default, aten.hardswish.default, aten.hardsigmoid.default,
+    aten.log_sigmoid.default, aten.clamp_min.default, aten.clamp_max.default, aten.type_as.default,
+    aten.to.device, aten.lift_fresh_copy.default,
 ]
 BINARY_FUNCS += [
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
     aten.maximum.default, aten.minimum.default, aten.where.self, aten.masked_fill.Scalar, aten.rsub.Scalar,
-    aten.eq.Tensor, aten.eq.Scalar, aten.gt.Scalar, aten.lt.Scalar,
+    aten.eq.Tensor, aten.eq.Scalar, aten.gt.Scalar, aten.lt.Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar,
+    aten.remainder.Scalar, aten.remainder.Tensor, aten.floor_divide.default, aten.div.Tensor_mode,
+    aten.div.Scalar_mode, aten.lerp.Scalar, aten.lerp.Tensor, aten.addcmul.default, aten.addcdiv.default,
+    aten.clamp.Tensor, aten.max.other, aten.min.other,
 ]
 
 DROPOUTS = [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout, torch.dropout, "dropout"]
@@ -89,7 +97,8 @@ LOGICAL_FUNCS = [
     aten.bitwise_and.Scalar, aten.bitwise_or.Scalar, aten.bitwise_xor.Scalar, aten.__and__.Tensor,
     aten.__or__.Tensor, aten.masked_fill.Tensor, aten.where.ScalarOther, aten.where.ScalarSelf,
     aten.where.Scalar, aten.ne.Scalar, aten.ne.Tensor, aten.le.Scalar, aten.le.Tensor, aten.ge.Scalar,
-    aten.ge.Tensor, aten.lt.Tensor, aten.gt.Tensor, aten.isinf.default,
+    aten.ge.Tensor, aten.lt.Tensor, aten.gt.Tensor, aten.isinf.default, aten.isnan.default, aten.isfinite.default,
+    aten.isneginf.default, aten.isposinf.default, aten.__xor__.Tensor,
 ]
 LOGICAL_METHODS = [
     "bitwise_not", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_xor", "isinf", "isfinite",

@@ -197,3 +197,107 @@ def test_compiled_model_is_transformed_as_the_model_it_wraps():
     T = mari_fx.transform(torch.compile(model), ["user"], example)
     assert T.meta["mari_fx.record"].split_layers == ("fusion.0",)
     assert _exact(model, T)
+
+
+# --------------------------------------------------------------------------- ATen spellings
+# A model torch.fx cannot trace reaches mari_fx in ATen ops; each must have the rule of its torch
+# spelling, or the user-side work it does falls back to N rows.  Every body maps user rows [B, 6]
+# to [B, 6] and acts on each row alone.
+_COLS = torch.tensor([[5, 0, 3, 1, 4, 2]])
+ATEN_BODIES = {
+    "unary": lambda u: torch.erf(u) + torch.sin(u) * torch.cos(u) + torch.expm1(u.clamp(max=1)) + torch.sign(u),
+    "rounding": lambda u: torch.floor(u * 3) + torch.ceil(u) + torch.round(u) + torch.trunc(u * 2),
+    "activations": lambda u: (nn.functional.hardswish(u) + nn.functional.hardsigmoid(u) + nn.functional.mish(u)
+                              + nn.functional.selu(u) + nn.functional.relu6(u) + u.clamp(min=0.1)),
+    "binary": lambda u: (u * 10).remainder(3.0) + torch.lerp(u, u * 2, 0.3) + torch.addcmul(u, u, u) + 2.0 ** u,
+    "reductions": lambda u: u * (u.max(1, keepdim=True).values + u.min(1, keepdim=True).values
+                             + u.prod(1, keepdim=True) + u.norm(dim=1, keepdim=True)),
+    "sorting": lambda u: torch.sort(u, 1).values + torch.topk(u, 6, 1).values + u.argsort(1).float(),
+    "normalize": lambda u: nn.functional.normalize(u, dim=1),
+    "indexing": lambda u: u.gather(1, _COLS.expand_as(u)) + u.index_select(1, _COLS[0]),
+    "positions": lambda u: u + torch.arange(6).float().unsqueeze(0).expand_as(u),
+}
+
+
+class AtenBody(nn.Module):
+    """``body`` over the user rows, behind a Python loop over a size (torch.fx fails on it)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.head = body, nn.Linear(6 + 2, 3)
+
+    def forward(self, user, item):
+        ones = sum(user[:, k:k + 1] * 0.0 for k in range(user.shape[1])) + 1.0
+        return self.head(torch.cat([self.body(user * ones), item], 1))
+
+
+def _aten_case(body):
+    model = AtenBody(body).eval()
+    T = mari_fx.transform(model, ["user"], (torch.randn(4, 6), torch.randn(4, 2)), cost_model=False)
+    errors = []
+    for U, N in [(1, 5), (3, 7), (2, 2)]:
+        idx = ragged_index(U, N)
+        u, i = torch.randn(U, 6), torch.randn(N, 2)
+        with torch.no_grad():
+            got, want = T(user=u, item=i, user_index=idx), model(u[idx], i)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            errors.append((U, N))
+    return T, errors
+
+
+@pytest.mark.parametrize("name", sorted(ATEN_BODIES))
+def test_aten_spellings_keep_user_work_at_u_rows(name):
+    T, errors = _aten_case(ATEN_BODIES[name])
+    record = T.meta["mari_fx.record"]
+    assert record.capture == "torch.export" and not errors
+    (layer,) = record.layers
+    assert layer.action == "split" and layer.split_user_features == 6, layer
+
+
+def test_control_aten_reductions_over_the_batch_tagged_rowwise(monkeypatch):
+    """Positive control: the same check finds a wrong answer when ATen reductions over the batch
+    (``sort(u, 0)``, ``u.prod(0)``) are tagged row-wise.  (``u.max(0)`` is no control: the max over
+    pairs is the max over users, whatever the rule.)"""
+    from mari_fx.analysis.rules import RULES, rowwise
+
+    aten = torch.ops.aten
+    for t in (aten.sort.default, aten.prod.dim_int):
+        monkeypatch.setitem(RULES, t, rowwise)
+    for body in (lambda u: torch.sort(u, 0).values, lambda u: u * u.prod(0, keepdim=True)):
+        assert _aten_case(body)[1], "a batch reduction tagged row-wise went unnoticed"
+
+
+class NumpyOffsets(nn.Module):
+    """pytorch-fm's FeaturesEmbedding: one table for every field, the field offsets a numpy array
+    made a tensor in forward (``x.new_tensor(offsets)``: torch.fx cannot take a numpy argument, and
+    strict torch.export keeps the constant without its values)."""
+
+    def __init__(self, dims=(20, 30, 25, 40)):
+        super().__init__()
+        import numpy as np
+
+        self.dims, self.offsets = dims, np.array((0, *np.cumsum(dims)[:-1]), dtype=np.int64)
+        self.embedding = nn.Embedding(sum(dims), 3)
+        self.mlp = nn.Sequential(nn.Linear(3 * len(dims), 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        e = self.embedding(x + x.new_tensor(self.offsets).unsqueeze(0))
+        return self.mlp(e.view(-1, 3 * len(self.dims)))
+
+
+def test_numpy_constant_made_in_forward_is_captured_with_its_values():
+    model = NumpyOffsets().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.stack([torch.randint(0, d, (n,), generator=g) for d in model.dims], 1)
+
+    T = mari_fx.transform(model, ["x[:, 0:2]"], (ids(4),))
+    record = T.meta["mari_fx.record"]
+    assert record.capture == "torch.export"
+    (split,) = [l for l in record.layers if l.action == "split"]
+    assert split.split_user_features == 2 * 3, split  # the two user fields' embedding columns
+    for U, N in [(1, 5), (3, 7)]:
+        idx, x = ragged_index(U, N), ids(N)
+        x[:, :2] = ids(U)[:, :2][idx]
+        torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, x, user_index=idx)), model(x))

@@ -468,6 +468,7 @@ def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[s
         >>> [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         ['x']
     """
+    from torch._subclasses.fake_tensor import FakeTensor
     from torch.export import Dim, export
     from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path, tree_map, tree_unflatten
 
@@ -478,6 +479,10 @@ def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[s
                for k, v in bound.items()}
     try:  # strict (dynamo) keeps len() symbolic; non-strict copes with unregistered modules
         ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=True)
+        if any(isinstance(v, FakeTensor) for v in ep.constants.values()):
+            # strict export keeps a constant made in forward from a numpy array
+            # (``x.new_tensor(np_offsets)``) as a fake tensor, without its values
+            raise TraceError("strict torch.export kept a constant without its values")
     except Exception:
         ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=False)
     gm = ep.module()

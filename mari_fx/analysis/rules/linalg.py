@@ -17,7 +17,7 @@ from .base import aten, register, rowwise, rowwise_in, RuleContext, RULES, Side,
 _linear = rowwise_in("input", min_ndim=2)
 register(nn.Linear, F.linear)(_linear)
 register(torch.addmm)(rowwise_in("input", "mat1", min_ndim=2))  # input is the (broadcast) bias
-register(nn.Bilinear, F.bilinear)(rowwise_in("input1", "input2", min_ndim=2))
+register(nn.Bilinear, F.bilinear, aten.bilinear.default)(rowwise_in("input1", "input2", min_ndim=2))
 
 
 @register(torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__")

@@ -41,7 +41,7 @@ def _batch_norm_fn(ctx: RuleContext) -> Tag:
     return rowwise(ctx, ("input",), min_ndim=2)  # running stats, weight and bias batch-free
 
 
-@register(nn.GroupNorm, F.group_norm)
+@register(nn.GroupNorm, F.group_norm, aten.group_norm.default)
 def _group_norm(ctx: RuleContext) -> Tag:
     return rowwise(ctx, ("input",), min_ndim=2)  # (N, C, *) only; weight and bias batch-free
 

@@ -34,8 +34,13 @@ def _softmax_module(ctx: RuleContext) -> Tag:
 # torch.export (ATen) spellings of the same ops
 register(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.softmax.int,
          aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.logsumexp.default,
-         aten.cumsum.default, aten.argmax.default, aten.var.correction, aten.std.correction)(
-    constant_if_constant(reduction()))
+         aten.cumsum.default, aten.argmax.default, aten.var.correction, aten.std.correction, aten.max.dim,
+         aten.min.dim, aten.prod.dim_int, aten.all.dim, aten.any.dim, aten.argmin.default, aten.cumprod.default,
+         aten.count_nonzero.dim_IntList, aten.sort.default, aten.sort.stable, aten.argsort.default,
+         aten.argsort.stable)(constant_if_constant(reduction()))
+register(aten.topk.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default)(
+    constant_if_constant(reduction(2, "dim")))
 
 
-register(aten.sum.default, aten.mean.default)(constant_if_constant(refuse_with("reduces over all dims, batch included")))
+register(aten.sum.default, aten.mean.default, aten.max.default, aten.min.default, aten.prod.default,
+         aten.all.default, aten.any.default)(constant_if_constant(refuse_with("reduces over all dims, batch included")))
