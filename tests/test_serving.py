@@ -182,3 +182,31 @@ def test_size_only_factories_built_at_n_rows_not_gathered():
         want = model(u[idx], i)
         assert got.dtype == want.dtype == torch.float64
         torch.testing.assert_close(got, want)
+
+
+class Towers(nn.Module):
+    """Two small task towers over one shared input (ESMM / MMoE style); ``shared`` adds a reader
+    that is not a Linear (it needs the input at N rows whatever the towers do)."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.shared = shared
+        self.ctr, self.cvr = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, u, i):
+        x = torch.cat([u, i], -1)
+        out = self.ctr(x) * self.cvr(x)
+        return out + x.sum(-1, keepdim=True) if self.shared else out
+
+
+def test_sibling_towers_over_one_input_are_judged_together():
+    """Each tower alone barely pays for its split if the input is built at N rows anyway; but when
+    every reader is a Linear that splits, nobody needs the input at N rows: both split.  A reader
+    that needs the input (``x.sum``) keeps the towers whole."""
+    idx = ragged_index(3, 11)
+    for shared, action in ((False, "split"), (True, "kept")):
+        model = Towers(shared).eval()
+        T = mari_fx.transform(model, ["u"], (torch.randn(3, 4)[idx], torch.randn(11, 4)))
+        assert [_layer(T, n).action for n in ("ctr", "cvr")] == [action, action], shared
+        u, i = torch.randn(3, 4), torch.randn(11, 4)
+        torch.testing.assert_close(T(u=u, i=i, user_index=idx), model(u[idx], i))

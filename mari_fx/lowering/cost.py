@@ -69,7 +69,8 @@ class LinearShape:
     weight columns applied at U rows, at N rows, and at N rows before the model's expand
     (once per sample); ``*_sources``: how many tensors feed each (more than one means a
     ``cat``); ``input_user_columns`` / ``input_user_sources``: the input's user columns and
-    pieces; ``input_shared``: the input is needed at N rows by another op anyway.
+    pieces; ``input_shared``: the input is needed at N rows by another op anyway (another Linear over
+    the same input, a sibling tower, is judged as splitting too: it does not count).
     """
 
     in_features: int

@@ -137,7 +137,7 @@ def _lower_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[Value]
         if not user or item_width > in_features:
             split, reason = False, "splitting would not reduce the work at N rows"
         else:
-            shape = _cost_shape(view, node, info, x_val, cols[Side.USER], in_features, out_features,
+            shape = _cost_shape(lw, view, node, info, x_val, cols[Side.USER], in_features, out_features,
                                 rows_per_sample, user, item, bcast)
             if lw.options.cost_model and not cost.split_pays(shape):
                 kept, done = cost.kept_work(shape).cost, cost.split_work(shape).cost
@@ -158,7 +158,7 @@ def _lower_linear(lw: LoweringContext, node: fx.Node, module) -> Optional[Value]
     return out
 
 
-def _cost_shape(view: _LinearView, node: fx.Node, info, x_val: Pieces, user_columns: int, in_features: int,
+def _cost_shape(lw: LoweringContext, view: _LinearView, node: fx.Node, info, x_val: Pieces, user_columns: int, in_features: int,
                 out_features: int, rows_per_sample: int, user: List, item: List, bcast: List) -> cost.LinearShape:
     """What :mod:`mari_fx.lowering.cost` needs to judge this split."""
     itemsize = info.dtype.itemsize if isinstance(info, TensorInfo) and info.dtype is not None else 4
@@ -169,7 +169,21 @@ def _cost_shape(view: _LinearView, node: fx.Node, info, x_val: Pieces, user_colu
         item_sources=len(_unslice([n for n, _, _ in item])),
         input_user_columns=user_columns, input_user_sources=sum(1 for lvl, _, _ in x_val.parts if lvl == U),
         # another reader needs the input at N rows anyway: keeping the Linear whole saves no gather
-        input_shared=any(u is not node for u in view.x.users), itemsize=itemsize)
+        input_shared=any(u is not node and not _sibling_linear(lw, u, view.x) for u in view.x.users),
+        itemsize=itemsize)
+
+
+def _sibling_linear(lw: LoweringContext, reader: fx.Node, x: fx.Node) -> bool:
+    """``reader`` is another Linear over ``x`` with parameter weights (the towers or experts of a
+    multi-task model over one shared input): judged as splitting too, so it does not count as a
+    reason to build ``x`` at N rows (if it keeps its Linear whole, x is built for it anyway)."""
+    module = lw.gm.get_submodule(reader.target) if reader.op == "call_module" else None
+    if isinstance(module, SplitLinear):
+        return True  # split already (lowered before this Linear): it reads x's pieces, not x
+    if not (isinstance(module, nn.Linear) or (reader.op == "call_function" and reader.target in targets.LINEAR_LIKE)):
+        return False
+    view = _linear_view(lw, reader, module)
+    return view is not None and view.x is x and view.weight is not None and not view.why_not
 
 
 def _split_sources(self: LoweringContext, x: Pieces, weight: torch.Tensor) -> Tuple[List, List, List]:
