@@ -27,17 +27,21 @@ UNARY_FUNCS = [
     F.logsigmoid, torch.exp, torch.log, torch.log1p, torch.expm1, torch.abs, torch.neg, operator.neg,
     operator.pos, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.sign, torch.erf,
     torch.sin, torch.cos, torch.nan_to_num, torch.reciprocal, torch.logical_not, torch.isnan, torch.floor,
-    torch.ceil, torch.round, torch.trunc,
+    torch.ceil, torch.round, torch.trunc, torch.atan, torch.asin, torch.acos, torch.sinh, torch.cosh, torch.tan,
+    torch.log2, torch.log10, torch.exp2, torch.frac, torch.logit, torch.clamp_min, torch.clamp_max, F.softsign,
+    F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, torch.special.expit,
 ]
 UNARY_METHODS = [
     "relu", "sigmoid", "tanh", "exp", "log", "log1p", "expm1", "abs", "neg", "sqrt", "rsqrt", "square",
     "clamp", "clip", "sign", "erf", "sin", "cos", "reciprocal", "nan_to_num", "floor", "ceil", "round",
     "float", "double", "half", "bfloat16", "long", "int", "bool", "type", "type_as", "to", "contiguous",
-    "clone", "detach", "logical_not", "isnan",
+    "clone", "detach", "logical_not", "isnan", "trunc", "atan", "asin", "acos", "sinh", "cosh", "tan", "log2",
+    "log10", "exp2", "frac", "logit", "clamp_min", "clamp_max",
 ]
 UNARY_MODULES = [
     nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Identity,
+    nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Identity, nn.Softsign,
+    nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold,
 ]
 BINARY_FUNCS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
@@ -45,11 +49,13 @@ BINARY_FUNCS = [
     operator.and_, operator.or_, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply,
     torch.div, torch.divide, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where,
     torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or,
-    torch.masked_fill, torch.lerp, torch.addcmul, torch.addcdiv, torch.rsub,
+    torch.masked_fill, torch.lerp, torch.addcmul, torch.addcdiv, torch.rsub, torch.atan2, torch.hypot, torch.fmod,
+    torch.remainder, torch.floor_divide, torch.xlogy,
 ]
 BINARY_METHODS = [
     "add", "sub", "mul", "div", "pow", "maximum", "minimum", "masked_fill", "eq", "ne", "lt", "le", "gt",
-    "ge", "lerp", "addcmul", "where", "logical_and", "logical_or",
+    "ge", "lerp", "addcmul", "where", "logical_and", "logical_or", "atan2", "hypot", "fmod", "remainder",
+    "floor_divide", "xlogy", "__mod__", "__floordiv__", "__pow__", "__rpow__",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
 ]
 
@@ -64,7 +70,9 @@ UNARY_FUNCS += [
     aten.ceil.default, aten.round.default, aten.trunc.default, aten.nan_to_num.default, aten.mish.default,
     aten.selu.default, aten.celu.default, aten.relu6.default, aten.hardswish.default, aten.hardsigmoid.default,
     aten.log_sigmoid.default, aten.clamp_min.default, aten.clamp_max.default, aten.type_as.default,
-    aten.to.device, aten.lift_fresh_copy.default,
+    aten.to.device, aten.lift_fresh_copy.default, aten.atan.default, aten.asin.default, aten.acos.default,
+    aten.sinh.default, aten.cosh.default, aten.tan.default, aten.log2.default, aten.log10.default, aten.exp2.default,
+    aten.frac.default, aten.logit.default, aten.softshrink.default, aten.hardshrink.default, aten.threshold.default,
 ]
 BINARY_FUNCS += [
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
@@ -72,7 +80,8 @@ BINARY_FUNCS += [
     aten.eq.Tensor, aten.eq.Scalar, aten.gt.Scalar, aten.lt.Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar,
     aten.remainder.Scalar, aten.remainder.Tensor, aten.floor_divide.default, aten.div.Tensor_mode,
     aten.div.Scalar_mode, aten.lerp.Scalar, aten.lerp.Tensor, aten.addcmul.default, aten.addcdiv.default,
-    aten.clamp.Tensor, aten.max.other, aten.min.other,
+    aten.clamp.Tensor, aten.max.other, aten.min.other, aten.atan2.default, aten.hypot.default, aten.fmod.Scalar,
+    aten.fmod.Tensor, aten.xlogy.Tensor,
 ]
 
 DROPOUTS = [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout, torch.dropout, "dropout"]
@@ -98,12 +107,14 @@ LOGICAL_FUNCS = [
     aten.__or__.Tensor, aten.masked_fill.Tensor, aten.where.ScalarOther, aten.where.ScalarSelf,
     aten.where.Scalar, aten.ne.Scalar, aten.ne.Tensor, aten.le.Scalar, aten.le.Tensor, aten.ge.Scalar,
     aten.ge.Tensor, aten.lt.Tensor, aten.gt.Tensor, aten.isinf.default, aten.isnan.default, aten.isfinite.default,
-    aten.isneginf.default, aten.isposinf.default, aten.__xor__.Tensor,
+    aten.isneginf.default, aten.isposinf.default, aten.__xor__.Tensor, operator.lshift, operator.rshift,
+    torch.bitwise_left_shift, torch.bitwise_right_shift, aten.__lshift__.Scalar, aten.__rshift__.Scalar,
+    aten.bitwise_left_shift.Tensor_Scalar, aten.bitwise_right_shift.Tensor_Scalar,
 ]
 LOGICAL_METHODS = [
     "bitwise_not", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_xor", "isinf", "isfinite",
     "__invert__", "__and__", "__or__", "__xor__", "__rand__", "__ror__", "__rxor__", "__eq__", "__ne__",
-    "__lt__", "__le__", "__gt__", "__ge__",
+    "__lt__", "__le__", "__gt__", "__ge__", "__lshift__", "__rshift__", "bitwise_left_shift", "bitwise_right_shift",
 ]
 # Every elementwise spelling (functions and methods; modules are matched by class elsewhere).
 ELEMENTWISE = frozenset(UNARY_FUNCS + UNARY_METHODS + BINARY_FUNCS + BINARY_METHODS + ATEN_MORE_ELEMENTWISE

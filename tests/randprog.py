@@ -173,6 +173,35 @@ class Unary(Op):
         return UNARY[p[1]](pool[p[0]])
 
 
+# more elementwise ops, smooth where the generated values fall (no jump that round-off could cross)
+UNARY2 = {"atan": torch.atan, "sinh": lambda x: torch.sinh(x.clamp(-3, 3)), "softsign": F.softsign,
+          "log2": lambda x: torch.log2(x.abs() + 1.0), "clamp_min": lambda x: x.clamp_min(-0.5),
+          "softshrink": F.softshrink, "expit": torch.special.expit}
+BINARY2 = {"atan2": lambda x, y: torch.atan2(x, y.abs() + 0.5), "hypot": torch.hypot,
+           "xlogy": lambda x, y: torch.xlogy(x, y.abs() + 1.0)}
+
+
+@op("unary2", "base")
+class Unary2(Op):
+    def draw(self, g):
+        a = g.pick(is_f)
+        return (a, g.choice(sorted(UNARY2))), fresh("f", g.metas[a].shape, g.k)
+
+    def run(self, net, k, pool, p):
+        return UNARY2[p[1]](pool[p[0]])
+
+
+@op("binary2", "base")
+class Binary2(Op):
+    def draw(self, g):
+        a = g.pick(is_f)
+        b = g.pick(lambda m: is_f(m) and m.shape == g.metas[a].shape, prefer_focus=False)
+        return (a, b, g.choice(sorted(BINARY2))), fresh("f", g.metas[a].shape, g.k)
+
+    def run(self, net, k, pool, p):
+        return BINARY2[p[2]](pool[p[0]], pool[p[1]])
+
+
 @op("binary", "base")
 class Binary(Op):
     def draw(self, g):
@@ -227,6 +256,26 @@ class Split(Op):
     def run(self, net, k, pool, p):
         a, first, part, w = p
         return torch.split(pool[a], [first, w - first], dim=-1)[part]
+
+
+@op("rnncell", "base")
+class RNNCellStep(Op):
+    """One step of a recurrent cell: ``GRUCell(a, b)`` / ``RNNCell(a, b)`` (input a, state b), or
+    ``LSTMCell(a, (b, b))``'s new state."""
+
+    def draw(self, g):
+        a = g.pick(is_f)
+        b = g.pick(is_f, prefer_focus=False)
+        return (a, b, g.metas[a].width, g.metas[b].width, g.choice(["gru", "rnn", "lstm"])), fresh("f", (g.metas[b].width,), g.k)
+
+    def build(self, net, k, p):
+        cell = {"gru": nn.GRUCell, "rnn": nn.RNNCell, "lstm": nn.LSTMCell}[p[4]]
+        net.mods[f"m{k}"] = cell(p[2], p[3])
+
+    def run(self, net, k, pool, p):
+        a, b, how = p[0], p[1], p[4]
+        cell = net.mods[f"m{k}"]
+        return cell(pool[a], (pool[b], pool[b]))[1] if how == "lstm" else cell(pool[a], pool[b])
 
 
 @op("linear", "base", "field")
@@ -697,6 +746,31 @@ class IArith(Op):
             d = x - y
             return d * d
         return x * 3 + 1
+
+
+@op("ishift", "int")
+class IShift(Op):
+    """Bit and division crosses: ``(a << 3) ^ b``, ``(a >> 1) + b``, ``a // 7 + b``, ``fmod(a, 13) * b``."""
+
+    def draw(self, g):
+        how = g.choice(["shl_xor", "shr_add", "floordiv", "fmod"])
+        a = g.pick(lambda m: m.kind == "i")
+        b = g.pick(lambda m: m.kind == "i", prefer_focus=False)
+        ba, bb = max(g.metas[a].bound, 1), max(g.metas[b].bound, 1)
+        bound = {"shl_xor": 16 * (ba + bb), "shr_add": ba + bb, "floordiv": ba + bb, "fmod": 13 * bb}[how]
+        if bound > 2**61:
+            return None
+        return (a, b, how), fresh("i", (), g.k, bound)
+
+    def run(self, net, k, pool, p):
+        x, y, how = pool[p[0]], pool[p[1]], p[2]
+        if how == "shl_xor":
+            return (x << 3) ^ y
+        if how == "shr_add":
+            return (x >> 1) + y
+        if how == "floordiv":
+            return x // 7 + y
+        return torch.fmod(x, 13) * y
 
 
 @op("icmp", "int")

@@ -388,3 +388,24 @@ def test_control_expand_as_read_off_its_target(monkeypatch):
 
     _patch_rules(monkeypatch, ["expand_as"], wrong)
     _assert_detects(("batch",), 200, "expand_as tagged by its target", only=["expandas", "linear", "binary", "cat"])
+
+
+def test_control_more_elementwise_ops_reading_one_operand(monkeypatch):
+    """atan2 / hypot / xlogy and integer shifts / xor / floor division tagged by their first operand: a
+    user operand combined with an item one would be computed per user."""
+    import operator
+
+    for t in [torch.atan2, torch.hypot, torch.xlogy, operator.lshift, operator.xor, operator.floordiv]:
+        monkeypatch.setitem(RULES, t, _first_operand_only(RULES[t]))
+    _assert_detects(("base",), 200, "binary elementwise ops tagged by their first operand", only=["binary2", "linear", "cat"])
+    _assert_detects(("int",), 300, "integer crosses tagged by their first operand", only=["ishift", "iemb"])
+
+
+def test_control_recurrent_cells_reading_their_input_only(monkeypatch):
+    """GRUCell / RNNCell / LSTMCell tagged by their input alone: a user input stepped from an item
+    state would be computed per user."""
+    import torch.nn as nn
+
+    for t in [nn.GRUCell, nn.RNNCell, nn.LSTMCell]:
+        monkeypatch.setitem(RULES, t, _first_operand_only(RULES[t]))
+    _assert_detects(("base",), 200, "recurrent cells tagged by their input", only=["rnncell", "linear", "cat"])

@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (aten, join_all, register, rowwise, RuleContext, SeqTag, Side, Tag, TensorInfo,
+from .base import (aten, join_all, register, rowwise, rowwise_in, RuleContext, SeqTag, Side, Tag, TensorInfo,
     _uniform_like, VALUE_KEY)
 from .shapes import _is_batched_node
 
@@ -172,6 +172,12 @@ def _rnn(ctx: RuleContext) -> Tag:
     if isinstance(tag, SeqTag) and tag.side != Side.MIXED:
         return SeqTag((tag.items[0], _uniform_like(ctx.out[1], Side.MIXED)))
     return tag
+
+
+# A recurrent cell steps each sample alone: its input [B, E] and state [B, H] (a tuple (h, c) for
+# LSTMCell) are rows of the batch; a 1-d input is one unbatched sample (its dim 0 is the features).
+register(nn.RNNCell, nn.GRUCell, nn.LSTMCell, aten.rnn_tanh_cell.default, aten.rnn_relu_cell.default, aten.gru_cell.default,
+         aten.lstm_cell.default)(rowwise_in("input", "hx", min_ndim=2))
 
 
 @register(F.scaled_dot_product_attention)
