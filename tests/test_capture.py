@@ -301,3 +301,64 @@ def test_numpy_constant_made_in_forward_is_captured_with_its_values():
         idx, x = ragged_index(U, N), ids(N)
         x[:, :2] = ids(U)[:, :2][idx]
         torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, x, user_index=idx)), model(x))
+
+
+# --------------------------------------------------------------------------- module calls under export
+class ExportedEncoders(nn.Module):
+    """User-side sequence modules in a model torch.fx cannot trace: export inlines them into ATen ops
+    (a GRU's zeros state has the batch in dim 1, attention folds the batch with the heads), so
+    their calls are kept whole (``mari_fx.frontend.outline``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8, padding_idx=0)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.Linear(8 + 8 + 3, 12), nn.ReLU(), nn.Linear(12, 1))
+
+    def forward(self, hist, feat):
+        pad = hist == 0
+        h = self.emb(hist) * (sum(hist[:, k:k + 1] * 0 for k in range(hist.shape[1])) + 1).unsqueeze(-1)
+        h = self.mha(h, h, h, key_padding_mask=pad)[0]
+        o, _ = self.gru(h)
+        e = self.enc(o, src_key_padding_mask=pad)
+        return self.head(torch.cat([e.mean(1), o[:, -1], feat], 1))
+
+
+def _exported_encoders():
+    g = torch.Generator().manual_seed(0)
+
+    def batch(users, n):
+        idx = ragged_index(users, n)
+        hist = torch.randint(1, 30, (users, 5), generator=g)
+        hist[:, -1] = 0
+        return (hist[idx], torch.randn(n, 3, generator=g)), idx
+
+    model = ExportedEncoders().eval()
+    return model, mari_fx.transform(model, ["hist"], batch(3, 8)[0]), batch
+
+
+def test_sequence_module_calls_are_kept_whole_under_export():
+    model, T, batch = _exported_encoders()
+    record = T.meta["mari_fx.record"]
+    assert record.capture == "torch.export"
+    calls = {n.target: n.meta["mari_fx.rows"] for n in T.graph.nodes if n.op == "call_module"}
+    assert {calls.get(p) for p in ("mha", "gru", "enc")} == {"U"}, calls
+    (split,) = [l for l in record.layers if l.action == "split"]
+    assert split.split_user_features == 16  # e.mean(1) and o[:, -1]
+    assert not any(n.target is torch.ops.aten.gru.input for n in T.graph.nodes)
+    for U, N in [(1, 5), (3, 7), (2, 2)]:
+        pairs, idx = batch(U, N)
+        with torch.no_grad():
+            torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx)), model(*pairs))
+
+
+def test_inlined_sequence_modules_lose_the_user_side(monkeypatch):
+    """What the outlining buys: inlined, the GRU kernel has no rule and attention's ops fold the batch."""
+    import mari_fx.frontend.capture as capture
+
+    monkeypatch.setattr(capture, "outline_module_calls", lambda *a: [])
+    _, T, _ = _exported_encoders()
+    assert not [l for l in T.meta["mari_fx.record"].layers if l.action == "split"]

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .. import registry
 from ..errors import TraceError
+from .outline import leaf_calls, outline_module_calls
 
 _HINTS = (
     ("cannot be used as inputs to control flow",
@@ -477,15 +478,29 @@ def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[s
     bound = dict(zip(names, args), **kwargs)
     dynamic = {k: tree_map(lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None, v)
                for k, v in bound.items()}
-    try:  # strict (dynamo) keeps len() symbolic; non-strict copes with unregistered modules
-        ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=True)
-        if any(isinstance(v, FakeTensor) for v in ep.constants.values()):
+    keep = leaf_calls(model)
+
+    def run(strict: bool, keep: Tuple[str, ...]) -> Any:
+        ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=strict,
+                    preserve_module_call_signature=keep)
+        if strict and any(isinstance(v, FakeTensor) for v in ep.constants.values()):
             # strict export keeps a constant made in forward from a numpy array
             # (``x.new_tensor(np_offsets)``) as a fake tensor, without its values
             raise TraceError("strict torch.export kept a constant without its values")
-    except Exception:
-        ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=False)
+        return ep
+
+    # strict (dynamo) keeps len() symbolic; non-strict copes with unregistered modules; the sequence
+    # modules' calls are kept (see mari_fx.frontend.outline) where export can keep them
+    attempts = [(True, keep), (False, keep)] + ([(True, ()), (False, ())] if keep else [])
+    for k, (strict, kept) in enumerate(attempts):
+        try:
+            ep = run(strict, kept)
+            break
+        except Exception:
+            if k == len(attempts) - 1:
+                raise
     gm = ep.module()
+    outline_module_calls(gm, ep, model, kept)
     graph = gm.graph
     leaves = [path for path, _ in tree_flatten_with_path((tuple(args), dict(kwargs)))[0]]
     old = [n for n in graph.nodes if n.op == "placeholder"]
