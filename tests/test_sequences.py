@@ -754,3 +754,31 @@ def test_export_captured_sasrec_runs_its_encoder_at_u_rows():
         pairs, idx = batch(users, n)
         with torch.no_grad():
             torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx)), model(*pairs))
+
+
+class Untraceable(nn.Module):
+    """``model`` behind a Python loop over a size: torch.fx fails, so it is captured by torch.export."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hist, item):
+        ones = sum(hist[:, k:k + 1] * 0 for k in range(hist.shape[1])) + 1
+        return self.model(hist * ones, item)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "layer_permute", "mha", "first_position", "mean_over_dim0"])
+def test_seq_first_modules_run_at_u_rows_under_export(kind):
+    """The export route reaches the seq-first rewrites too: the module calls are kept whole
+    (mari_fx.frontend.outline) and the ATen transposes, selects and pools around them are read
+    like their torch spellings."""
+    model = Untraceable(SeqFirstRanker(kind)).eval()
+    g = torch.Generator().manual_seed(0)
+    T = mari_fx.transform(model, ["hist"], (hist_batch(4, g), torch.randint(VOCAB, (4,), generator=g)))
+    assert T.meta["mari_fx.record"].capture == "torch.export"
+    assert rows_of(T, "model." + SEQ_FIRST_KINDS[kind]) == {"U"}
+    for U, N in CELLS:
+        hist, item, idx = hist_batch(U, g), torch.randint(VOCAB, (N,), generator=g), ragged(U, N, g)
+        with torch.no_grad():
+            torch.testing.assert_close(T(hist=hist, item=item, user_index=idx), model(hist[idx], item))

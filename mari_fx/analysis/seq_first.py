@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+aten = torch.ops.aten
+
 from .. import targets
 from ..meta import SEQ_FIRST_KEY
 from .example_prop import VALUE_KEY
@@ -197,6 +199,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, twin_path: str, path: str) -> No
 
 
 _POOLS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+_ATEN_POOLS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}  # dims as a list
 
 
 def _read_batch_first(g: fx.Graph, reader: fx.Node, sf: fx.Node, bf: fx.Node, length: Optional[int]) -> Optional[fx.Node]:
@@ -212,11 +215,15 @@ def _read_batch_first(g: fx.Graph, reader: fx.Node, sf: fx.Node, bf: fx.Node, le
     t, rest, kw = reader.target, list(reader.args[1:]), dict(reader.kwargs)
     if t is operator.getitem and len(rest) == 1 and isinstance(rest[0], int) and not kw:
         return g.call_function(operator.getitem, (bf, (slice(None), rest[0])))
+    if t is aten.select.int and len(rest) == 2 and rest[0] in (0, -3) and isinstance(rest[1], int) and not kw:
+        return g.call_function(operator.getitem, (bf, (slice(None), rest[1])))
+    if t in _ATEN_POOLS and rest and list(rest[0]) in ([0], [-3]) and rest[1:] in ([], [False]) and not kw:
+        return g.call_function(t, (bf, [1]))
     if t in _POOLS:
         dim = rest[0] if rest else kw.pop("dim", None)
         if dim in (0, -3) and len(rest) <= 1 and not kw:
             return g.create_node(reader.op, t, (bf, 1))
-    if t in ("squeeze", torch.squeeze) and rest in ([0], [-3]) and not kw and length == 1:
+    if t in ("squeeze", torch.squeeze, aten.squeeze.dim) and rest in ([0], [-3]) and not kw and length == 1:
         return g.create_node(reader.op, t, (bf, 1))
     return None
 
@@ -224,7 +231,7 @@ def _read_batch_first(g: fx.Graph, reader: fx.Node, sf: fx.Node, bf: fx.Node, le
 def _unsqueezed_first(g: fx.Graph, a: fx.Node) -> Optional[fx.Node]:
     """``x.unsqueeze(1)`` when ``a`` is ``x.unsqueeze(0)`` of a 2-d ``x`` (a one-position query
     ``[1, B, E]``, e.g. the candidate in target attention), which is ``a.transpose(0, 1)``."""
-    if a.op not in ("call_method", "call_function") or a.target not in ("unsqueeze", torch.unsqueeze):
+    if a.op not in ("call_method", "call_function") or a.target not in ("unsqueeze", torch.unsqueeze, aten.unsqueeze.default):
         return None
     x, rest = a.args[0], list(a.args[1:]) + list(a.kwargs.values())
     if not isinstance(x, fx.Node) or _info(x) is None or _info(x).ndim != 2 or rest not in ([0], [-3]):
@@ -237,10 +244,11 @@ def _is_swap(n: fx.Node) -> bool:
     rest = list(n.args[1:])
     if n.kwargs or n.op not in ("call_method", "call_function"):
         return False
-    if n.target in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
+    if n.target in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims,
+                    aten.transpose.int):
         return len(rest) == 2 and sorted(d % 3 if isinstance(d, int) else -1 for d in rest) == [0, 1] and all(
             isinstance(d, int) and -3 <= d < 3 for d in rest)
-    if n.target in ("permute", torch.permute):
+    if n.target in ("permute", torch.permute, aten.permute.default):
         dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
         return len(dims) == 3 and all(isinstance(d, int) for d in dims) and [d % 3 for d in dims] == [1, 0, 2]
     return False
@@ -360,13 +368,14 @@ def _per_position(n: fx.Node, modules: Dict[str, nn.Module], batched, made: set)
             ok = isinstance(m, _POSITION_MODULES) and not (isinstance(m, nn.Dropout) and m.training)
         return ok and len(n.args) == 1 and not n.kwargs
     t = n.target
-    if t in targets.LINEAR or t is F.layer_norm:  # weights: any batch-free tensors
-        if t is F.layer_norm:
+    if t in targets.LINEAR or t in (F.layer_norm, aten.layer_norm.default):  # weights: any batch-free tensors
+        if t in (F.layer_norm, aten.layer_norm.default):
             shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
             if not isinstance(shape, (list, tuple)) or len(shape) != 1:
                 return False
         return swapped == [n.args[0]] and not any(a in batched for a in others)
-    if t in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax"):
+    if t in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax", aten.softmax.int,
+             aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default):
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         return dim in (-1, 2) and swapped == [n.args[0]] and not others
     # elementwise: every other operand broadcasts over the last dim only, so it meets the same
