@@ -1076,6 +1076,36 @@ class FieldReduce(Op):
         return getattr(X, how)(1)
 
 
+@op("bnorm", "field")
+class BatchNormOp(Op):
+    """BatchNorm over the channels of ``[B, w]`` or ``[B, F, E]`` (F channels; flattened after): eval
+    mode with running statistics (an affine map per channel), or ``F.batch_norm(training=True)``
+    (batch statistics couple the rows)."""
+
+    def draw(self, g):
+        a = g.pick(lambda m: m.kind in ("f", "g"))
+        m = g.metas[a]
+        # batch statistics need > 1 value per channel even for one pair: [B, F, E] with E >= 2
+        how = g.choice(["eval", "train"]) if m.kind == "g" and m.shape[1] >= 2 else "eval"
+        # a field stack comes out flattened ([B, F * E]), as a Linear over the fields reads it
+        width = m.shape[0] * (m.shape[1] if m.kind == "g" else 1)
+        return (a, m.shape[0], how), fresh("f", (width,), g.k)
+
+    def build(self, net, k, p):
+        bn = nn.BatchNorm1d(p[1]).eval()
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+        net.mods[f"m{k}"] = bn
+
+    def run(self, net, k, pool, p):
+        bn, x = net.mods[f"m{k}"], pool[p[0]]
+        y = bn(x) if p[2] == "eval" else F.batch_norm(x, None, None, bn.weight, bn.bias, training=True)
+        return y.flatten(1)
+
+
 @op("field_map", "field")
 class FieldMap(Op):
     """Ops that keep ``[B, F, E]``: a Linear over E, relu/tanh, ``x * y``, ``x + y``, transpose(1, 2)."""

@@ -495,3 +495,54 @@ def test_columns_picked_by_index_select_keep_their_sides(method):
     assert layer.action == "split" and layer.split_user_features == 6, layer  # u's 6 columns, wherever they went
     with torch.no_grad():
         torch.testing.assert_close(T(u=u, i=i, user_index=idx), model(u[idx], i))
+
+
+class BatchNormOverFields(nn.Module):
+    """Input BatchNorm over user and item columns, and over a field stack (channels = fields): in
+    eval mode an affine map per channel, so each element keeps its side; ``train_stats`` normalises
+    the stack with batch statistics (rows coupled) instead."""
+
+    def __init__(self, train_stats: bool = False):
+        super().__init__()
+        self.train_stats = train_stats
+        self.bn_cols, self.bn_fields = nn.BatchNorm1d(7), nn.BatchNorm1d(2)
+        for bn in (self.bn_cols, self.bn_fields):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+        self.cols, self.fields = nn.Linear(7, 5), nn.Linear(6, 5)
+
+    def forward(self, u, i):
+        stack = torch.stack([u[:, :3], i[:, :3]], 1)  # [B, 2 fields, 3]
+        if self.train_stats:
+            normed = nn.functional.batch_norm(stack, None, None, training=True)
+        else:
+            normed = self.bn_fields(stack)
+        return self.cols(self.bn_cols(torch.cat([u, i], 1))) + self.fields(normed.flatten(1))
+
+
+def _bn_case(train_stats):
+    model = BatchNormOverFields(train_stats).eval()
+    idx = torch.tensor([0, 1, 1, 2, 0, 2, 2, 2])
+    u, i = torch.randn(3, 4), torch.randn(8, 3)
+    T = mari_fx.transform(model, ["u"], (u[idx], i), cost_model=False)
+    ok = torch.allclose(T(u=u, i=i, user_index=idx), model(u[idx], i), atol=1e-5)
+    return {l.name: l for l in T.meta["mari_fx.record"].layers}, ok
+
+
+def test_batch_norm_in_eval_mode_keeps_element_sides():
+    layers, ok = _bn_case(train_stats=False)
+    assert ok
+    assert layers["cols"].action == "split" and layers["cols"].split_user_features == 4, layers["cols"]
+    assert layers["fields"].action == "split" and layers["fields"].split_user_features == 3, layers["fields"]
+    layers, ok = _bn_case(train_stats=True)  # batch statistics: the stack's elements are mixed
+    assert ok and layers["fields"].action == "kept", layers["fields"]
+
+
+def test_control_batch_norm_elements_ignoring_the_training_flag(monkeypatch):
+    """Positive control: element maps of BatchNorm that ignore the training flag compute the
+    user field of the batch-statistics stack per user: a wrong answer."""
+    from mari_fx.analysis import elements
+
+    kinds = [(k, elements._elementwise if fn is elements._batch_norm_eval else fn) for k, fn in elements._KINDS]
+    monkeypatch.setattr(elements, "_KINDS", kinds)
+    assert not _bn_case(train_stats=True)[1]

@@ -395,6 +395,19 @@ def _elementwise(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
     return acc[0].expand(out.shape[1:]).clone(), "elementwise"
 
 
+def _batch_norm_eval(node: fx.Node, module, consts) -> Optional[Tuple[Any, str]]:
+    """BatchNorm with running statistics (eval mode) is an affine map of each element by constants
+    of its channel: elementwise in its input.  With batch statistics it couples the rows: no map."""
+    if module is not None:
+        uses_running = not module.training and module.running_mean is not None
+    else:
+        named = bind(node, module)
+        uses_running = named is not None and named.get("training") is False and named.get("running_mean") is not None
+    if not uses_running or not _only_data_batched(node, module, ("input",)):
+        return None
+    return _elementwise(node, module, consts)
+
+
 # ---- reductions and ops coupled along dims
 def _dims_arg(node: fx.Node, pos: int, name: str, ndim: int, default: Any = None) -> Optional[List[int]]:
     d = node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
@@ -564,6 +577,7 @@ _KINDS = [
       nn.Softmax, nn.LogSoftmax}, _coupled(1)),
     ({F.normalize}, _coupled(2, "dim", 1)),
     ({nn.LayerNorm, F.layer_norm, aten.layer_norm.default}, _coupled(0, last=True)),
+    ({nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm}, _batch_norm_eval),
     ({nn.Linear, F.linear, aten.linear.default}, _linear),
     ({torch.addmm, aten.addmm.default}, _addmm),
     ({torch.matmul, operator.matmul, "matmul", "__matmul__", torch.bmm, "bmm", aten.bmm.default,
