@@ -225,3 +225,19 @@ def test_random_ops_draw_per_pair(name):
         "randn_like", "rand", "bernoulli", "dropout", "randn_like.default", "rand.default", "bernoulli.default",
         "dropout.default")]
     assert draws and all(n.meta["mari_fx.rows"] == "N" for n in draws), [(n.target, n.meta.get("mari_fx.rows")) for n in draws]
+
+
+@pytest.mark.parametrize("how", ["view_as", "reshape_as"])
+def test_batch_free_tensor_shaped_like_the_batch_stays_batch_free(how):
+    """``table.view_as(u)`` of a parameter whose dim 0 equals the example's batch size (8): the model
+    only runs at that batch size, its rows pairing with pairs by position.  Read as row-wise it was
+    built per user and gathered, a silent wrong answer once 8 users came with a pair each."""
+    def body(s, u, uid, i, iid):
+        table = s.lf.weight[:, :DU].repeat(2, 1)  # [8, 6]
+        return s.li(i) + getattr(table, how)(u).sum(1, keepdim=True)
+
+    model = Probe(body).eval()
+    T = mari_fx.transform(model, ["u", "uid"], _pairs(3, 8, 0)[0])
+    pairs, idx = _pairs(8, 8, 5)  # one pair per user, in shuffled order
+    with torch.no_grad():
+        torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx)), model(*pairs))

@@ -251,6 +251,8 @@ def _reshape_as(ctx: RuleContext) -> Tag:
     shapes = [ctx.value(src), ctx.value(like), ctx.out]
     if not all(getattr(v, "ndim", 0) >= 1 for v in shapes) or len({v.shape[0] for v in shapes}) != 1:
         return ctx.refuse("reshape_as does not keep dim 0 as the batch")
+    if ctx.side(src) == Side.CONST:  # a batch-free tensor whose dim 0 happens to be the example's batch size
+        return ctx.refuse("reshape_as of a batch-free tensor to a batched shape (its rows would become pairs)")
     return ctx.rowwise()
 
 
