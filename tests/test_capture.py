@@ -362,3 +362,40 @@ def test_inlined_sequence_modules_lose_the_user_side(monkeypatch):
     monkeypatch.setattr(capture, "outline_module_calls", lambda *a: [])
     _, T, _ = _exported_encoders()
     assert not [l for l in T.meta["mari_fx.record"].layers if l.action == "split"]
+
+
+class TwiceCalled(nn.Module):
+    """One GRU over two histories (export cannot keep the signature of a module called twice), and
+    an attention module called once; behind a loop torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(24 + 3, 1)
+
+    def forward(self, a, b, feat):
+        ones = sum(a[:, k:k + 1] * 0 for k in range(a.shape[1])) + 1
+        x, _ = self.gru(self.emb(a * ones))
+        y, _ = self.gru(self.emb(b))
+        z = self.mha(y, y, y)[0]
+        return self.head(torch.cat([x[:, -1], y[:, -1], z.mean(1), feat], 1))
+
+
+def test_module_called_twice_stays_inlined_and_exact():
+    model = TwiceCalled().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(users, n):
+        idx = ragged_index(users, n)
+        a, b = torch.randint(30, (users, 4), generator=g), torch.randint(30, (users, 4), generator=g)
+        return (a[idx], b[idx], torch.randn(n, 3, generator=g)), idx
+
+    T = mari_fx.transform(model, ["a", "b"], batch(3, 8)[0])
+    calls = [n.target for n in T.graph.nodes if n.op == "call_module"]
+    assert "mha" in calls and "gru" not in calls, calls
+    for U, N in [(1, 5), (3, 7)]:
+        pairs, idx = batch(U, N)
+        with torch.no_grad():
+            torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx)), model(*pairs))

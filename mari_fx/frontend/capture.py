@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import registry
 from ..errors import TraceError
-from .outline import leaf_calls, outline_module_calls
+from .outline import called_once, leaf_calls, outline_module_calls
 
 _HINTS = (
     ("cannot be used as inputs to control flow",
@@ -478,7 +478,11 @@ def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[s
     bound = dict(zip(names, args), **kwargs)
     dynamic = {k: tree_map(lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None, v)
                for k, v in bound.items()}
-    keep = leaf_calls(model)
+    def forward() -> Any:
+        with private_state(model), torch.no_grad():  # on clones: the caller's tensors are never written
+            return model(*args, **kwargs)
+
+    keep = called_once(model, leaf_calls(model), forward)
 
     def run(strict: bool, keep: Tuple[str, ...]) -> Any:
         ep = export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=strict,

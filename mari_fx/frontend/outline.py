@@ -15,7 +15,7 @@ but its results) that can sit where its last argument is computed; anything else
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -44,6 +44,27 @@ def leaf_calls(model: nn.Module) -> Tuple[str, ...]:
         if base is not None and type(m).forward is base.forward:
             found.append(path)
     return tuple(found)
+
+
+def called_once(model: nn.Module, paths: Sequence[str], run: Callable[[], Any]) -> Tuple[str, ...]:
+    """The modules of ``paths`` that ``run()`` (one forward of ``model``) calls exactly once: export
+    cannot keep the signature of a module called several times (one GRU over two histories)."""
+    counts = dict.fromkeys(paths, 0)
+
+    def counter(path: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            counts[path] += 1
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(counter(p)) for p in paths]
+    try:
+        run()
+    except Exception:
+        return ()
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(p for p in paths if counts[p] == 1)
 
 
 def outline_module_calls(gm: fx.GraphModule, ep: Any, model: nn.Module, paths: Sequence[str]) -> List[str]:
@@ -98,13 +119,17 @@ def _outline(gm: fx.GraphModule, path: str, sig: Any, replaced: Dict[str, fx.Nod
         flat_in, outs = [leaf(a) for a in sig.inputs], [leaf(a) for a in sig.outputs]
     except _Skip:
         return False
-    # sizes and size arithmetic are shared between modules (export computes each once): they stay
-    # (those left unread go afterwards)
-    region = [n for n in graph.nodes if n.op == "call_function" and not _is_size(n) and _in_module(n, path)]
+    filed = [n for n in graph.nodes if n.op == "call_function" and _in_module(n, path)]
+    # sizes and size arithmetic are shared between modules (export computes each once): one that
+    # code outside reads stays (those left unread go afterwards)
+    in_module = set(filed)
+    region = [n for n in filed if not (_is_size(n) and any(u not in in_module for u in n.users))]
     inside = set(region)
     results = {o for o in outs if isinstance(o, fx.Node) and o in inside}
     if not region or any(u not in inside for n in region if n not in results for u in n.users):
         return False
+    if any(isinstance(a, fx.Node) and a in inside for a in flat_in):
+        return False  # an argument computed by ops export filed under the module itself
     order = {n: i for i, n in enumerate(graph.nodes)}
     args_at = max([order[a] for a in flat_in if isinstance(a, fx.Node)], default=-1)
     first_read = min([order[u] for r in results for u in r.users if u not in inside], default=len(order))
