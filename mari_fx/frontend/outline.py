@@ -21,7 +21,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-# Module classes whose calls are kept whole: they have call rules (mari_fx.analysis.rules.sequence).
+# Module classes whose calls are kept whole: they have call rules (mari_fx.analysis.rules.sequence)
+# that their ATen ops do not have.  Modules whose ATen ops carry their rules (Linear, LayerNorm,
+# Embedding, Conv) need no preserving: export fails more often the more signatures it keeps.
 LEAF_CALLS: Tuple[type, ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
                                 nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer, nn.RNN, nn.GRU,
                                 nn.LSTM)
@@ -48,7 +50,14 @@ def leaf_calls(model: nn.Module) -> Tuple[str, ...]:
 
 def called_once(model: nn.Module, paths: Sequence[str], run: Callable[[], Any]) -> Tuple[str, ...]:
     """The modules of ``paths`` that ``run()`` (one forward of ``model``) calls exactly once: export
-    cannot keep the signature of a module called several times (one GRU over two histories)."""
+    cannot keep the signature of a module called several times (one GRU over two histories).
+
+    Example:
+        >>> m = nn.ModuleDict({"gru": nn.GRU(2, 2, batch_first=True)})
+        >>> x = torch.randn(1, 3, 2)
+        >>> called_once(m, ["gru"], lambda: m["gru"](x)), called_once(m, ["gru"], lambda: (m["gru"](x), m["gru"](x)))
+        (('gru',), ())
+    """
     counts = dict.fromkeys(paths, 0)
 
     def counter(path: str) -> Callable[..., None]:
@@ -70,7 +79,20 @@ def called_once(model: nn.Module, paths: Sequence[str], run: Callable[[], Any]) 
 def outline_module_calls(gm: fx.GraphModule, ep: Any, model: nn.Module, paths: Sequence[str]) -> List[str]:
     """Replace the inlined ops of each module call in ``paths`` (preserved when ``ep`` was exported
     from ``model``; ``gm = ep.module()``) by a ``call_module`` of ``model``'s module; returns the
-    paths outlined."""
+    paths outlined.  :func:`mari_fx.frontend.capture.capture_with_export` calls it.
+
+    Example:
+        >>> from mari_fx.frontend.capture import capture_with_export
+        >>> class M(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.gru = nn.GRU(2, 2, batch_first=True)
+        ...     def forward(self, x):
+        ...         return self.gru(x)[0] * len(x)   # len() of a traced value: torch.fx fails
+        >>> gm = capture_with_export(M(), (torch.randn(3, 4, 2),), {})
+        >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+        ['gru']
+    """
     done: List[str] = []
     replaced: Dict[str, fx.Node] = {}  # results of outlined calls, by the names later signatures know them by
     for entry in ep.module_call_graph:
