@@ -73,6 +73,7 @@ UNARY_FUNCS += [
     aten.to.device, aten.lift_fresh_copy.default, aten.atan.default, aten.asin.default, aten.acos.default,
     aten.sinh.default, aten.cosh.default, aten.tan.default, aten.log2.default, aten.log10.default, aten.exp2.default,
     aten.frac.default, aten.logit.default, aten.softshrink.default, aten.hardshrink.default, aten.threshold.default,
+    aten.special_expit.default,
 ]
 BINARY_FUNCS += [
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
@@ -81,7 +82,7 @@ BINARY_FUNCS += [
     aten.remainder.Scalar, aten.remainder.Tensor, aten.floor_divide.default, aten.div.Tensor_mode,
     aten.div.Scalar_mode, aten.lerp.Scalar, aten.lerp.Tensor, aten.addcmul.default, aten.addcdiv.default,
     aten.clamp.Tensor, aten.max.other, aten.min.other, aten.atan2.default, aten.hypot.default, aten.fmod.Scalar,
-    aten.fmod.Tensor, aten.xlogy.Tensor,
+    aten.fmod.Tensor, aten.xlogy.Tensor, aten.clamp_min.Tensor, aten.clamp_max.Tensor,
 ]
 
 DROPOUTS = [nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d, F.dropout, torch.dropout, "dropout"]
