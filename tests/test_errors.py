@@ -146,3 +146,22 @@ def test_dict_used_other_than_by_constant_key():
 
     with pytest.raises(mari_fx.DeclarationError, match="dict input 'x' is used by"):
         mari_fx.transform(M(), ["x[a]"], ({"a": torch.ones(2, 2)},))
+
+
+class MetaEmbeddings(nn.Module):
+    """AutoDis names its meta-embeddings ``self.meta``: torch.fx's GraphModule sets ``meta`` on itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.meta = nn.Parameter(torch.randn(4, 3))
+        self.head = nn.Linear(3 + 2, 1)
+
+    def forward(self, u, i):
+        return self.head(torch.cat([u @ self.meta, i], 1))
+
+
+def test_top_level_name_reserved_by_graph_module_is_named_with_the_fix():
+    model = MetaEmbeddings().eval()
+    with pytest.raises(mari_fx.TraceError, match=r"named 'meta'.*rename it \(e\.g\. self\.meta_\)"):
+        mari_fx.transform(model, ["u"], (torch.randn(4, 4), torch.randn(4, 2)))
+    assert isinstance(model.meta, nn.Parameter)  # the model is left as it was

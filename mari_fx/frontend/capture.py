@@ -251,6 +251,7 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     refuse_hooks(model, leaf_modules or ())
+    _refuse_reserved_names(model)
     # Everything after capture (in-place modules made out of place, split layers) happens on a
     # copy: the model the caller holds is never changed.
     try:
@@ -437,6 +438,26 @@ def _storage_key(t: Any) -> Optional[int]:
         return s.data_ptr() if s.nbytes() else None
     except Exception:  # fake, sparse or nested tensors
         return None
+
+
+# Attributes a GraphModule sets on itself (``meta``) or defines (``graph``, ``code``, ...): a captured
+# graph's root holds the model's own top-level parameters, buffers and submodules under their names.
+_GRAPH_MODULE_NAMES = frozenset({"meta", "shape_env"} | {n for n in set(dir(fx.GraphModule)) - set(dir(nn.Module))
+                                                         if not n.startswith("__")})
+
+
+def _refuse_reserved_names(model: nn.Module) -> None:
+    """A top-level parameter, buffer or submodule named like a GraphModule attribute (an AutoDis
+    model's ``self.meta`` embeddings) cannot be held by the captured graph module."""
+    if isinstance(model, fx.GraphModule):
+        return
+    names = [n for n, _ in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False),
+                            *model.named_children()] if n in _GRAPH_MODULE_NAMES]
+    if names:
+        raise TraceError(
+            f"{type(model).__name__} has a top-level parameter, buffer or submodule named {names[0]!r}, a name "
+            f"torch.fx's GraphModule uses for itself: rename it (e.g. self.{names[0]}_) or move it into a "
+            "submodule, then transform")
 
 
 def _refuse_state_assignments(model: nn.Module) -> None:
