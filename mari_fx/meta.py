@@ -23,6 +23,8 @@ Per module (``GraphModule.meta``):
 * :data:`REQUEST_KEY` -- the :class:`~mari_fx.frontend.inputs.RequestSpec`;
 * :data:`RECORD_KEY` -- the :class:`~mari_fx.report.record.Record` of what was split, hoisted, refused;
 * :data:`ROUTE_KEY` -- which capture route made the graph;
+* :data:`FIXED_ARGS_KEY` -- ``(forward's argument names, {name: constant})``: the arguments fixed when
+  captured (Python constants such as ``None`` / ``False`` / ``2``, given or left at their defaults);
 * :data:`EXTENSIONS_KEY` -- the :class:`~mari_fx.registry.Extension` objects it was made with;
 * :data:`PRECOMPUTE_KEY` -- on a :class:`~mari_fx.deploy.precompute.PrecomputedModule`: what its refresh needs.
 """
@@ -42,5 +44,6 @@ EXAMPLE_KEY = "mari_fx.example"
 REQUEST_KEY = "mari_fx.request"
 RECORD_KEY = "mari_fx.record"
 ROUTE_KEY = "mari_fx.capture"
+FIXED_ARGS_KEY = "mari_fx.fixed_args"
 EXTENSIONS_KEY = "mari_fx.extensions"
 PRECOMPUTE_KEY = "mari_fx.precompute"

@@ -399,3 +399,51 @@ def test_module_called_twice_stays_inlined_and_exact():
         pairs, idx = batch(U, N)
         with torch.no_grad():
             torch.testing.assert_close(T(**mari_fx.pairs_to_request(T, *pairs, user_index=idx)), model(*pairs))
+
+
+# --------------------------------------------------------------------------- constant arguments
+class OptionalArgs(nn.Module):
+    """Optional forward arguments as ranking code has them: a mask that defaults to None, a flag,
+    a number.  ``len(u)`` in ``untraceable`` mode sends it through torch.export instead of torch.fx."""
+
+    def __init__(self, untraceable=False):
+        super().__init__()
+        self.untraceable = untraceable
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, u, i, mask=None, return_user: bool = False, scale: float = 1.0):
+        z = self.head(torch.cat([u, i], 1)) * (len(u) / u.shape[0] if self.untraceable else 1.0)
+        if mask is not None:
+            z = z * mask
+        return (z * scale, u) if return_user else z * scale
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+@pytest.mark.parametrize("given", [{}, {"scale": 3.0, "return_user": True}])
+def test_constant_arguments_are_fixed_as_given_or_defaulted(untraceable, given):
+    """Arguments left at their defaults, or given as Python constants in the example, are fixed at
+    those values (``RequestSpec.fixed``); requests carry the tensors only, ``request_to_pairs`` puts
+    the constants back, and a pair-shaped call with another value is refused."""
+    model = OptionalArgs(untraceable).eval()
+    idx = ragged_index(3, 7)
+    u, i = torch.randn(3, 3), torch.randn(7, 3)
+    T = mari_fx.transform(model, ["u"], (u[idx[:4]], i[:4]), dict(given))
+    record, spec = T.meta["mari_fx.record"], T.meta["mari_fx.request"]
+    assert record.capture == ("torch.export" if untraceable else "torch.fx")
+    assert dict(spec.fixed) == {"mask": None, "return_user": False, "scale": 1.0, **given}
+    assert [s.name for s in spec.inputs] == ["u", "i"] and record.split_layers
+    got, want = T(u=u, i=i, user_index=idx), model(u[idx], i, **given)
+    torch.testing.assert_close(got, want)
+    pairs = mari_fx.request_to_pairs(T, mari_fx.pairs_to_request(T, u[idx], i, user_index=idx, **given))
+    torch.testing.assert_close(model(**pairs), want)
+    with pytest.raises(mari_fx.RequestError, match="'scale' is 5.0, but it was fixed to"):
+        mari_fx.pairs_to_request(T, u[idx], i, user_index=idx, scale=5.0)
+
+
+def test_tensor_given_for_an_optional_argument_stays_an_input():
+    model = OptionalArgs().eval()
+    idx = ragged_index(3, 7)
+    u, i, m = torch.randn(3, 3), torch.randn(7, 3), torch.rand(7, 1)
+    T = mari_fx.transform(model, ["u"], (u[idx[:4]], i[:4], m[:4]))
+    assert [s.name for s in T.meta["mari_fx.request"].inputs] == ["u", "i", "mask"]
+    torch.testing.assert_close(T(u=u, i=i, mask=m, user_index=idx), model(u[idx], i, m))

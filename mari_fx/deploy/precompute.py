@@ -824,7 +824,7 @@ def precompute_items(T: fx.GraphModule, catalog: Mapping[str, torch.Tensor], *, 
         if s.name not in names:
             new_inputs.append(s)
     args = tuple(dict.fromkeys(s.arg for s in new_inputs))
-    P.meta[REQUEST_KEY] = RequestSpec(args=args, inputs=tuple(new_inputs))
+    P.meta[REQUEST_KEY] = RequestSpec(args=args, inputs=tuple(new_inputs), fixed=spec.fixed)
     if example:
         rows = example[USER_INDEX].shape[0] if USER_INDEX in example else next(
             v.shape[0] for v in example.values() if isinstance(v, torch.Tensor))

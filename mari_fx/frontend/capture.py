@@ -263,11 +263,12 @@ def capture(
             "mari_fx.frontend.capture.register_leaf_module(cls, share=True)") from e
     if isinstance(model, fx.GraphModule):
         return model
+    params, fixed = constant_args(model, example_args, example_kwargs or {})
     tracer = MariTracer(leaf_modules or ())
     try:
         with private_state(model), guard_state(model):
             before = state_versions(model)
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=fixed or None)
             _refuse_state_assignments(model)
             # torch.fx runs ``self.count.add_(1)`` on a buffer as Python while tracing: no node records it
             check_state(model, before, "tracing the model")
@@ -285,10 +286,91 @@ def capture(
             reason = next((l for l in str(e2).splitlines() if l.strip()), type(e2).__name__)
             raise TraceError(f"{error}\n  torch.export also failed: {reason}") from e2
         gm.meta[ROUTE_KEY] = "torch.export"
-        return gm
+        return _drop_fixed(gm, params, fixed, by_name=True)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[ROUTE_KEY] = "torch.fx"
+    return _drop_fixed(gm, params, fixed, by_name=False)
+
+
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def constant_args(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
+    """``(forward's argument names, {name: value})`` of the arguments that are Python constants: given
+    as ``None`` / a bool / a number / a string in the example, or left out where forward has a default
+    (``mask=None``, ``return_embeddings=False``).  They are fixed at those values when captured, as
+    torch.fx's ``concrete_args`` and torch.export do; the request takes the tensors only.  Nothing is
+    fixed without an example.
+
+    Example:
+        >>> class M(nn.Module):
+        ...     def forward(self, x, mask=None, scale: float = 2.0):
+        ...         return x * scale
+        >>> constant_args(M(), (torch.ones(2, 1),), {"scale": 3.0})
+        (('x', 'mask', 'scale'), {'mask': None, 'scale': 3.0})
+    """
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return (), {}
+    if not args and not kwargs or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        return (), {}
+    fixed = {}
+    for name, p in sig.parameters.items():
+        if name in bound:
+            if isinstance(bound[name], _CONSTANTS):
+                fixed[name] = bound[name]
+        elif p.default is not p.empty and isinstance(p.default, _CONSTANTS):
+            fixed[name] = p.default
+    return tuple(sig.parameters), fixed
+
+
+def _drop_fixed(gm: fx.GraphModule, params: Tuple[str, ...], fixed: Dict[str, Any], by_name: bool) -> fx.GraphModule:
+    """Remove the placeholders of fixed constant arguments (and the checks torch.fx adds that they keep
+    their value); record them in ``gm.meta[FIXED_ARGS_KEY]`` for binding examples and requests."""
+    if not fixed:
+        return gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if by_name:
+        nodes = {n.target: n for n in placeholders}
+    else:  # torch.fx makes one placeholder per forward argument, in order (renaming concrete ones)
+        nodes = dict(zip(params, placeholders)) if len(placeholders) == len(params) else {}
+    dropped = {}
+    for name, value in fixed.items():
+        node = nodes.get(name)
+        if node is None:
+            if by_name:  # left out of the export call: export used the default
+                dropped[name] = value
+            continue
+        chain = _checks_of(node)
+        if chain is None:
+            continue  # read by the model's own ops: it stays an input (and is refused as one)
+        for n in reversed(chain):
+            gm.graph.erase_node(n)
+        gm.graph.erase_node(node)
+        dropped[name] = value
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta[FIXED_ARGS_KEY] = (params, dropped)
     return gm
+
+
+def _checks_of(node: fx.Node) -> Optional[List[fx.Node]]:
+    """The nodes that only check ``node``'s value (``_assert_is_none``, ``torch._assert(x == c)``), in
+    graph order, or None if anything else reads it."""
+    checks = {torch._assert, operator.eq, getattr(fx._symbolic_trace, "_assert_is_none", None)}
+    found, work = [], list(node.users)
+    while work:
+        n = work.pop()
+        if n in found:
+            continue
+        if not (n.op == "call_function" and n.target in checks):
+            return None
+        found.append(n)
+        work += list(n.users)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(found, key=order.get)
 
 
 @contextlib.contextmanager
@@ -473,7 +555,7 @@ def _refuse_state_assignments(model: nn.Module) -> None:
                     "stateless inference forwards; return the value instead of storing it")
 
 
-from ..meta import ROUTE_KEY  # noqa: F401 (re-exported)
+from ..meta import FIXED_ARGS_KEY, ROUTE_KEY  # noqa: F401 (re-exported)
 
 
 def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> fx.GraphModule:

@@ -19,6 +19,10 @@ prefix of its arguments (``bag(tag_ids, tag_offsets)`` -> ``tag``): a request ca
 bags.  Item-side bags need no declaration: an (ids, offsets) pair of forward arguments read
 together by an ``EmbeddingBag`` is grouped into an item-side bag of N bags.
 
+Forward arguments that are Python constants (``mask=None`` left at its default, ``return_user=False``,
+``scale=2.0`` in the example) are fixed when the model is captured
+(:func:`mari_fx.frontend.capture.constant_args`, ``RequestSpec.fixed``): a request carries tensors only.
+
 Everything not declared user-side is item-side.  Declaring inputs rewrites the
 pair-shaped graph so that every placeholder is one plain tensor with one side
 (:func:`flatten_inputs`): dict keys become their own placeholders, and a packed
@@ -46,7 +50,7 @@ from ..errors import DeclarationError, RequestError
 from ..analysis.tags import Side
 
 USER_INDEX = "user_index"
-from ..meta import REQUEST_KEY  # noqa: F401 (re-exported)
+from ..meta import FIXED_ARGS_KEY, REQUEST_KEY  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- selectors
@@ -184,10 +188,16 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """The request format of a transformed module: original args -> flat inputs."""
+    """The request format of a transformed module: original args -> flat inputs.
+
+    ``fixed``: forward arguments fixed when the model was captured (Python constants, see
+    :func:`mari_fx.frontend.capture.constant_args`), as ``(name, value)``: requests do not carry them,
+    pair-shaped calls may (with the same value) and :func:`request_to_pairs` puts them back.
+    """
 
     args: Tuple[str, ...]
     inputs: Tuple[InputSpec, ...]
+    fixed: Tuple[Tuple[str, Any], ...] = ()
 
     @property
     def user_inputs(self) -> Tuple[InputSpec, ...]:
@@ -246,15 +256,17 @@ def bind_example(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, A
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if any(str(n).startswith("*") for n in names):
         raise DeclarationError("models with *args / **kwargs in forward are not supported; name the inputs")
-    if len(args) > len(names):
-        raise DeclarationError(f"{len(args)} example inputs given but forward takes {len(names)}: {names}")
-    bound = dict(zip(names, args))
+    params, fixed = gm.meta.get(FIXED_ARGS_KEY, (tuple(names), {}))  # constants fixed when captured
+    if len(args) > len(params):
+        raise DeclarationError(f"{len(args)} example inputs given but forward takes {len(params)}: {list(params)}")
+    bound = dict(zip(params, args))
     for k, v in kwargs.items():
-        if k not in names:
-            raise DeclarationError(f"example input {k!r} is not an argument of forward {names}")
+        if k not in params:
+            raise DeclarationError(f"example input {k!r} is not an argument of forward {list(params)}")
         if k in bound:
             raise DeclarationError(f"example input {k!r} given twice")
         bound[k] = v
+    bound = {k: v for k, v in bound.items() if k not in fixed}
     missing = [n for n in names if n not in bound]
     if missing:
         raise DeclarationError(f"no example value for forward argument(s) {missing}: pass them in example_inputs")
@@ -316,7 +328,8 @@ def flatten_inputs(
         specs += handler(gm, ph, value, sels, flat_example, taken)
     gm.graph.lint()
     gm.recompile()
-    spec = RequestSpec(tuple(p.target for p in placeholders), tuple(specs))
+    params, fixed = gm.meta.get(FIXED_ARGS_KEY, (tuple(p.target for p in placeholders), {}))
+    spec = RequestSpec(tuple(params), tuple(specs), tuple(fixed.items()))
     gm.meta[REQUEST_KEY] = spec
     return spec, flat_example
 
@@ -511,7 +524,12 @@ def _bind(spec: RequestSpec, args: Sequence[Any], kwargs: Mapping[str, Any]) -> 
         raise RequestError(f"{len(args)} inputs given; the model takes {list(spec.args)}")
     bound = dict(zip(spec.args, args))
     bound.update(kwargs)
-    missing = [a for a in spec.args if a not in bound]
+    for name, value in spec.fixed:
+        if name in bound and not (bound[name] is value or bound[name] == value):
+            raise RequestError(f"argument {name!r} is {bound[name]!r}, but it was fixed to {value!r} when the model "
+                               "was transformed: transform again with that value in the example")
+        bound.pop(name, None)
+    missing = [a for a in spec.args if a not in bound and a not in dict(spec.fixed)]
     if missing:
         raise RequestError(f"missing input(s) {missing}; the model takes {list(spec.args)}")
     return bound
@@ -641,6 +659,7 @@ def request_to_pairs(spec_or_module: Any, request: Mapping[str, torch.Tensor]) -
             out.update(kind.assemble(parts))
         else:
             out[arg] = kind.assemble(parts)
+    out.update(spec.fixed)  # the constants the model was transformed with
     return out
 
 
