@@ -200,3 +200,40 @@ def test_output_that_is_user_only_is_broadcast():
     # one gather of the user projection serves both uses
     gathers = [n for n in T.graph.nodes if n.target is torch.index_select]
     assert len(gathers) == 1
+
+
+class ListInputs(nn.Module):
+    """Features passed as a list (``feats[0]`` the user's), read by element or handed whole to
+    ``torch.cat``; ``loop`` iterates over the list (torch.fx cannot: torch.export flattens it)."""
+
+    def __init__(self, loop=False):
+        super().__init__()
+        self.loop = loop
+        self.user_tower = nn.Linear(3, 3)
+        self.head = nn.Linear(9, 2)
+
+    def forward(self, feats):
+        if self.loop:
+            return self.head(torch.cat([f * 2.0 for f in feats], 1))
+        return self.head(torch.cat([self.user_tower(feats[0]), feats[1], feats[2]], 1)) + self.head(torch.cat(feats, 1))
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("container", [list, tuple])
+def test_list_and_tuple_inputs(loop, container):
+    model = ListInputs(loop).eval()
+    idx = ragged_index(3, 7)
+    u, i, d = torch.randn(3, 3), torch.randn(7, 3), torch.randn(7, 3)
+    T = mari_fx.transform(model, ["feats[0]"], (container([u[idx[:4]], i[:4], d[:4]]),))
+    spec = T.meta["mari_fx.request"]
+    assert [(s.name, str(s.side)) for s in spec.inputs] == [("feats_0", "user"), ("feats_1", "item"), ("feats_2", "item")]
+    assert T.meta["mari_fx.record"].capture == ("torch.export" if loop else "torch.fx")
+    assert {l.name for l in T.meta["mari_fx.record"].layers if l.action == "split"}  # the head splits on feats[0]
+    want = model(container([u[idx], i, d]))
+    torch.testing.assert_close(T(feats_0=u, feats_1=i, feats_2=d, user_index=idx), want)
+    request = mari_fx.pairs_to_request(T, container([u[idx], i, d]), user_index=idx)
+    pairs = mari_fx.request_to_pairs(T, request)
+    assert type(pairs["feats"]) is container
+    torch.testing.assert_close(model(**pairs), want)
+    if not loop:  # the user tower runs once per user
+        assert {n.meta.get(ROWS_KEY) for n in T.graph.nodes if n.target == "user_tower"} == {"U"}

@@ -165,3 +165,16 @@ def test_top_level_name_reserved_by_graph_module_is_named_with_the_fix():
     with pytest.raises(mari_fx.TraceError, match=r"named 'meta'.*rename it \(e\.g\. self\.meta_\)"):
         mari_fx.transform(model, ["u"], (torch.randn(4, 4), torch.randn(4, 2)))
     assert isinstance(model.meta, nn.Parameter)  # the model is left as it was
+
+
+def test_declared_list_element_that_does_not_exist():
+    class Lists(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, feats):
+            return self.head(torch.cat(feats, 1))
+
+    with pytest.raises(mari_fx.DeclarationError, match=r"'feats\[5\]': the example list has elements 0\.\.1"):
+        mari_fx.transform(Lists().eval(), ["feats[5]"], ([torch.randn(4, 2), torch.randn(4, 2)],))

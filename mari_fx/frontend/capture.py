@@ -617,9 +617,9 @@ def capture_with_export(model: nn.Module, args: Sequence[Any], kwargs: Mapping[s
     for path in leaves:
         top, where, *rest = path
         arg = names[where.idx] if isinstance(top, SequenceKey) and top.idx == 0 else where.key
-        if rest and not (len(rest) == 1 and isinstance(rest[0], MappingKey)):
-            raise TraceError(f"input {arg!r} nests deeper than a dict of tensors")
-        sources.append((arg, rest[0].key if rest else None))
+        if rest and not (len(rest) == 1 and isinstance(rest[0], (MappingKey, SequenceKey))):
+            raise TraceError(f"input {arg!r} nests deeper than a dict, list or tuple of tensors")
+        sources.append((arg, (rest[0].key if isinstance(rest[0], MappingKey) else rest[0].idx) if rest else None))
     first = next(iter(graph.nodes))
     new: Dict[str, fx.Node] = {}
     with graph.inserting_before(first):

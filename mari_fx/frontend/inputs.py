@@ -7,6 +7,7 @@ selector string        selector object             meaning
 =====================  ==========================  =====================================
 ``"user_dense"``       ``Arg("user_dense")``        a whole tensor argument (or a whole dict)
 ``"x[user_id]"``       ``Key("x", "user_id")``      one key of a dict-of-tensors argument
+``"feats[0]"``         ``Key("feats", "0")``        one element of a list / tuple of tensors
 ``"X[:, 0:3]"``        ``Columns("X", 0, 3)``       columns ``[0, 3)`` of a packed 2-D input
 ``"bag(ids, offs)"``   ``Bag("ids", "offs")``       a jagged bag per row: flat ``ids`` + ``offsets``
                                                    (+ weights: ``"bag(ids, offs, w)"``) feeding
@@ -323,7 +324,7 @@ def flatten_inputs(
         if handler is None:
             raise DeclarationError(
                 f"forward argument {ph.target!r} is a {type(value).__name__}; mari_fx takes tensors, "
-                "dicts of tensors and (with torchrec_integration) KeyedJaggedTensors"
+                "dicts, lists and tuples of tensors and (with torchrec_integration) KeyedJaggedTensors"
             )
         specs += handler(gm, ph, value, sels, flat_example, taken)
     gm.graph.lint()
@@ -457,8 +458,54 @@ def _dict_input(gm, ph, value: Mapping[str, Any], sels, flat_example, taken) -> 
     return specs
 
 
+def _list_input(gm, ph, value: Sequence[Any], sels, flat_example, taken) -> List[InputSpec]:
+    """A list (or tuple) of tensors: one flat input per element, ``feats[0]`` selecting element 0.
+    The model may read elements (``feats[0]``) or hand the whole list to an op (``torch.cat(feats, 1)``):
+    either reads the element placeholders."""
+    kind = "tuple" if isinstance(value, tuple) else "list"
+    if any(isinstance(s, Columns) for s in sels):
+        raise DeclarationError(f"input {ph.target!r} is a {kind}: select elements as '{ph.target}[0]'")
+    whole_user = any(isinstance(s, Arg) for s in sels)
+    user_keys = set()
+    for s in sels:
+        if isinstance(s, Key):
+            if not (s.key.isdigit() and int(s.key) < len(value)):
+                raise DeclarationError(f"declared user input '{ph.target}[{s.key}]': the example {kind} has "
+                                       f"elements 0..{len(value) - 1}")
+            user_keys.add(int(s.key))
+    for k, v in enumerate(value):
+        if not isinstance(v, torch.Tensor):
+            raise DeclarationError(f"'{ph.target}[{k}]' is a {type(v).__name__}, not a tensor")
+    nodes, specs = [], []
+    for k, v in enumerate(value):
+        node = _new_placeholder(gm, ph, f"{ph.target}_{k}", taken)
+        side = Side.USER if whole_user or k in user_keys else Side.ITEM
+        specs.append(InputSpec(node.target, ph.target, side, key=k, kind=kind))
+        flat_example[node.target] = v
+        nodes.append(node)
+    for use in list(ph.users):
+        if use.op == "call_function" and use.target is operator.getitem and use.args[0] is ph \
+                and isinstance(use.args[1], int):
+            use.replace_all_uses_with(nodes[use.args[1]])
+            gm.graph.erase_node(use)
+        else:  # the whole sequence as an argument: the same sequence of placeholders
+            use.args = fx.node.map_aggregate(use.args, lambda a: (list if kind == "list" else tuple)(nodes)
+                                             if a is ph else a)
+            use.kwargs = fx.node.map_aggregate(use.kwargs, lambda a: (list if kind == "list" else tuple)(nodes)
+                                               if a is ph else a)
+    gm.graph.erase_node(ph)
+    return specs
+
+
+def _sequence_extract(s: InputSpec, value: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or s.key >= len(value):
+        raise RequestError(f"input '{s.arg}' must be a {s.kind} with element {s.key}")
+    return value[s.key]
+
+
 register_input_kind(lambda v: isinstance(v, Mapping), _dict_input)
 register_input_kind(lambda v: isinstance(v, torch.Tensor), _tensor_input)
+register_input_kind(lambda v: isinstance(v, (list, tuple)) and len(v) > 0, _list_input)
 
 
 # --------------------------------------------------------------------------- extension kinds
@@ -516,6 +563,12 @@ _REQUEST_KINDS = registry.REQUEST_KINDS
 def register_request_kind(kind: str, request_kind: RequestKind) -> None:
     """Register the :class:`RequestKind` of ``InputSpec.kind == kind``."""
     _REQUEST_KINDS.add(kind, request_kind, override=True)  # re-registering a kind replaces it
+
+
+# list and tuple arguments: rebuilt in element order
+for _kind, _seq in (("list", list), ("tuple", tuple)):
+    register_request_kind(_kind, RequestKind(
+        _sequence_extract, lambda parts, seq=_seq: seq(v for _, v in sorted(parts, key=lambda p: p[0].key))))
 
 
 # --------------------------------------------------------------------------- requests
