@@ -203,8 +203,8 @@ def test_output_that_is_user_only_is_broadcast():
 
 
 class ListInputs(nn.Module):
-    """Features passed as a list (``feats[0]`` the user's), read by element or handed whole to
-    ``torch.cat``; ``loop`` iterates over the list (torch.fx cannot: torch.export flattens it)."""
+    """Features passed as a list (``feats[0]`` the user's), read by element, by slice or handed whole
+    to ``torch.cat``; ``loop`` iterates over the list (torch.fx cannot: torch.export flattens it)."""
 
     def __init__(self, loop=False):
         super().__init__()
@@ -215,7 +215,8 @@ class ListInputs(nn.Module):
     def forward(self, feats):
         if self.loop:
             return self.head(torch.cat([f * 2.0 for f in feats], 1))
-        return self.head(torch.cat([self.user_tower(feats[0]), feats[1], feats[2]], 1)) + self.head(torch.cat(feats, 1))
+        rest = torch.cat(feats[1:], 1)  # a slice of the list, read by an op
+        return self.head(torch.cat([self.user_tower(feats[0]), rest], 1)) + self.head(torch.cat(feats, 1))
 
 
 @pytest.mark.parametrize("loop", [False, True])

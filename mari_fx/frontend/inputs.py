@@ -483,18 +483,27 @@ def _list_input(gm, ph, value: Sequence[Any], sels, flat_example, taken) -> List
         specs.append(InputSpec(node.target, ph.target, side, key=k, kind=kind))
         flat_example[node.target] = v
         nodes.append(node)
-    for use in list(ph.users):
-        if use.op == "call_function" and use.target is operator.getitem and use.args[0] is ph \
-                and isinstance(use.args[1], int):
-            use.replace_all_uses_with(nodes[use.args[1]])
-            gm.graph.erase_node(use)
-        else:  # the whole sequence as an argument: the same sequence of placeholders
-            use.args = fx.node.map_aggregate(use.args, lambda a: (list if kind == "list" else tuple)(nodes)
-                                             if a is ph else a)
-            use.kwargs = fx.node.map_aggregate(use.kwargs, lambda a: (list if kind == "list" else tuple)(nodes)
-                                               if a is ph else a)
+    _read_as(gm, ph, list(nodes) if kind == "list" else tuple(nodes))
     gm.graph.erase_node(ph)
     return specs
+
+
+def _read_as(gm: fx.GraphModule, node: fx.Node, value: Sequence[fx.Node]) -> None:
+    """Make every reader of ``node`` (a list / tuple argument) read ``value``, its elements'
+    placeholders: constant indexing is folded (``feats[0]``, ``feats[1:]``, ``feats[1:][0]``), any
+    other reader (``torch.cat(feats, 1)``) takes the sequence of placeholders."""
+    for use in list(node.users):
+        if use.op == "call_function" and use.target is operator.getitem and use.args[0] is node \
+                and isinstance(use.args[1], (int, slice)):
+            part = value[use.args[1]]
+            if isinstance(part, fx.Node):
+                use.replace_all_uses_with(part)
+            else:
+                _read_as(gm, use, part)
+            gm.graph.erase_node(use)
+        else:
+            use.args = fx.node.map_aggregate(use.args, lambda a: value if a is node else a)
+            use.kwargs = fx.node.map_aggregate(use.kwargs, lambda a: value if a is node else a)
 
 
 def _sequence_extract(s: InputSpec, value: Any) -> Any:
