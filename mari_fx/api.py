@@ -14,7 +14,7 @@ import torch.nn as nn
 from .frontend.capture import capture, check_state, guard_state, private_state, state_versions
 from .errors import DeclarationError
 from .analysis.example_prop import ExampleProp
-from .analysis.folds import index_masked_selects, unfold_batch_folds
+from .analysis.folds import index_masked_selects, index_row_picks, unfold_batch_folds
 from .analysis.seq_first import batch_first_calls, sink_swaps
 from .frontend.functionalize import functionalize
 from .frontend.inputs import REQUEST_KEY, Selector, batch_ops, bind_example, flatten_inputs
@@ -105,7 +105,8 @@ def _trace(model, user_inputs, example_inputs, example_kwargs, leaf_modules, ext
         with torch.no_grad():  # on clones: the example tensors are the caller's
             ExampleProp(gm).run(*[_clone(flat[n.target]) for n in gm.graph.nodes if n.op == "placeholder"])
             first = next(iter(flat.values()), None)
-            for fold_pass in (sink_swaps, batch_first_calls, sink_swaps, index_masked_selects, unfold_batch_folds):
+            for fold_pass in (sink_swaps, batch_first_calls, sink_swaps, index_masked_selects, index_row_picks,
+                              unfold_batch_folds):
                 if first is not None and fold_pass(gm, batch_ops(first).rows(first)):  # new shapes
                     # a batch-first twin is a new path to tensors the snapshot holds already
                     known = {v[0] for v in state.values()}

@@ -813,6 +813,19 @@ class IEmb(Op):
         return net.mods[f"m{k}"](pool[p[0]].long() % p[1])
 
 
+@op("ionehot", "int")
+class IOneHot(Op):
+    """``F.one_hot(c % K, K)`` as floats: the output joins the float pool."""
+
+    def draw(self, g):
+        a = g.pick(is_int)
+        K = g.choice([3, 7])
+        return (a, K), fresh("f", (K,), g.k)
+
+    def run(self, net, k, pool, p):
+        return F.one_hot(pool[p[0]].long() % p[1], p[1]).float()
+
+
 @op("ifloat", "int")
 class IFloat(Op):
     """An id (mod M, so exactly representable) as a float feature column."""

@@ -409,3 +409,11 @@ def test_control_recurrent_cells_reading_their_input_only(monkeypatch):
     for t in [nn.GRUCell, nn.RNNCell, nn.LSTMCell]:
         monkeypatch.setitem(RULES, t, _first_operand_only(RULES[t]))
     _assert_detects(("base",), 200, "recurrent cells tagged by their input", only=["rnncell", "linear", "cat"])
+
+
+def test_control_one_hot_tagged_user(monkeypatch):
+    """``one_hot`` tagged USER whatever its input: an item id's one-hot would be built per user."""
+    from mari_fx.analysis.tags import Side
+
+    monkeypatch.setitem(RULES, torch.nn.functional.one_hot, lambda ctx: ctx.result(Side.USER))
+    _assert_detects(("int",), 200, "one_hot tagged USER", only=["ionehot", "linear", "cat"])

@@ -782,3 +782,40 @@ def test_seq_first_modules_run_at_u_rows_under_export(kind):
         hist, item, idx = hist_batch(U, g), torch.randint(VOCAB, (N,), generator=g), ragged(U, N, g)
         with torch.no_grad():
             torch.testing.assert_close(T(hist=hist, item=item, user_index=idx), model(hist[idx], item))
+
+
+class LastStepPick(nn.Module):
+    """GRU4Rec as many implementations pick the last valid step: ``o[torch.arange(B), lengths - 1]``
+    (``pos="item"`` picks a step chosen by the candidate: mixed, at N rows)."""
+
+    def __init__(self, pos: str = "user"):
+        super().__init__()
+        self.pos = pos
+        self.emb = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.gru = nn.GRU(D, D, batch_first=True)
+        self.top = nn.Sequential(nn.Linear(2 * D, HID), nn.ReLU(), nn.Linear(HID, 1))
+
+    def forward(self, hist, item):
+        o, _ = self.gru(self.emb(hist))
+        step = (hist > 0).sum(1) - 1 if self.pos == "user" else item % L - L  # negative: from the end
+        return self.top(torch.cat([o[torch.arange(hist.size(0)), step], self.emb(item)], -1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("pos", ["user", "item"])
+def test_last_step_picked_by_arange_indexing(pos):
+    """``x[torch.arange(B), idx]`` pairs every row with itself: read as ``x.gather(1, idx)``
+    (mari_fx.analysis.folds.index_row_picks), a user-only pick stays at U rows and the top splits."""
+    model = LastStepPick(pos).eval()
+    g = torch.Generator().manual_seed(4)
+    T = mari_fx.transform(model, ["hist"], (hist_batch(4, g), torch.randint(1, VOCAB, (4,), generator=g)))
+    (top,) = [l for l in T.meta["mari_fx.record"].layers if l.name == "top.0"]
+    gathers = [n for n in T.graph.nodes if n.target is torch.gather]
+    assert rows_of(T, "gru") == {"U"} and len(gathers) == 1
+    if pos == "user":
+        assert gathers[0].meta[ROWS_KEY] == "U" and top.action == "split" and top.split_user_features == D, top
+    else:
+        assert gathers[0].meta[ROWS_KEY] == "N"
+    for U, N in CELLS:
+        hist, item, idx = hist_batch(U, g), torch.randint(1, VOCAB, (N,), generator=g), ragged(U, N, g)
+        with torch.no_grad():
+            torch.testing.assert_close(T(hist=hist, item=item, user_index=idx), model(hist[idx], item))

@@ -295,3 +295,83 @@ def index_masked_selects(gm: fx.GraphModule, rows: int) -> List[str]:
     if done:
         gm.recompile()
     return done
+
+
+# --------------------------------------------------------------------------- row picks
+_ARANGES = {torch.arange, aten.arange.default}
+_ARANGE_KWARGS = {"device", "dtype", "layout", "pin_memory", "requires_grad"}
+
+
+def _row_arange(a: Any, rows: int) -> bool:
+    """``a`` is ``torch.arange(n)`` of a batch size ``n`` read off a tensor (example value ``rows``)."""
+    if not (isinstance(a, fx.Node) and a.op == "call_function" and a.target in _ARANGES and len(a.args) == 1):
+        return False
+    if set(a.kwargs) - _ARANGE_KWARGS or a.kwargs.get("dtype") not in (None, torch.int64):
+        return False
+    n = a.args[0]
+    return isinstance(n, fx.Node) and n.meta.get(VALUE_KEY) == rows and not isinstance(n.meta.get(VALUE_KEY), bool)
+
+
+def _row_pick(n: fx.Node, rows: int) -> Optional[tuple]:
+    """``(x, idx)`` when ``n`` is ``x[torch.arange(B), idx]`` (``x[arange, idx, :]``, ``aten.index``)."""
+    if n.op != "call_function" or len(n.args) != 2 or n.kwargs:
+        return None
+    x, index = n.args
+    if n.target is operator.getitem and isinstance(index, tuple):
+        parts = list(index)
+    elif n.target is aten.index.Tensor and isinstance(index, (list, tuple)):
+        parts = list(index)
+    else:
+        return None
+    if len(parts) < 2 or not _row_arange(parts[0], rows) or any(p != slice(None) for p in parts[2:]):
+        return None
+    idx, xi, ii, oi = parts[1], _info(x), _info(parts[1]), _info(n)
+    if xi is None or ii is None or oi is None or xi.ndim < 2 + len(parts) - 2 or xi.shape[0] != rows:
+        return None
+    if tuple(ii.shape) != (rows,) or ii.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        return None
+    if tuple(oi.shape) != (rows, *xi.shape[2:]):
+        return None
+    return x, idx
+
+
+def index_row_picks(gm: fx.GraphModule, rows: int) -> List[str]:
+    """Rewrite ``x[torch.arange(B), idx]`` (``B`` the batch size, ``idx`` one position per row: the
+    last valid step of a padded sequence, ``o[torch.arange(B), lengths - 1]``) as the gather it
+    is, ``x.gather(1, idx)`` over dim 1 (negative positions counted from the end, as indexing
+    does).  Indexing by ``arange(B)`` pairs every row with itself, but reads as a batch-sized index
+    (a value per pair); the gather keeps the batch dim, so a user-only ``x`` and ``idx`` stay user-side.
+    Every rewrite is an identity on values (an out-of-range position still raises).  Returns the
+    names of the rewritten nodes; re-run the example afterwards.
+
+    Example:
+        >>> import torch, mari_fx
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, o, lengths):                 # o: [B, L, E] (a GRU's outputs)
+        ...         return o[torch.arange(o.size(0)), lengths - 1]
+        >>> gm = mari_fx.trace(M(), ["o", "lengths"], (torch.randn(3, 4, 2), torch.tensor([1, 4, 2])))
+        >>> [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")][-2:]
+        [<built-in method gather of type object at ...>, 'squeeze']
+    """
+    g = gm.graph
+    done: List[str] = []
+    for n in list(g.nodes):
+        found = _row_pick(n, rows)
+        if found is None:
+            continue
+        x, idx = found
+        xi, ii = _info(x), _info(idx)
+        with g.inserting_before(n):
+            pos = idx if ii.dtype == torch.int64 else g.call_method("long", (idx,))
+            pos = g.call_function(torch.where, (g.call_function(operator.lt, (pos, 0)),
+                                                g.call_function(operator.add, (pos, xi.shape[1])), pos))
+            pos = g.call_method("view", (pos, -1, 1, *[1] * (xi.ndim - 2)))
+            pos = g.call_method("expand", (pos, -1, 1, *xi.shape[2:]))
+            picked = g.call_method("squeeze", (g.call_function(torch.gather, (x, 1, pos)), 1))
+        n.replace_all_uses_with(picked)
+        g.erase_node(n)
+        done.append(picked.name)
+    if done:
+        g.lint()
+        gm.recompile()
+    return done

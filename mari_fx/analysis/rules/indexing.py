@@ -1,4 +1,4 @@
-"""Indexing by tensors: index_select, gather, take_along_dim along non-batch dims; PReLU."""
+"""Indexing by tensors: index_select, gather, take_along_dim along non-batch dims; one_hot; PReLU."""
 from __future__ import annotations
 
 import torch
@@ -45,6 +45,18 @@ def _take_along_dim(ctx: RuleContext) -> Tag:
     if ctx.norm_dim(static_int(ctx.arg(2, "dim", None)), ctx.ndim(x)) in (0, None):
         return ctx.refuse("take_along_dim along the batch dimension (or of the flattened input)")
     return rowwise(ctx, ("input", "indices"))  # broadcasts like an elementwise op
+
+
+@register(F.one_hot, aten.one_hot.default)
+def _one_hot(ctx: RuleContext) -> Tag:
+    """Row-wise with a constant ``num_classes``; without one (-1) the width is the largest id in the
+    whole batch plus one: a value of every row."""
+    if ctx.input_side() == Side.CONST:
+        return ctx.result(Side.CONST)
+    k = static_int(ctx.arg(1, "num_classes", -1))
+    if not isinstance(k, int) or k < 0:
+        return ctx.refuse("one_hot without num_classes sizes its output by the largest id in the batch")
+    return rowwise(ctx, ("input",), min_ndim=1)
 
 
 register(nn.PReLU)(rowwise_in("input"))
