@@ -447,3 +447,20 @@ def test_tensor_given_for_an_optional_argument_stays_an_input():
     T = mari_fx.transform(model, ["u"], (u[idx[:4]], i[:4], m[:4]))
     assert [s.name for s in T.meta["mari_fx.request"].inputs] == ["u", "i", "mask"]
     torch.testing.assert_close(T(u=u, i=i, mask=m, user_index=idx), model(u[idx], i, m))
+
+
+def test_batch_size_passed_as_a_value_is_not_fixed():
+    """``forward(u, i, n)`` called with ``n`` = the number of pairs: fixing it would keep the example's
+    batch size for every request (a silent wrong answer for ``z * n``); refused, naming the argument."""
+    class PerBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, u, i, n: int):
+            return self.head(torch.cat([u, i], 1)) / n
+
+    with pytest.raises(mari_fx.DeclarationError, match=r"'n' is 4, the example's number of pairs"):
+        mari_fx.transform(PerBatch().eval(), ["u"], (torch.randn(4, 3), torch.randn(4, 3), 4))
+    T = mari_fx.transform(PerBatch().eval(), ["u"], (torch.randn(4, 3), torch.randn(4, 3), 5))  # a constant
+    assert dict(T.meta["mari_fx.request"].fixed) == {"n": 5}

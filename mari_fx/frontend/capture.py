@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .. import registry
-from ..errors import TraceError
+from ..errors import DeclarationError, TraceError
 from .outline import called_once, leaf_calls, outline_module_calls
 
 _HINTS = (
@@ -316,13 +316,22 @@ def constant_args(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, An
         return (), {}
     if not args and not kwargs or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
         return (), {}
+    rows = next((t.shape[0] for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor) and t.dim()), None)
     fixed = {}
     for name, p in sig.parameters.items():
         if name in bound:
-            if isinstance(bound[name], _CONSTANTS):
-                fixed[name] = bound[name]
+            value = bound[name]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == rows:
+                # a batch size passed as a value: fixed, T would keep the example's for every request
+                raise DeclarationError(
+                    f"forward argument {name!r} is {value!r}, the example's number of pairs: a batch size passed "
+                    f"as a value cannot be fixed (every request has its own). Read it from a tensor in the model "
+                    f"(x.size(0)), or give another value (or example size) if it is a constant")
+            if isinstance(value, _CONSTANTS):
+                fixed[name] = value
         elif p.default is not p.empty and isinstance(p.default, _CONSTANTS):
-            fixed[name] = p.default
+            fixed[name] = p.default  # every call that leaves it out gets the default: fixing it is exact
     return tuple(sig.parameters), fixed
 
 
