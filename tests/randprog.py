@@ -165,12 +165,14 @@ UNARY = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "doub
 
 @op("unary", "base")
 class Unary(Op):
+    table = UNARY
+
     def draw(self, g):
         a = g.pick(is_f)
-        return (a, g.choice(sorted(UNARY))), fresh("f", g.metas[a].shape, g.k)
+        return (a, g.choice(sorted(self.table))), fresh("f", g.metas[a].shape, g.k)
 
     def run(self, net, k, pool, p):
-        return UNARY[p[1]](pool[p[0]])
+        return self.table[p[1]](pool[p[0]])
 
 
 # more elementwise ops, smooth where the generated values fall (no jump that round-off could cross)
@@ -182,13 +184,8 @@ BINARY2 = {"atan2": lambda x, y: torch.atan2(x, y.abs() + 0.5), "hypot": torch.h
 
 
 @op("unary2", "base")
-class Unary2(Op):
-    def draw(self, g):
-        a = g.pick(is_f)
-        return (a, g.choice(sorted(UNARY2))), fresh("f", g.metas[a].shape, g.k)
-
-    def run(self, net, k, pool, p):
-        return UNARY2[p[1]](pool[p[0]])
+class Unary2(Unary):
+    table = UNARY2
 
 
 @op("binary2", "base")
@@ -721,56 +718,49 @@ class IHash(Op):
         return ((x * 1000 + y) * 31 + pool[c]) % 1009
 
 
-@op("iarith", "int")
-class IArith(Op):
-    """``a - b``, ``a * b``, ``(a - b) * (a - b)``, ``a * 3 + 1`` on ids (exact int64 semantics)."""
+class _IntPair(Op):
+    """Two ids ``a``, ``b`` combined one of ``cases``' ways: ``{how: (bound(|a|, |b|), fn(a, b))}``."""
+
+    cases: Dict[str, Tuple[Callable[[int, int], int], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {}
+
+    def operands(self, how: str) -> Callable[[Meta], bool]:
+        return lambda m: m.kind == "i"
 
     def draw(self, g):
-        how = g.choice(["sub", "mul", "sqdiff", "affine"])
-        ok = is_int if how == "mul" else (lambda m: m.kind == "i")  # torch has no bool subtraction
+        how = g.choice(list(self.cases))
+        ok = self.operands(how)
         a = g.pick(ok)
         b = g.pick(ok, prefer_focus=False)
-        ba, bb = max(g.metas[a].bound, 1), max(g.metas[b].bound, 1)
-        bound = {"sub": ba + bb, "mul": ba * bb, "sqdiff": (ba + bb) ** 2, "affine": 3 * ba + 1}[how]
+        bound = self.cases[how][0](max(g.metas[a].bound, 1), max(g.metas[b].bound, 1))
         if bound > 2**61:
             return None
         return (a, b, how), fresh("i", (), g.k, bound)
 
     def run(self, net, k, pool, p):
-        x, y, how = pool[p[0]], pool[p[1]], p[2]
-        if how == "sub":
-            return x - y
-        if how == "mul":
-            return x * y
-        if how == "sqdiff":
-            d = x - y
-            return d * d
-        return x * 3 + 1
+        return self.cases[p[2]][1](pool[p[0]], pool[p[1]])
+
+
+@op("iarith", "int")
+class IArith(_IntPair):
+    """``a - b``, ``a * b``, ``(a - b) * (a - b)``, ``a * 3 + 1`` on ids (exact int64 semantics)."""
+
+    cases = {"sub": (lambda ba, bb: ba + bb, lambda x, y: x - y),
+             "mul": (lambda ba, bb: ba * bb, lambda x, y: x * y),
+             "sqdiff": (lambda ba, bb: (ba + bb) ** 2, lambda x, y: (x - y) * (x - y)),
+             "affine": (lambda ba, bb: 3 * ba + 1, lambda x, y: x * 3 + 1)}
+
+    def operands(self, how: str) -> Callable[[Meta], bool]:
+        return is_int if how == "mul" else super().operands(how)  # torch has no bool subtraction
 
 
 @op("ishift", "int")
-class IShift(Op):
+class IShift(_IntPair):
     """Bit and division crosses: ``(a << 3) ^ b``, ``(a >> 1) + b``, ``a // 7 + b``, ``fmod(a, 13) * b``."""
 
-    def draw(self, g):
-        how = g.choice(["shl_xor", "shr_add", "floordiv", "fmod"])
-        a = g.pick(lambda m: m.kind == "i")
-        b = g.pick(lambda m: m.kind == "i", prefer_focus=False)
-        ba, bb = max(g.metas[a].bound, 1), max(g.metas[b].bound, 1)
-        bound = {"shl_xor": 16 * (ba + bb), "shr_add": ba + bb, "floordiv": ba + bb, "fmod": 13 * bb}[how]
-        if bound > 2**61:
-            return None
-        return (a, b, how), fresh("i", (), g.k, bound)
-
-    def run(self, net, k, pool, p):
-        x, y, how = pool[p[0]], pool[p[1]], p[2]
-        if how == "shl_xor":
-            return (x << 3) ^ y
-        if how == "shr_add":
-            return (x >> 1) + y
-        if how == "floordiv":
-            return x // 7 + y
-        return torch.fmod(x, 13) * y
+    cases = {"shl_xor": (lambda ba, bb: 16 * (ba + bb), lambda x, y: (x << 3) ^ y),
+             "shr_add": (lambda ba, bb: ba + bb, lambda x, y: (x >> 1) + y),
+             "floordiv": (lambda ba, bb: ba + bb, lambda x, y: x // 7 + y),
+             "fmod": (lambda ba, bb: 13 * bb, lambda x, y: torch.fmod(x, 13) * y)}
 
 
 @op("icmp", "int")

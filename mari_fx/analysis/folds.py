@@ -317,16 +317,14 @@ def _row_pick(n: fx.Node, rows: int) -> Optional[tuple]:
     if n.op != "call_function" or len(n.args) != 2 or n.kwargs:
         return None
     x, index = n.args
-    if n.target is operator.getitem and isinstance(index, tuple):
-        parts = list(index)
-    elif n.target is aten.index.Tensor and isinstance(index, (list, tuple)):
-        parts = list(index)
-    else:
+    if not ((n.target is operator.getitem and isinstance(index, tuple))
+            or (n.target is aten.index.Tensor and isinstance(index, (list, tuple)))):
         return None
+    parts = list(index)
     if len(parts) < 2 or not _row_arange(parts[0], rows) or any(p != slice(None) for p in parts[2:]):
         return None
     idx, xi, ii, oi = parts[1], _info(x), _info(parts[1]), _info(n)
-    if xi is None or ii is None or oi is None or xi.ndim < 2 + len(parts) - 2 or xi.shape[0] != rows:
+    if xi is None or ii is None or oi is None or xi.ndim < len(parts) or xi.shape[0] != rows:
         return None
     if tuple(ii.shape) != (rows,) or ii.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         return None

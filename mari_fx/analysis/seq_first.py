@@ -35,13 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-aten = torch.ops.aten
-
 from .. import targets
 from ..meta import SEQ_FIRST_KEY
 from .example_prop import VALUE_KEY
 from .folds import _batched_nodes, _in_place, _info
-from .rules.base import register
+from .rules.base import aten, register
 from .rules.sequence import _SEQ, _attention_module, attention_args
 
 
@@ -259,6 +257,9 @@ _POSITION_MODULES = tuple(targets.UNARY_MODULES) + (nn.Linear, nn.Dropout)
 # "to" / "type" may read a tensor for its dtype; contiguous exists for its layout, which a sunk swap changes
 _LAYOUT_SENSITIVE = ("to", "type", "type_as", "contiguous", torch.ops.aten.contiguous.default)
 _VIEWS = ("view", "view_as", torch.ops.aten.view.default)
+_LAYER_NORMS = (F.layer_norm, aten.layer_norm.default)
+_SOFTMAXES = (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax", aten.softmax.int,
+              aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
 
 
 def _contiguous_for_views(g: fx.Graph, swap: fx.Node) -> None:
@@ -368,14 +369,13 @@ def _per_position(n: fx.Node, modules: Dict[str, nn.Module], batched, made: set)
             ok = isinstance(m, _POSITION_MODULES) and not (isinstance(m, nn.Dropout) and m.training)
         return ok and len(n.args) == 1 and not n.kwargs
     t = n.target
-    if t in targets.LINEAR or t in (F.layer_norm, aten.layer_norm.default):  # weights: any batch-free tensors
-        if t in (F.layer_norm, aten.layer_norm.default):
+    if t in targets.LINEAR or t in _LAYER_NORMS:  # weights: any batch-free tensors
+        if t in _LAYER_NORMS:
             shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
             if not isinstance(shape, (list, tuple)) or len(shape) != 1:
                 return False
         return swapped == [n.args[0]] and not any(a in batched for a in others)
-    if t in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax", aten.softmax.int,
-             aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default):
+    if t in _SOFTMAXES:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         return dim in (-1, 2) and swapped == [n.args[0]] and not others
     # elementwise: every other operand broadcasts over the last dim only, so it meets the same

@@ -448,7 +448,6 @@ def state_versions(model: nn.Module) -> Dict[str, Any]:
 
 def check_state(model: nn.Module, before: Mapping[str, Any], during: str) -> None:
     """Refuse a forward that updated its own parameters or buffers (also inside opaque leaf modules)."""
-    from ..errors import DeclarationError
 
     after = state_versions(model)
     changed = [name for name in before if after.get(name) != before[name]] + [n for n in after if n not in before]
@@ -502,7 +501,6 @@ class guard_state(torch.overrides.TorchFunctionMode):
             written = args[0] if args else kwargs.get("input")
         key = _storage_key(written) if isinstance(written, torch.Tensor) and not isinstance(written, fx.Proxy) else None
         if key in self.protected:
-            from ..errors import DeclarationError
 
             raise DeclarationError(
                 f"the forward writes into {self.protected[key]} in place ({_qualified(func)}): mari_fx transforms "
@@ -553,7 +551,6 @@ def _refuse_reserved_names(model: nn.Module) -> None:
 
 def _refuse_state_assignments(model: nn.Module) -> None:
     """A forward that stores a traced value on a module (``self.last = h``) updates its own state."""
-    from ..errors import DeclarationError
 
     for path, m in model.named_modules():
         for attr, v in vars(m).items():

@@ -586,12 +586,13 @@ def _bind(spec: RequestSpec, args: Sequence[Any], kwargs: Mapping[str, Any]) -> 
         raise RequestError(f"{len(args)} inputs given; the model takes {list(spec.args)}")
     bound = dict(zip(spec.args, args))
     bound.update(kwargs)
-    for name, value in spec.fixed:
+    fixed = dict(spec.fixed)
+    for name, value in fixed.items():
         if name in bound and not (bound[name] is value or bound[name] == value):
             raise RequestError(f"argument {name!r} is {bound[name]!r}, but it was fixed to {value!r} when the model "
                                "was transformed: transform again with that value in the example")
         bound.pop(name, None)
-    missing = [a for a in spec.args if a not in bound and a not in dict(spec.fixed)]
+    missing = [a for a in spec.args if a not in bound and a not in fixed]
     if missing:
         raise RequestError(f"missing input(s) {missing}; the model takes {list(spec.args)}")
     return bound

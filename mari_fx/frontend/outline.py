@@ -58,6 +58,8 @@ def called_once(model: nn.Module, paths: Sequence[str], run: Callable[[], Any]) 
         >>> called_once(m, ["gru"], lambda: m["gru"](x)), called_once(m, ["gru"], lambda: (m["gru"](x), m["gru"](x)))
         (('gru',), ())
     """
+    if not paths:
+        return ()  # nothing to count: no forward run
     counts = dict.fromkeys(paths, 0)
 
     def counter(path: str) -> Callable[..., None]:
